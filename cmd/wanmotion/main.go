@@ -26,6 +26,12 @@ type command struct {
 
 func commands() map[string]command {
 	return map[string]command{
+		"agent":   {"run a site agent (started by the engine)", runAgent},
+		"demo":    {"run the end-to-end demo on two simulated pools", runDemo},
+		"hook":    {"entry point for xapi's vm-pre-migrate/vm-post-migrate hooks", runHook},
+		"migrate": {"live-migrate a VM to another pool over the WAN", runMigrate},
+		"plugins": {"list or check installed backends", runPlugins},
+		"pool":    {"show or configure a pool's wanmotion settings", runPool},
 		"sim":     {"run the xapi simulator (two pools, a running demo VM)", runSim},
 		"version": {"print the version", runVersion},
 	}
