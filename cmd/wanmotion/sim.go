@@ -2,10 +2,104 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"flag"
+	"fmt"
 	"io"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/wanmotion/wanmotion/xapi/xapisim"
 )
 
-func runSim(_ context.Context, _ []string, _, _ io.Writer) error {
-	return errors.New("the simulator is not built yet")
+// runSim runs the xapi simulator: it prints one JSON line describing the
+// pools (URLs and credentials) and serves until ctx is done.
+func runSim(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("sim", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	listen := fs.String("listen", "127.0.0.1:0", "address of the first host (port 0: every host gets a free port; port N: host i gets N+i)")
+	pools := fs.Int("pools", 2, "number of pools (site-a, site-b, ...)")
+	hosts := fs.Int("hosts", 2, "hosts per pool, coordinator included")
+	stateDir := fs.String("state-dir", "", "directory for the object database and VDI files (required; reused across restarts)")
+	diskSize := fs.String("disk-size", "1GiB", "virtual size of demo-vm's disk")
+	fillSize := fs.String("fill-size", "", "bytes of data written into demo-vm's disk (default: a quarter of the disk, at most 256MiB)")
+	memSize := fs.String("memory-size", "512MiB", "demo-vm's memory size")
+	logLevel := fs.String("log-level", "info", "log level (trace, debug, info, warn, error)")
+	fs.Usage = func() {
+		fmt.Fprintln(stderr, "Usage: wanmotion sim --state-dir DIR [flags]\n\nRuns the xapi simulator. The first stdout line is a JSON object with the pools' URLs and credentials.")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if *stateDir == "" {
+		return fmt.Errorf("%w: --state-dir is required", errUsage)
+	}
+	cfg := xapisim.Config{StateDir: *stateDir, Pools: *pools, HostsPerPool: *hosts}
+	var err error
+	if cfg.DiskSize, err = parseSize(*diskSize); err != nil {
+		return fmt.Errorf("%w: --disk-size: %v", errUsage, err)
+	}
+	if *fillSize != "" {
+		if cfg.FillSize, err = parseSize(*fillSize); err != nil {
+			return fmt.Errorf("%w: --fill-size: %v", errUsage, err)
+		}
+	}
+	if cfg.MemorySize, err = parseSize(*memSize); err != nil {
+		return fmt.Errorf("%w: --memory-size: %v", errUsage, err)
+	}
+	cfg.Logger = hclog.New(&hclog.LoggerOptions{Name: "sim", Level: hclog.LevelFromString(*logLevel), Output: stderr})
+	sim, err := xapisim.New(cfg)
+	if err != nil {
+		return err
+	}
+	if err := sim.Start(ctx, *listen); err != nil {
+		_ = sim.Close()
+		return err
+	}
+	b, err := json.Marshal(sim.Info())
+	if err != nil {
+		_ = sim.Close()
+		return fmt.Errorf("encode info: %w", err)
+	}
+	if _, err := fmt.Fprintln(stdout, string(b)); err != nil {
+		_ = sim.Close()
+		return fmt.Errorf("write info: %w", err)
+	}
+	if f, ok := stdout.(*os.File); ok {
+		_ = f.Sync()
+	}
+	select {
+	case <-ctx.Done():
+	case <-sim.Done():
+	}
+	return sim.Close()
+}
+
+// parseSize parses sizes like 1GiB, 512MiB, 64KiB, 1G, 1048576.
+func parseSize(s string) (int64, error) {
+	t := strings.TrimSpace(s)
+	mult := int64(1)
+	for _, u := range []struct {
+		suf string
+		m   int64
+	}{{"TiB", 1 << 40}, {"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10},
+		{"T", 1 << 40}, {"G", 1 << 30}, {"M", 1 << 20}, {"K", 1 << 10}, {"B", 1}} {
+		if strings.HasSuffix(t, u.suf) {
+			t, mult = strings.TrimSuffix(t, u.suf), u.m
+			break
+		}
+	}
+	n, err := strconv.ParseInt(strings.TrimSpace(t), 10, 64)
+	if err != nil || n < 0 {
+		return 0, fmt.Errorf("bad size %q", s)
+	}
+	return n * mult, nil
 }

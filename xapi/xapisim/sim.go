@@ -1,0 +1,380 @@
+// Package xapisim is a wire-faithful simulator of xapi, the XenServer /
+// XCP-ng toolstack, for tests and demos. It serves XML-RPC exactly as xapi
+// writes it for several pools at once (each host on its own loopback
+// listener), keeps VDIs as real sparse files with CBT tracking, and persists
+// its object database in a state directory.
+//
+// Go use:
+//
+//	sim, err := xapisim.New(xapisim.Config{StateDir: dir, Pools: 2, Logger: log})
+//	err = sim.Start(ctx, "127.0.0.1:0")
+//	info := sim.Info() // URLs and credentials, as `wanmotion sim` prints
+//	defer sim.Close()
+//
+// Extension points: Register (method table), (*Sim).WriteVDI (the single
+// guest/host write path to a VDI), (*Pool).SetPowerState (all VM power
+// transitions), (*Pool).Lock/Unlock with the DB helpers for handlers.
+package xapisim
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+)
+
+// Config configures a simulator. Zero values get the documented defaults.
+type Config struct {
+	// StateDir holds the object database (state.json) and VDI files. A
+	// second New on the same directory restores the saved state.
+	StateDir string
+	// Pools is the number of pools (default 2: site-a, site-b, site-c...).
+	Pools int
+	// HostsPerPool is the number of hosts per pool, coordinator included
+	// (default 2).
+	HostsPerPool int
+	// DiskSize is the virtual size of demo-vm's disk (default 1 GiB).
+	DiskSize int64
+	// FillSize is how many bytes of demo-vm's disk hold data (default
+	// DiskSize/4, capped at 256 MiB); the rest are holes.
+	FillSize int64
+	// MemorySize is demo-vm's memory_static_max (default 512 MiB).
+	MemorySize int64
+	// Username and Password are the credentials of every pool (default
+	// "root" / "xenroot").
+	Username, Password string
+	// NoDemoVM skips creating demo-vm in the first pool.
+	NoDemoVM bool
+	// Logger receives the simulator's logs (default: discard).
+	Logger hclog.Logger
+}
+
+// ErrClosed is returned by Start after Close.
+var ErrClosed = errors.New("simulator closed")
+
+// Sim is a running simulator.
+type Sim struct {
+	cfg   Config
+	log   hclog.Logger
+	pools []*Pool
+
+	powerHooks []PowerHook
+
+	saveMu sync.Mutex
+	dirty  chan struct{}
+
+	mu      sync.Mutex
+	started bool
+	closed  bool
+	done    chan struct{}
+	wg      sync.WaitGroup
+}
+
+// Host is one simulated host: a DB object plus its HTTP listener.
+type Host struct {
+	pool   *Pool
+	Ref    string
+	Name   string
+	ln     net.Listener
+	srv    *http.Server
+	url    string
+	master bool
+}
+
+// URL returns the host's base URL (http://127.0.0.1:port/).
+func (h *Host) URL() string { return h.url }
+
+// Pool returns the host's pool.
+func (h *Host) Pool() *Pool { return h.pool }
+
+// New creates a simulator, restoring state from cfg.StateDir when it
+// holds one, else building the default content.
+func New(cfg Config) (*Sim, error) {
+	if cfg.StateDir == "" {
+		return nil, errors.New("xapisim: StateDir is required")
+	}
+	if cfg.Pools <= 0 {
+		cfg.Pools = 2
+	}
+	if cfg.HostsPerPool <= 0 {
+		cfg.HostsPerPool = 2
+	}
+	if cfg.DiskSize <= 0 {
+		cfg.DiskSize = 1 << 30
+	}
+	if cfg.FillSize <= 0 {
+		cfg.FillSize = min(cfg.DiskSize/4, 256<<20)
+	}
+	cfg.FillSize = min(cfg.FillSize, cfg.DiskSize)
+	if cfg.MemorySize <= 0 {
+		cfg.MemorySize = 512 << 20
+	}
+	if cfg.Username == "" {
+		cfg.Username = "root"
+	}
+	if cfg.Password == "" {
+		cfg.Password = "xenroot"
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = hclog.NewNullLogger()
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o755); err != nil {
+		return nil, fmt.Errorf("create state dir: %w", err)
+	}
+	s := &Sim{cfg: cfg, log: cfg.Logger, done: make(chan struct{}), dirty: make(chan struct{}, 1)}
+	loaded, err := s.load()
+	if err != nil {
+		return nil, err
+	}
+	if !loaded {
+		if err := s.buildDefault(); err != nil {
+			return nil, fmt.Errorf("build default content: %w", err)
+		}
+	}
+	for _, p := range s.pools {
+		p.attachHosts()
+	}
+	if err := s.Save(); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// Pools returns the simulated pools in order.
+func (s *Sim) Pools() []*Pool { return s.pools }
+
+// PoolByName returns a pool by its name_label.
+func (s *Sim) PoolByName(name string) (*Pool, bool) {
+	for _, p := range s.pools {
+		if p.Name == name {
+			return p, true
+		}
+	}
+	return nil, false
+}
+
+// Start opens one loopback HTTP listener per host and serves until Close
+// (or ctx is done). addr is the first host's address; with port 0 every
+// host gets a free port, with port N host i gets port N+i.
+func (s *Sim) Start(ctx context.Context, addr string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return ErrClosed
+	}
+	if s.started {
+		return errors.New("xapisim: already started")
+	}
+	host, portStr, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("listen address %q: %w", addr, err)
+	}
+	port, err := strconv.Atoi(portStr)
+	if err != nil {
+		return fmt.Errorf("listen port %q: %w", portStr, err)
+	}
+	var lc net.ListenConfig
+	i := 0
+	for _, p := range s.pools {
+		for _, h := range p.hosts {
+			a := net.JoinHostPort(host, "0")
+			if port != 0 {
+				a = net.JoinHostPort(host, strconv.Itoa(port+i))
+			}
+			i++
+			ln, err := lc.Listen(ctx, "tcp", a)
+			if err != nil {
+				s.closeListeners()
+				return fmt.Errorf("listen for host %s: %w", h.Name, err)
+			}
+			h.ln = ln
+			h.url = "http://" + ln.Addr().String() + "/"
+			h.srv = &http.Server{Handler: s.handler(h), ReadHeaderTimeout: 30 * time.Second}
+		}
+		p.mu.Lock()
+		for _, h := range p.hosts {
+			if o, err := p.db.get("host", h.Ref); err == nil {
+				p.db.set(o, "address", h.Address())
+			}
+		}
+		p.mu.Unlock()
+	}
+	for _, p := range s.pools {
+		for _, h := range p.hosts {
+			s.wg.Add(1)
+			go func() {
+				defer s.wg.Done()
+				if err := h.srv.Serve(h.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+					s.log.Error("serve failed", "host", h.Name, "error", err)
+				}
+			}()
+		}
+	}
+	s.wg.Add(2)
+	go func() {
+		defer s.wg.Done()
+		select {
+		case <-ctx.Done():
+			_ = s.Close()
+		case <-s.done:
+		}
+	}()
+	go func() {
+		defer s.wg.Done()
+		s.saver()
+	}()
+	s.started = true
+	s.log.Info("simulator started", "pools", len(s.pools), "state_dir", s.cfg.StateDir)
+	return nil
+}
+
+func (s *Sim) closeListeners() {
+	for _, p := range s.pools {
+		for _, h := range p.hosts {
+			if h.ln != nil {
+				_ = h.ln.Close()
+			}
+		}
+	}
+}
+
+// Address is the host's address as the simulator reports it in
+// host.address and HOST_IS_SLAVE: the host:port part of its URL (every
+// simulated host shares 127.0.0.1, so the port is needed to reconnect).
+func (h *Host) Address() string {
+	if h.url == "" {
+		return "127.0.0.1"
+	}
+	u, err := url.Parse(h.url)
+	if err != nil {
+		return "127.0.0.1"
+	}
+	return u.Host
+}
+
+// Close stops every listener, waits for handlers and saves the state.
+func (s *Sim) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	close(s.done)
+	s.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for _, p := range s.pools {
+		for _, h := range p.hosts {
+			if h.srv != nil {
+				_ = h.srv.Shutdown(ctx)
+			}
+		}
+	}
+	s.wg.Wait()
+	for _, p := range s.pools {
+		p.tasks.Wait()
+	}
+	return s.Save()
+}
+
+// Done is closed when the simulator is closed.
+func (s *Sim) Done() <-chan struct{} { return s.done }
+
+// markDirty schedules a save.
+func (s *Sim) markDirty() {
+	select {
+	case s.dirty <- struct{}{}:
+	default:
+	}
+}
+
+// saver writes the state at most every 200 ms while changes happen.
+func (s *Sim) saver() {
+	for {
+		select {
+		case <-s.done:
+			return
+		case <-s.dirty:
+		}
+		select {
+		case <-s.done:
+			return
+		case <-time.After(200 * time.Millisecond):
+		}
+		if err := s.Save(); err != nil {
+			s.log.Error("save state failed", "error", err)
+		}
+	}
+}
+
+// Info describes how to reach the simulator (what `wanmotion sim` prints).
+type Info struct {
+	Pools []PoolInfo `json:"pools"`
+}
+
+// PoolInfo describes one pool.
+type PoolInfo struct {
+	Name     string     `json:"name"`
+	URL      string     `json:"url"`
+	Username string     `json:"username"`
+	Password string     `json:"password"`
+	Hosts    []HostInfo `json:"hosts"`
+}
+
+// HostInfo describes one host (the first is the coordinator).
+type HostInfo struct {
+	Name string `json:"name"`
+	URL  string `json:"url"`
+}
+
+// Info returns the pools' URLs and credentials (valid after Start).
+func (s *Sim) Info() Info {
+	var info Info
+	for _, p := range s.pools {
+		pi := PoolInfo{Name: p.Name, Username: s.cfg.Username, Password: s.cfg.Password, Hosts: []HostInfo{}}
+		for _, h := range p.hosts {
+			if h.master {
+				pi.URL = h.url
+			}
+			pi.Hosts = append(pi.Hosts, HostInfo{Name: h.Name, URL: h.url})
+		}
+		info.Pools = append(info.Pools, pi)
+	}
+	return info
+}
+
+// VDIPath returns the backing file of the VDI with this uuid.
+func (s *Sim) VDIPath(uuid string) (string, error) {
+	p, o, err := s.findVDI(uuid)
+	if err != nil {
+		return "", err
+	}
+	defer p.mu.Unlock()
+	return p.vdiPath(o), nil
+}
+
+// findVDI returns the pool (locked) and VDI object for a uuid.
+func (s *Sim) findVDI(uuid string) (*Pool, *object, error) {
+	for _, p := range s.pools {
+		p.mu.Lock()
+		if o, err := p.db.byUUID("VDI", uuid); err == nil {
+			return p, o, nil
+		}
+		p.mu.Unlock()
+	}
+	return nil, nil, Errorf(ErrUUIDInvalid, "VDI", uuid)
+}
+
+func (s *Sim) srDir(srUUID string) string {
+	return filepath.Join(s.cfg.StateDir, "sr", srUUID)
+}
