@@ -1,0 +1,420 @@
+package wan
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"io"
+	"math/rand"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"github.com/wanmotion/wanmotion/wan/wanemu"
+)
+
+// testData returns n bytes mixing incompressible random runs, text-like
+// compressible runs and zero runs.
+func testData(seed int64, n int) []byte {
+	r := rand.New(rand.NewSource(seed))
+	b := make([]byte, n)
+	for off := 0; off < n; {
+		run := min(n-off, 1024+r.Intn(300<<10))
+		switch r.Intn(3) {
+		case 0:
+			r.Read(b[off : off+run])
+		case 1:
+			for i := range run {
+				b[off+i] = "the quick brown fox jumps over the lazy dog "[i%44]
+			}
+		case 2: // zeroes
+		}
+		off += run
+	}
+	return b
+}
+
+// hashServer accepts connections, hashes what it reads until EOF, writes
+// back the digest and reply bytes, then closes its write side.
+func hashServer(t *testing.T, reply []byte) (addr string, got chan [32]byte) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	got = make(chan [32]byte, 8)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				// Reply concurrently with reading: both directions at once.
+				werr := make(chan error, 1)
+				go func() {
+					_, err := c.Write(reply)
+					werr <- err
+				}()
+				h := sha256.New()
+				_, err := io.Copy(h, c)
+				if err != nil {
+					return
+				}
+				var sum [32]byte
+				copy(sum[:], h.Sum(nil))
+				got <- sum
+				if <-werr == nil {
+					_ = c.(*net.TCPConn).CloseWrite()
+				}
+				_, _ = io.Copy(io.Discard, c)
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		_ = ln.Close()
+		wg.Wait()
+	})
+	return ln.Addr().String(), got
+}
+
+// runForward sends up through a forwarded connection and checks the server
+// saw exactly up (by hash) and the client read exactly down.
+func runForward(t *testing.T, p *pair, up, down []byte, during func()) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	target, got := hashServer(t, down)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		_ = p.dst.ServeForwards(ctx, AllowTargets(target))
+	}()
+	go func() {
+		defer wg.Done()
+		_ = p.src.Forward(ctx, ln, target)
+	}()
+	defer func() {
+		cancel()
+		wg.Wait()
+	}()
+
+	c, err := net.Dial("tcp", ln.Addr().String())
+	require.NoError(t, err)
+	defer c.Close()
+	readDone := make(chan []byte, 1)
+	go func() {
+		b, _ := io.ReadAll(c)
+		readDone <- b
+	}()
+	if during != nil {
+		go during()
+	}
+	_, err = c.Write(up)
+	require.NoError(t, err)
+	require.NoError(t, c.(*net.TCPConn).CloseWrite())
+
+	select {
+	case sum := <-got:
+		assert.Equal(t, sha256.Sum256(up), sum, "server received different bytes")
+	case <-ctx.Done():
+		t.Fatal("server never finished reading")
+	}
+	select {
+	case b := <-readDone:
+		require.Equal(t, len(down), len(b), "client read length")
+		assert.True(t, bytes.Equal(down, b), "client read different bytes")
+	case <-ctx.Done():
+		t.Fatal("client never finished reading")
+	}
+}
+
+func TestForwardBothDirections(t *testing.T) {
+	noLeaks(t)
+	pk := newPKI(t)
+	p := newPair(t, pk.serverConfig(t), pk.clientConfig(t), nil)
+	up, down := testData(1, 6<<20), testData(2, 3<<20)
+	runForward(t, p, up, down, nil)
+
+	st := p.src.Stats()
+	assert.GreaterOrEqual(t, st.BytesOffered, int64(len(up)))
+	assert.Greater(t, st.CompressionRatio, 1.2, "mixed data should compress")
+	assert.Greater(t, st.ZeroBytesElided, int64(0))
+	assert.Less(t, st.BytesOnWire, int64(len(up)), "compression and zero elision should shrink the wire bytes")
+	assert.Equal(t, int64(len(down)), st.BytesDelivered)
+	assert.Equal(t, 4, len(st.Streams), "unknown bandwidth picks 4 streams")
+}
+
+func TestForwardRefusedAndDialFailure(t *testing.T) {
+	noLeaks(t)
+	pk := newPKI(t)
+	p := newPair(t, pk.serverConfig(t), pk.clientConfig(t), nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		_ = p.dst.ServeForwards(ctx, AllowTargets("127.0.0.1:1"))
+	}()
+	defer func() {
+		cancel()
+		wg.Wait()
+	}()
+	for _, tc := range []struct{ name, target, want string }{
+		{"not allowed", "127.0.0.1:9", "not allowed"},
+		{"dial fails", "127.0.0.1:1", "dial 127.0.0.1:1"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := p.src.OpenConn(ctx, tc.target)
+			require.NoError(t, err)
+			defer c.Close()
+			_, err = c.ReadContext(ctx, make([]byte, 10))
+			require.ErrorIs(t, err, ErrReset)
+			assert.Contains(t, err.Error(), tc.want)
+		})
+	}
+}
+
+type memDisk struct {
+	mu   sync.Mutex
+	data []byte
+	n    int
+}
+
+func (m *memDisk) apply(_ context.Context, b Block) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if b.Off < 0 || b.Off+b.Length > int64(len(m.data)) {
+		return errors.New("out of range")
+	}
+	if b.Zero {
+		clear(m.data[b.Off : b.Off+b.Length])
+	} else {
+		copy(m.data[b.Off:], b.Data)
+	}
+	m.n++
+	return nil
+}
+
+// runBlocks writes an image through a block channel in random order and
+// checks the receiver ends with the same content.
+func runBlocks(t *testing.T, p *pair, size int, during func()) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	img := testData(7, size)
+	disk := &memDisk{data: bytes.Repeat([]byte{0xAA}, size)}
+	sink, err := p.dst.AcceptBlockChannel(ctx, "disk0", disk.apply)
+	require.NoError(t, err)
+	var ackMu sync.Mutex
+	var ackedSum int64
+	bs, err := p.src.OpenBlockChannel(ctx, "disk0", func(off, n int64) {
+		ackMu.Lock()
+		ackedSum += n
+		ackMu.Unlock()
+	})
+	require.NoError(t, err)
+	if during != nil {
+		go during()
+	}
+	const blk = 64 << 10
+	order := rand.New(rand.NewSource(3)).Perm(size / blk)
+	for i, b := range order {
+		off := int64(b * blk)
+		if i%7 == 0 {
+			require.NoError(t, bs.WriteZeroes(ctx, off, blk))
+			copy(img[off:off+blk], make([]byte, blk))
+			continue
+		}
+		require.NoError(t, bs.Write(ctx, off, img[off:off+blk]))
+	}
+	require.NoError(t, bs.Close(ctx))
+	require.NoError(t, sink.Wait(ctx))
+	assert.True(t, bytes.Equal(img, disk.data), "replica differs from source image")
+	assert.Equal(t, int64(size), bs.Acked())
+	assert.Equal(t, int64(size), sink.Applied())
+	ackMu.Lock()
+	assert.Equal(t, int64(size), ackedSum, "ack callbacks cover every byte once")
+	ackMu.Unlock()
+}
+
+func TestBlockChannel(t *testing.T) {
+	noLeaks(t)
+	pk := newPKI(t)
+	p := newPair(t, pk.serverConfig(t), pk.clientConfig(t), nil)
+	runBlocks(t, p, 8<<20, nil)
+}
+
+func TestBlockApplyFailureResetsSender(t *testing.T) {
+	noLeaks(t)
+	pk := newPKI(t)
+	p := newPair(t, pk.serverConfig(t), pk.clientConfig(t), nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	sink, err := p.dst.AcceptBlockChannel(ctx, "d", func(context.Context, Block) error { return errors.New("disk full") })
+	require.NoError(t, err)
+	bs, err := p.src.OpenBlockChannel(ctx, "d", nil)
+	require.NoError(t, err)
+	require.NoError(t, bs.Write(ctx, 0, []byte("hello")))
+	err = bs.Flush(ctx)
+	require.ErrorIs(t, err, ErrReset)
+	assert.Contains(t, err.Error(), "disk full")
+	assert.ErrorContains(t, sink.Wait(ctx), "disk full")
+}
+
+// cutter cuts the link n times at random points, keeping it down briefly.
+func cutter(t *testing.T, link *wanemu.Link, seed int64, n int, spacing time.Duration) func() {
+	return func() {
+		r := rand.New(rand.NewSource(seed))
+		for i := 0; i < n; i++ {
+			time.Sleep(time.Duration(r.Int63n(int64(spacing))) + 20*time.Millisecond)
+			link.Cut()
+			time.Sleep(time.Duration(50+r.Intn(250)) * time.Millisecond)
+			if err := link.Restore(); err != nil {
+				t.Errorf("restore link: %v", err)
+				return
+			}
+		}
+	}
+}
+
+func linkedPair(t *testing.T, pk pki, lc wanemu.LinkConfig, tweak func(*Config)) (*pair, *wanemu.Link) {
+	var link *wanemu.Link
+	srv, cli := pk.serverConfig(t), pk.clientConfig(t)
+	cli.MinBackoff, cli.MaxBackoff = 20*time.Millisecond, 200*time.Millisecond
+	if tweak != nil {
+		tweak(&cli)
+	}
+	p := newPair(t, srv, cli, func(addr string) string {
+		lc.Upstream = addr
+		var err error
+		link, err = wanemu.NewLink(context.Background(), lc)
+		require.NoError(t, err)
+		t.Cleanup(func() { _ = link.Close() })
+		return link.Addr()
+	})
+	return p, link
+}
+
+func TestIntegrityUnderCuts(t *testing.T) {
+	noLeaks(t)
+	pk := newPKI(t)
+	for _, seed := range []int64{11, 12} {
+		t.Run("forward", func(t *testing.T) {
+			p, link := linkedPair(t, pk, wanemu.LinkConfig{RTT: 10 * time.Millisecond, Bandwidth: 400e6}, nil)
+			up, down := testData(seed, 24<<20), testData(seed+100, 8<<20)
+			runForward(t, p, up, down, cutter(t, link, seed, 3, 400*time.Millisecond))
+			st := p.src.Stats()
+			assert.Greater(t, st.Reconnects, int64(0), "streams re-dialled")
+			assert.Greater(t, link.Counters().Cuts, 0)
+			t.Logf("retransmitted=%d reconnects=%d dup=%d", st.RetransmittedBytes, st.Reconnects, p.dst.Stats().DuplicatesReceived)
+		})
+	}
+	t.Run("blocks", func(t *testing.T) {
+		p, link := linkedPair(t, pk, wanemu.LinkConfig{RTT: 10 * time.Millisecond, Bandwidth: 400e6}, nil)
+		runBlocks(t, p, 24<<20, cutter(t, link, 5, 3, 300*time.Millisecond))
+		assert.Greater(t, p.src.Stats().Reconnects, int64(0))
+	})
+}
+
+func TestOutageGivesUp(t *testing.T) {
+	noLeaks(t)
+	pk := newPKI(t)
+	p, link := linkedPair(t, pk, wanemu.LinkConfig{RTT: 2 * time.Millisecond}, func(c *Config) {
+		c.MaxOutage = 700 * time.Millisecond
+	})
+	link.Cut()
+	select {
+	case <-p.src.Done():
+	case <-time.After(20 * time.Second):
+		t.Fatal("session did not give up")
+	}
+	require.ErrorIs(t, p.src.Err(), ErrOutage)
+	ctx := context.Background()
+	_, err := p.src.OpenConn(ctx, "x:1")
+	assert.ErrorIs(t, err, ErrOutage)
+}
+
+func TestPeerCloseEndsSession(t *testing.T) {
+	noLeaks(t)
+	pk := newPKI(t)
+	p := newPair(t, pk.serverConfig(t), pk.clientConfig(t), nil)
+	require.NoError(t, p.src.Close())
+	select {
+	case <-p.dst.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("peer did not notice the close")
+	}
+	assert.ErrorIs(t, p.dst.Err(), ErrPeerClosed)
+	assert.ErrorIs(t, p.src.Err(), ErrClosed)
+}
+
+func TestRateLimit(t *testing.T) {
+	noLeaks(t)
+	pk := newPKI(t)
+	cli := pk.clientConfig(t)
+	cli.RateLimit = 3 << 20
+	cli.Compression = CompressOff
+	p := newPair(t, pk.serverConfig(t), cli, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	sink, err := p.dst.AcceptBlockChannel(ctx, "r", func(context.Context, Block) error { return nil })
+	require.NoError(t, err)
+	bs, err := p.src.OpenBlockChannel(ctx, "r", nil)
+	require.NoError(t, err)
+	data := testData(99, 256<<10)
+	rand.New(rand.NewSource(1)).Read(data)
+
+	measure := func(limit int64, seconds float64) float64 {
+		p.src.SetRateLimit(limit)
+		total := int(float64(limit) * seconds)
+		w0 := p.src.Stats().BytesOnWire
+		t0 := time.Now()
+		for off := 0; off < total; off += len(data) {
+			require.NoError(t, bs.Write(ctx, int64(off), data))
+		}
+		require.NoError(t, bs.Flush(ctx))
+		rate := float64(p.src.Stats().BytesOnWire-w0) / time.Since(t0).Seconds()
+		return rate / float64(limit)
+	}
+	r1 := measure(3<<20, 2.5)
+	r2 := measure(6<<20, 2.5)
+	t.Logf("achieved/limit: %.3f at 3 MiB/s, %.3f at 6 MiB/s", r1, r2)
+	for _, r := range []float64{r1, r2} {
+		assert.GreaterOrEqual(t, r, 0.7)
+		assert.LessOrEqual(t, r, 1.15)
+	}
+	require.NoError(t, bs.Close(ctx))
+	require.NoError(t, sink.Wait(ctx))
+}
+
+func TestChooseStreams(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		rtt  time.Duration
+		bw   int64
+		want int
+	}{
+		{"unknown bandwidth", 50 * time.Millisecond, 0, 4},
+		{"100 Mbit 50 ms", 50 * time.Millisecond, 100e6 / 8, 2},
+		{"1 Gbit 100 ms", 100 * time.Millisecond, 1e9 / 8, 4},
+		{"10 Gbit 200 ms capped", 200 * time.Millisecond, 10e9 / 8, 16},
+		{"lan", time.Millisecond, 1e9 / 8, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			assert.Equal(t, tc.want, chooseStreams(tc.rtt, tc.bw, 4<<20, 16))
+		})
+	}
+}
