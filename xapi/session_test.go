@@ -56,12 +56,12 @@ func TestFailureEnvelopes(t *testing.T) {
 
 func TestProtocolErrors(t *testing.T) {
 	for name, reply := range map[string]string{
-		"no status":      successXML(xv("x"))[:60],
-		"bad status":     `<methodResponse><params><param><value><struct><member><name>Status</name><value>Maybe</value></member></struct></value></param></params></methodResponse>`,
-		"empty failure":  `<methodResponse><params><param><value><struct><member><name>Status</name><value>Failure</value></member><member><name>ErrorDescription</name><value><array><data></data></array></value></member></struct></value></param></params></methodResponse>`,
-		"fault":          `<methodResponse><fault><value><struct><member><name>faultCode</name><value><int>1</int></value></member><member><name>faultString</name><value>no</value></member></struct></value></fault></methodResponse>`,
-		"not xml":        "HTTP/1.1 500 oops",
-		"wrong type":     successXML(xv([]any{"a"})),
+		"no status":     successXML(xv("x"))[:60],
+		"bad status":    `<methodResponse><params><param><value><struct><member><name>Status</name><value>Maybe</value></member></struct></value></param></params></methodResponse>`,
+		"empty failure": `<methodResponse><params><param><value><struct><member><name>Status</name><value>Failure</value></member><member><name>ErrorDescription</name><value><array><data></data></array></value></member></struct></value></param></params></methodResponse>`,
+		"fault":         `<methodResponse><fault><value><struct><member><name>faultCode</name><value><int>1</int></value></member><member><name>faultString</name><value>no</value></member></struct></value></fault></methodResponse>`,
+		"not xml":       "HTTP/1.1 500 oops",
+		"wrong type":    successXML(xv([]any{"a"})),
 	} {
 		t.Run(name, func(t *testing.T) {
 			f := newFake(t, loginOK("OpaqueRef:s1", func(string, []any) string { return reply }))
