@@ -138,7 +138,10 @@ func (c *Call) vmPowerOp(op string) error {
 	if o.bool("is_control_domain") && op != "start" && op != "start_on" {
 		return Errorf(ErrOperationNotAllowed, "This operation is not allowed on a control domain")
 	}
-	if o.bool("is_a_template") || o.bool("is_a_snapshot") {
+	if o.bool("is_a_snapshot") {
+		return Errorf("VM_IS_SNAPSHOT", o.Ref, op)
+	}
+	if o.bool("is_a_template") {
 		return Errorf("VM_IS_TEMPLATE", o.Ref, op)
 	}
 	host := c.Pool.Coordinator().Ref
@@ -304,4 +307,103 @@ func vifCreate(c *Call) (any, error) {
 func randomMAC() string {
 	u := NewUUID()
 	return "76:" + u[0:2] + ":" + u[2:4] + ":" + u[4:6] + ":" + u[6:8] + ":" + u[9:11]
+}
+
+var _ = addRegistrar(func() {
+	Register(&Method{Name: "VM.snapshot", Unlocked: true,
+		Params:  []Param{p("vm", KRef), p("new_name", KString), pd("ignore_vdis", KRefSet, []string{})},
+		Handler: vmSnapshot})
+})
+
+// vmSnapshot implements VM.snapshot: a snapshot of every disk (except
+// ignore_vdis) and a halted snapshot VM holding VBDs and VIFs like the
+// source's. The pool lock is taken around DB work only.
+func vmSnapshot(c *Call) (any, error) {
+	p := c.Pool
+	p.mu.Lock()
+	vm, err := p.db.get("VM", c.Str(0))
+	if err != nil {
+		p.mu.Unlock()
+		return nil, err
+	}
+	if vm.bool("is_control_domain") {
+		p.mu.Unlock()
+		return nil, Errorf(ErrOperationNotAllowed, "This operation is not allowed on a control domain")
+	}
+	if vm.bool("is_a_snapshot") {
+		p.mu.Unlock()
+		return nil, Errorf("VM_IS_SNAPSHOT", vm.Ref, "snapshot")
+	}
+	ignore := c.Set(2)
+	var disks []string // VDI refs to snapshot
+	for _, vbd := range p.db.find("VBD", "VM", vm.Ref) {
+		vdi := vbd.str("VDI")
+		if vbd.str("type") == "Disk" && vdi != NullRef && !slices.Contains(ignore, vdi) {
+			disks = append(disks, vdi)
+		}
+	}
+	p.mu.Unlock()
+
+	snaps := map[string]string{}
+	for _, vdi := range disks {
+		ref, err := p.copyVDI(vdi, copySnapshot, "", "")
+		if err != nil {
+			p.mu.Lock()
+			for _, s := range snaps {
+				if o, gerr := p.db.get("VDI", s); gerr == nil {
+					p.destroyVDI(o)
+				}
+			}
+			p.mu.Unlock()
+			return nil, err
+		}
+		snaps[vdi] = ref
+	}
+
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if vm, err = p.db.get("VM", c.Str(0)); err != nil {
+		return nil, err
+	}
+	fields := map[string]any{}
+	for k, v := range vm.Fields {
+		fields[k] = cloneValue(v)
+	}
+	fields["uuid"] = NewUUID()
+	fields["name_label"] = c.Str(1)
+	fields["is_a_snapshot"] = true
+	fields["snapshot_of"] = vm.Ref
+	fields["snapshot_time"] = time.Now().UTC().Truncate(time.Second)
+	fields["power_state"] = Halted
+	fields["resident_on"] = NullRef
+	fields["domid"] = int64(-1)
+	fields["current_operations"] = map[string]string{}
+	fields["allowed_operations"] = []string{}
+	snap := p.db.create("VM", fields)
+	for _, vbd := range p.db.find("VBD", "VM", vm.Ref) {
+		vdi := vbd.str("VDI")
+		if vbd.str("type") == "Disk" && vdi != NullRef {
+			s, ok := snaps[vdi]
+			if !ok {
+				continue // ignored disk
+			}
+			vdi = s
+		}
+		f := map[string]any{}
+		for k, v := range vbd.Fields {
+			f[k] = cloneValue(v)
+		}
+		f["uuid"], f["VM"], f["VDI"], f["currently_attached"], f["device"] = NewUUID(), snap.Ref, vdi, false, ""
+		f["other_config"] = map[string]string{}
+		p.db.create("VBD", f)
+	}
+	for _, vif := range p.db.find("VIF", "VM", vm.Ref) {
+		f := map[string]any{}
+		for k, v := range vif.Fields {
+			f[k] = cloneValue(v)
+		}
+		f["uuid"], f["VM"], f["currently_attached"] = NewUUID(), snap.Ref, false
+		p.db.create("VIF", f)
+	}
+	return snap.Ref, nil
 }

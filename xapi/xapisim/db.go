@@ -28,16 +28,20 @@ type tombstone struct {
 // db is one pool's object database. Every method requires the owning
 // Pool's mu to be held.
 type db struct {
-	objs    map[string]*object // by ref
-	gen     int64
-	tombs   []tombstone
-	changed chan struct{} // closed (and replaced) on every change
+	objs  map[string]*object // by ref
+	uuids map[string]*object // by uuid
+	gen   int64
+	// lostBefore: tombstones older than this generation were dropped, so a
+	// token before it gets EVENTS_LOST.
+	lostBefore int64
+	tombs      []tombstone
+	changed    chan struct{} // closed (and replaced) on every change
 	// onChange is called on every change (schedules a save).
 	onChange func()
 }
 
 func newDB() *db {
-	return &db{objs: map[string]*object{}, changed: make(chan struct{})}
+	return &db{objs: map[string]*object{}, uuids: map[string]*object{}, changed: make(chan struct{})}
 }
 
 // links maps "Child.field" to the parent class that derives a set from it
@@ -97,6 +101,7 @@ func (d *db) create(class string, fields map[string]any) *object {
 	g := d.bump()
 	o.Created, o.Modified = g, g
 	d.objs[o.Ref] = o
+	d.uuids[o.str("uuid")] = o
 	d.touchParents(o, nil)
 	return o
 }
@@ -144,8 +149,10 @@ func (d *db) touch(o *object) { o.Modified = d.bump() }
 func (d *db) destroy(o *object) {
 	d.touchParents(o, nil)
 	delete(d.objs, o.Ref)
+	delete(d.uuids, o.str("uuid"))
 	d.tombs = append(d.tombs, tombstone{Class: o.Class, Ref: o.Ref, Created: o.Created, Deleted: d.bump()})
 	if len(d.tombs) > 10000 {
+		d.lostBefore = d.tombs[len(d.tombs)-5000].Deleted
 		d.tombs = slices.Clone(d.tombs[len(d.tombs)-5000:])
 	}
 }
@@ -174,8 +181,8 @@ func (d *db) find(class, field string, v string) []*object {
 }
 
 func (d *db) byUUID(class, uuid string) (*object, error) {
-	if os := d.find(class, "uuid", uuid); len(os) == 1 {
-		return os[0], nil
+	if o, ok := d.uuids[uuid]; ok && o.Class == class {
+		return o, nil
 	}
 	return nil, Errorf(ErrUUIDInvalid, class, uuid)
 }

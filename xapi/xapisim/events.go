@@ -77,6 +77,12 @@ func eventFrom(c *Call) (any, error) {
 	if !ok {
 		return nil, Errorf(ErrEventTokenParse, c.Str(1))
 	}
+	c.Pool.mu.Lock()
+	lost := since >= 0 && since < c.Pool.db.lostBefore
+	c.Pool.mu.Unlock()
+	if lost {
+		return nil, Errorf(ErrEventsLost)
+	}
 	timeout := time.Duration(c.Float(2) * float64(time.Second))
 	deadline := time.NewTimer(max(timeout, 0))
 	defer deadline.Stop()

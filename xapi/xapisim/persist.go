@@ -20,10 +20,13 @@ type stateFile struct {
 }
 
 type poolState struct {
-	Name    string               `json:"name"`
-	Gen     int64                `json:"gen"`
-	Objects []objState           `json:"objects"`
-	VDIs    map[string]*vdiState `json:"vdis"`
+	Name string `json:"name"`
+	Gen  int64  `json:"gen"`
+	// LostBefore: deletions before this generation are not kept across a
+	// restart, so older event tokens get EVENTS_LOST.
+	LostBefore int64                `json:"lost_before"`
+	Objects    []objState           `json:"objects"`
+	VDIs       map[string]*vdiState `json:"vdis"`
 }
 
 type objState struct {
@@ -42,7 +45,7 @@ func (s *Sim) Save() error {
 	st := stateFile{Version: stateVersion}
 	for _, p := range s.pools {
 		p.mu.Lock()
-		ps := poolState{Name: p.Name, Gen: p.db.gen, VDIs: map[string]*vdiState{}}
+		ps := poolState{Name: p.Name, Gen: p.db.gen, LostBefore: p.db.gen, VDIs: map[string]*vdiState{}}
 		for _, o := range p.db.objs {
 			if Classes[o.Class].NoPersist {
 				continue
@@ -82,6 +85,10 @@ func writeFileAtomic(path string, data []byte) error {
 		return fmt.Errorf("save state: %w", err)
 	}
 	defer func() { _ = os.Remove(tmp.Name()) }()
+	if err := tmp.Chmod(0o644); err != nil {
+		_ = tmp.Close()
+		return fmt.Errorf("save state: %w", err)
+	}
 	if _, err := tmp.Write(data); err != nil {
 		_ = tmp.Close()
 		return fmt.Errorf("save state: %w", err)
@@ -122,6 +129,7 @@ func (s *Sim) load() (bool, error) {
 	for _, ps := range st.Pools {
 		p := newPool(s, ps.Name)
 		p.db.gen = ps.Gen
+		p.db.lostBefore = ps.LostBefore
 		for _, os := range ps.Objects {
 			c, ok := Classes[os.Class]
 			if !ok {
@@ -144,6 +152,7 @@ func (s *Sim) load() (bool, error) {
 				o.Fields[f.Name] = v
 			}
 			p.db.objs[o.Ref] = o
+			p.db.uuids[o.str("uuid")] = o
 		}
 		for k, v := range ps.VDIs {
 			p.vdis[k] = v

@@ -292,6 +292,7 @@ func TestStateSurvivesRestart(t *testing.T) {
 	vdi, uuid := demoVDI(t, url, sess)
 	ok(t, url, "VDI.enable_cbt", sess, vdi)
 	snap := ok(t, url, "VDI.snapshot", sess, vdi).(string)
+	oldToken := ok(t, url, "event.from", sess, []string{"*"}, "", 0.1).(map[string]any)["token"]
 	require.NoError(t, s.WriteVDI(uuid, 3*CBTBlockSize, []byte("hello")))
 	require.NoError(t, s.Close())
 
@@ -305,6 +306,9 @@ func TestStateSurvivesRestart(t *testing.T) {
 	assert.Equal(t, map[string]any{"wanmig:x": "1"}, ok(t, url2, "pool.get_other_config", sess2, pool))
 	_, f := call(t, url2, "VM.get_all", sess)
 	require.NotNil(t, f, "sessions do not survive a restart")
+	_, f = call(t, url2, "event.from", sess2, []string{"*"}, oldToken, 0.1)
+	require.NotNil(t, f)
+	assert.Equal(t, ErrEventsLost, f.Code, "deletions before a restart are not kept")
 	ok(t, url2, "VM.hard_shutdown", sess2, vm)
 	snap2 := ok(t, url2, "VDI.snapshot", sess2, vdi).(string)
 	bm := decodeBitmap(t, ok(t, url2, "VDI.list_changed_blocks", sess2, snap, snap2).(string))
@@ -540,4 +544,33 @@ func TestDemoDiskIsRealistic(t *testing.T) {
 	assert.Positive(t, text)
 	assert.Less(t, text, data)
 	assert.Less(t, physicalUtilisation(mustPath(t, s, uuid)), int64(8<<20), "the disk is sparse")
+}
+
+func TestVMSnapshot(t *testing.T) {
+	s := startSim(t, "")
+	url, sess := login(t, s, 0)
+	vm := demoVM(t, url, sess)
+	vdi, _ := demoVDI(t, url, sess)
+	snap := ok(t, url, "VM.snapshot", sess, vm, "before-migrate").(string)
+	rec := ok(t, url, "VM.get_record", sess, snap).(map[string]any)
+	assert.Equal(t, true, rec["is_a_snapshot"])
+	assert.Equal(t, vm, rec["snapshot_of"])
+	assert.Equal(t, Halted, rec["power_state"])
+	assert.Equal(t, "before-migrate", rec["name_label"])
+	assert.Equal(t, []any{snap}, ok(t, url, "VM.get_snapshots", sess, vm))
+	vbds := rec["VBDs"].([]any)
+	require.Len(t, vbds, 1)
+	svdi := ok(t, url, "VBD.get_VDI", sess, vbds[0]).(string)
+	assert.NotEqual(t, vdi, svdi)
+	assert.Equal(t, vdi, ok(t, url, "VDI.get_snapshot_of", sess, svdi))
+	assert.Equal(t, ok(t, url, "VDI.get_other_config", sess, vdi).(map[string]any)["content_id"],
+		ok(t, url, "VDI.get_other_config", sess, svdi).(map[string]any)["content_id"])
+	assert.Len(t, rec["VIFs"], 1)
+	_, f := call(t, url, "VM.start", sess, snap, false, false)
+	require.NotNil(t, f)
+	assert.Equal(t, "VM_IS_SNAPSHOT", f.Code)
+	// ignore_vdis leaves the disk out.
+	snap2 := ok(t, url, "VM.snapshot", sess, vm, "no-disks", []string{vdi}).(string)
+	assert.Empty(t, ok(t, url, "VM.get_VBDs", sess, snap2))
+	ok(t, url, "VM.destroy", sess, snap2)
 }
