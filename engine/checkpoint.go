@@ -56,6 +56,7 @@ type Checkpoint struct {
 	Task          string `msgpack:"task"`
 	TaskCreated   bool   `msgpack:"task_created"` // by this engine (else adopted)
 	TaskFinished  bool   `msgpack:"task_finished"`
+	TaskLabelled  bool   `msgpack:"task_labelled"` // applies_to set
 	AgentsStarted bool   `msgpack:"agents_started"`
 	GatewayUp     bool   `msgpack:"gateway_up"`
 

@@ -237,7 +237,10 @@ func (e *Engine) Resume(ctx context.Context, migrationID string) (Report, error)
 	}
 	switch cp.Phase {
 	case PhaseDone, PhaseRolledBack:
-		return BuildReport(cp), nil
+		if cp.TaskFinished || cp.Task == "" {
+			return BuildReport(cp), nil
+		}
+		// stopped before the task was completed: drive completes it
 	case PhaseFailed:
 		if !CanTransition(PhaseFailed, cp.FailedIn) {
 			return BuildReport(cp), fmt.Errorf("%w: failed in %s", ErrNotResumable, cp.FailedIn)
@@ -247,7 +250,7 @@ func (e *Engine) Resume(ctx context.Context, migrationID string) (Report, error)
 		cp.TaskFinished = false
 		if cp.TaskCreated || cp.Task != "" {
 			// the old task is finished; progress goes to a fresh one
-			cp.Task, cp.TaskCreated = "", false
+			cp.Task, cp.TaskCreated, cp.TaskLabelled = "", false, false
 			cp.Request.TaskRef = ""
 		}
 	}
@@ -271,7 +274,7 @@ func (e *Engine) Abort(ctx context.Context, migrationID string) (Report, error) 
 	cp.Phase = PhaseRollingBack
 	cp.Cancelled = true
 	cp.TaskFinished = false
-	cp.Task, cp.TaskCreated, cp.Request.TaskRef = "", false, ""
+	cp.Task, cp.TaskCreated, cp.TaskLabelled, cp.Request.TaskRef = "", false, false, ""
 	return e.drive(ctx, cp, true)
 }
 
@@ -300,8 +303,17 @@ func (e *Engine) drive(ctx context.Context, cp *Checkpoint, resumed bool) (Repor
 	}
 	if resumed {
 		r.log.Info("resuming migration", "phase", cp.Phase.String())
+		if cp.VMRef != "" && !cp.Phase.Stopped() {
+			r.plog = r.log.With("phase", cp.Phase.String())
+			if err := r.ensureTask(ctx); err != nil {
+				return BuildReport(cp), fmt.Errorf("%w: %w", ErrInterrupted, err)
+			}
+		}
 	}
 	err = r.loop(ctx)
+	if err == nil && cp.Phase.Stopped() {
+		err = r.finish(ctx) // idempotent; completes the task after a crash
+	}
 	rep := BuildReport(cp)
 	if err != nil {
 		return rep, err
@@ -398,9 +410,6 @@ func (r *run) advance(ctx context.Context) error {
 	}
 	r.plog.Info("phase changed", "to", next.String())
 	r.progress(ctx, next, 0, Progress{})
-	if next.Stopped() {
-		return r.finish(ctx)
-	}
 	return nil
 }
 

@@ -237,20 +237,23 @@ func (r *run) stepPlan(ctx context.Context) (Phase, error) {
 // ensureTask creates (or adopts) the xapi task XenCenter shows.
 func (r *run) ensureTask(ctx context.Context) error {
 	cp := r.cp
-	if cp.Task != "" {
-		return nil
-	}
-	if cp.Request.TaskRef != "" {
-		cp.Task = cp.Request.TaskRef
-	} else {
-		t, err := r.d.Tasks.CreateTask(ctx, TaskLabel, "wanmotion WAN migration "+cp.MigrationID)
-		if err != nil {
-			return fmt.Errorf("task.create: %w", err)
+	if cp.Task == "" {
+		if cp.Request.TaskRef != "" {
+			cp.Task = cp.Request.TaskRef
+		} else {
+			t, err := r.d.Tasks.CreateTask(ctx, TaskLabel, "wanmotion WAN migration "+cp.MigrationID)
+			if err != nil {
+				return fmt.Errorf("task.create: %w", err)
+			}
+			cp.Task, cp.TaskCreated = t, true
 		}
-		cp.Task, cp.TaskCreated = t, true
+		cp.TaskLabelled = false
+		if err := r.save(ctx); err != nil {
+			return err
+		}
 	}
-	if err := r.save(ctx); err != nil {
-		return err
+	if cp.TaskLabelled {
+		return nil
 	}
 	applies := cp.VMRef
 	if cp.SourceHost != "" {
@@ -261,7 +264,8 @@ func (r *run) ensureTask(ctx context.Context) error {
 			r.plog.Warn("could not label the task", "key", kv[0], "error", err)
 		}
 	}
-	return nil
+	cp.TaskLabelled = true
+	return r.save(ctx)
 }
 
 func (r *run) agentSpec() AgentSpec {

@@ -1,0 +1,449 @@
+package engine
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+const nDisks = 2
+
+// assertMovedClean checks the end state of a successful migration.
+func assertMovedClean(t *testing.T, w *world, rep Report) {
+	t.Helper()
+	assert.Equal(t, ResultSuccess, rep.Result)
+	assert.False(t, w.vmAtSource, "vm must be gone from the source")
+	assert.True(t, w.vmAtDst, "vm must run at the destination")
+	assert.Equal(t, 1, w.count("src.MigrateSend"), "VM.migrate_send exactly once")
+	assert.Equal(t, nDisks*3, w.count("src.SnapshotVDI"), "one snapshot per disk per round (3 rounds)")
+	assert.Equal(t, nDisks, w.count("dst.CreateVDI"), "one replica per disk")
+	assert.Equal(t, 1, w.count("task.Create"), "one xapi task")
+	assert.Equal(t, 0, w.live("snapshot"), "all snapshots removed")
+	assert.Equal(t, 0, w.live("replica"), "replicas removed after the move")
+	assert.Equal(t, []bool{false, false}, w.srcCBT())
+	assert.False(t, w.agentsUp)
+	assert.False(t, w.gatewayUp)
+	assert.True(t, w.netActive && w.netReleased && w.netCleaned)
+	task := w.ourTasks[0]
+	assert.Equal(t, TaskSuccess, w.tasks[task].Status)
+	assert.Equal(t, 1.0, w.tasks[task].Progress)
+	assert.Equal(t, "OpaqueRef:dstvm", w.tasks[task].Result)
+	assert.Equal(t, TaskLabel, w.taskLabel[task])
+	assert.Equal(t, "OpaqueRef:vm1,OpaqueRef:srchost", w.taskOC[task]["applies_to"])
+	assert.Equal(t, 3, rep.SeedRounds)
+	assert.Equal(t, IntegrityOK, rep.Integrity)
+}
+
+func TestRunSuccess(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	st, err := NewFileStore(t.TempDir())
+	require.NoError(t, err)
+	var progress []float64
+	e := newEngine(t, w, st)
+	e.d.Observe = func(p Progress) { progress = append(progress, p.Overall) }
+	rep, err := e.Run(context.Background(), testRequest())
+	require.NoError(t, err)
+	assertMovedClean(t, w, rep)
+
+	// the dest map reached xapi rewritten, path and query intact
+	assert.Equal(t, "http://127.0.0.1:4002/services/SM?session_id=OpaqueRef%3Asess", w.migArgs.Dest["SM"])
+	assert.Equal(t, "http://127.0.0.1:4001/", w.migArgs.Dest["master"])
+	assert.Equal(t, "OpaqueRef:sess", w.migArgs.Dest["session_id"])
+	assert.Equal(t, map[string]string{"OpaqueRef:vif0": "OpaqueRef:dstnet"}, w.migArgs.VIFMap)
+	assert.Equal(t, map[string]string{"OpaqueRef:vdi0": "OpaqueRef:dstsr", "OpaqueRef:vdi1": "OpaqueRef:dstsr"}, w.migArgs.VDIMap)
+	// each replica got the content_id of its disk's last snapshot before migrate_send
+	cp, err := st.Load(context.Background(), "wm-test")
+	require.NoError(t, err)
+	for _, d := range cp.Disks {
+		last := lastSnap(&d)
+		require.NotNil(t, last)
+		assert.Equal(t, 2, last.Round)
+		assert.NotEmpty(t, last.ContentID)
+		assert.Equal(t, last.ContentID, w.vdis[d.ReplicaRef].contentID)
+	}
+	// old snapshots were data-destroyed during Seed
+	assert.Equal(t, nDisks*2, w.count("src.DataDestroyVDI"))
+
+	// progress is monotonic and ends at 1
+	require.NotEmpty(t, progress)
+	for i := 1; i < len(progress); i++ {
+		assert.GreaterOrEqual(t, progress[i], progress[i-1])
+	}
+	assert.Equal(t, 1.0, progress[len(progress)-1])
+
+	// report
+	assert.Equal(t, int64(5<<30/4), rep.BytesToMove)
+	assert.Equal(t, int64(5*CBTBlockSize*nDisks), rep.ResidualBytes)
+	assert.InDelta(t, 3.0, rep.CompressionRatio, 1e-9)
+	var names []string
+	for _, p := range rep.Phases {
+		names = append(names, p.Name)
+		assert.Greater(t, p.Seconds, 0.0, p.Name)
+	}
+	assert.Equal(t, []string{"plan", "prepare", "seed", "handoff", "switch", "verify", "cleanup"}, names)
+
+	// Resume of a finished migration changes nothing.
+	calls := w.count("src.MigrateSend")
+	rep2, err := e.Resume(context.Background(), "wm-test")
+	require.NoError(t, err)
+	assert.Equal(t, ResultSuccess, rep2.Result)
+	assert.Equal(t, calls, w.count("src.MigrateSend"))
+
+	// A second Run with the same id is refused.
+	_, err = e.Run(context.Background(), testRequest())
+	require.ErrorIs(t, err, ErrExists)
+}
+
+// saves counts the checkpoint saves of an undisturbed run.
+func saves(t *testing.T) int {
+	w := newWorld()
+	hs := &hookStore{Store: mustStore(t)}
+	_, err := newEngine(t, w, hs).Run(context.Background(), testRequest())
+	require.NoError(t, err)
+	return hs.n
+}
+
+func mustStore(t *testing.T) Store {
+	st, err := NewFileStore(t.TempDir())
+	require.NoError(t, err)
+	return st
+}
+
+// TestCrashResumeAtEveryCheckpoint stops the controller right after each
+// checkpoint of a full run (so in every phase and inside Seed rounds),
+// drops the engine, and resumes with a new one from the store.
+func TestCrashResumeAtEveryCheckpoint(t *testing.T) {
+	t.Parallel()
+	total := saves(t)
+	require.Greater(t, total, 20)
+	seen := map[Phase]bool{}
+	for n := 1; n <= total; n++ {
+		t.Run(fmt.Sprint(n), func(t *testing.T) {
+			w := newWorld()
+			inner := mustStore(t)
+			var crashedIn Phase
+			hs := &hookStore{Store: inner, after: func(i int, c *Checkpoint) error {
+				if i == n {
+					crashedIn = c.Phase
+					return errCrash
+				}
+				return nil
+			}}
+			_, err := newEngine(t, w, hs).Run(context.Background(), testRequest())
+			require.ErrorIs(t, err, ErrInterrupted)
+			require.ErrorIs(t, err, errCrash)
+			seen[crashedIn] = true
+			rep, err := newEngine(t, w, inner).Resume(context.Background(), "wm-test")
+			require.NoError(t, err, "resume after a crash in %s", crashedIn)
+			assertMovedClean(t, w, rep)
+		})
+	}
+	for _, p := range append(WorkPhases, PhaseDone) {
+		assert.True(t, seen[p], "no crash point in phase %s", p)
+	}
+}
+
+// TestCancelInEachPhase cancels through the xapi task (current_operations)
+// as soon as the migration checkpoints a phase.
+func TestCancelInEachPhase(t *testing.T) {
+	t.Parallel()
+	for _, p := range WorkPhases {
+		t.Run(p.String(), func(t *testing.T) {
+			t.Parallel()
+			w := newWorld()
+			hs := &hookStore{Store: mustStore(t), after: func(_ int, c *Checkpoint) error {
+				if c.Phase == p {
+					w.mu.Lock()
+					w.cancelAll = true
+					for _, tk := range w.ourTasks {
+						w.tasks[tk].CurrentOperations["OpaqueRef:canceller"] = "cancel"
+					}
+					w.mu.Unlock()
+				}
+				return nil
+			}}
+			rep, err := newEngine(t, w, hs).Run(context.Background(), testRequest())
+			if p < PhaseHandoff {
+				require.ErrorIs(t, err, ErrCancelled)
+				assert.Equal(t, ResultCancelled, rep.Result)
+				assert.Equal(t, "rolled_back", rep.Phase)
+				assert.True(t, w.vmAtSource, "vm untouched at the source")
+				assert.False(t, w.vmAtDst)
+				assert.Zero(t, w.count("src.MigrateSend"))
+				assert.Zero(t, w.live("snapshot"), "snapshots removed")
+				assert.Zero(t, w.live("replica"), "replicas destroyed")
+				assert.Equal(t, []bool{false, false}, w.srcCBT(), "cbt back to its original state")
+				assert.False(t, w.agentsUp)
+				assert.False(t, w.gatewayUp)
+				require.Len(t, w.ourTasks, 1)
+				assert.Equal(t, TaskCancelled, w.tasks[w.ourTasks[0]].Status)
+				assert.Equal(t, "WANMOTION_MIGRATION_CANCELLED", w.tasks[w.ourTasks[0]].ErrorInfo[0])
+				if w.netPrepared {
+					assert.True(t, w.netCleaned)
+				}
+				assert.False(t, w.netActive)
+			} else {
+				require.NoError(t, err, "forward-only from handoff")
+				assertMovedClean(t, w, rep)
+			}
+		})
+	}
+}
+
+func TestEngineCancelMethod(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	var e *Engine
+	hs := &hookStore{Store: mustStore(t), after: func(_ int, c *Checkpoint) error {
+		if c.Phase == PhaseSeed && len(c.Seed.Rounds) == 1 {
+			assert.True(t, e.Cancel("wm-test"))
+		}
+		return nil
+	}}
+	e = newEngine(t, w, hs)
+	assert.False(t, e.Cancel("wm-test"), "not running yet")
+	rep, err := e.Run(context.Background(), testRequest())
+	require.ErrorIs(t, err, ErrCancelled)
+	assert.Equal(t, ResultCancelled, rep.Result)
+	assert.True(t, w.vmAtSource)
+	assert.Zero(t, w.live("replica"))
+}
+
+func TestMigrateSendFailureKeepsVMAtSourceAndReplica(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	w.MigrateSendF = func(MigrateArgs) []string { return []string{"MIRROR_FAILED", "OpaqueRef:vdi0"} }
+	st := mustStore(t)
+	e := newEngine(t, w, st)
+	rep, err := e.Run(context.Background(), testRequest())
+	require.ErrorIs(t, err, ErrHandoffFailed)
+	var pe *PhaseError
+	require.ErrorAs(t, err, &pe)
+	assert.Equal(t, PhaseHandoff, pe.Phase)
+	assert.Equal(t, ResultFailed, rep.Result)
+	assert.Contains(t, rep.Error, "MIRROR_FAILED")
+	assert.True(t, w.vmAtSource, "vm keeps running at the source")
+	assert.False(t, w.vmAtDst)
+	assert.Equal(t, nDisks, w.live("replica"), "replicas kept for a retry")
+	assert.Equal(t, nDisks*3, w.live("snapshot"), "snapshot chain kept (older ones data-destroyed)")
+	assert.Equal(t, TaskFailure, w.tasks[w.ourTasks[0]].Status)
+	assert.Contains(t, w.tasks[w.ourTasks[0]].ErrorInfo, "handoff")
+
+	// retry: only the handoff is repeated; seeding is not redone
+	w.MigrateSendF = nil
+	snaps := w.count("src.SnapshotVDI")
+	rep, err = e.Resume(context.Background(), "wm-test")
+	require.NoError(t, err)
+	assert.Equal(t, ResultSuccess, rep.Result)
+	assert.Equal(t, snaps, w.count("src.SnapshotVDI"))
+	assert.Equal(t, 2, w.count("src.MigrateSend"))
+	assert.Equal(t, 2, w.count("task.Create"), "a fresh task for the retry")
+	assert.Equal(t, TaskSuccess, w.tasks[w.ourTasks[1]].Status)
+	assert.True(t, w.vmAtDst)
+	assert.Zero(t, w.live("replica"))
+	assert.Zero(t, w.live("snapshot"))
+}
+
+func TestAbortAfterFailedHandoff(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	w.disks[0].CBTEnabled = true // CBT was on before us (a backup tool)
+	w.vdis["OpaqueRef:vdi0"].cbt = true
+	w.MigrateSendF = func(MigrateArgs) []string { return []string{"INTERNAL_ERROR"} }
+	e := newEngine(t, w, mustStore(t))
+	_, err := e.Run(context.Background(), testRequest())
+	require.ErrorIs(t, err, ErrHandoffFailed)
+	rep, err := e.Abort(context.Background(), "wm-test")
+	require.ErrorIs(t, err, ErrCancelled)
+	assert.Equal(t, ResultCancelled, rep.Result)
+	assert.True(t, w.vmAtSource)
+	assert.Zero(t, w.live("replica"))
+	assert.Zero(t, w.live("snapshot"))
+	assert.Equal(t, []bool{true, false}, w.srcCBT(), "cbt restored to the original state")
+}
+
+func TestHandoffErrorButVMArrived(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	// the task vanishes (xapi restarted) after the VM moved
+	w.Hook = func(m string) error {
+		if m == "task.Record" && !w.vmAtSource {
+			return fmt.Errorf("task: %w", ErrNotFound)
+		}
+		return nil
+	}
+	// move the VM on migrate_send directly
+	w.MigrateSendF = nil
+	e := newEngine(t, w, mustStore(t))
+	hs := e.d.Store
+	_ = hs
+	origHook := w.Hook
+	w.Hook = func(m string) error {
+		if m == "src.MigrateSend" {
+			w.mu.Lock()
+			w.vmAtSource, w.vmAtDst, w.vmDstRef = false, true, "OpaqueRef:dstvm"
+			w.mu.Unlock()
+		}
+		return origHook(m)
+	}
+	rep, err := e.Run(context.Background(), testRequest())
+	require.NoError(t, err)
+	assert.Equal(t, ResultSuccess, rep.Result)
+	assert.Equal(t, 1, w.count("src.MigrateSend"))
+}
+
+func TestSeedFailureRollsBack(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	w.SyncFail = func(s SyncSpec) bool { return s.Round == 1 }
+	rep, err := newEngine(t, w, mustStore(t)).Run(context.Background(), testRequest())
+	require.Error(t, err)
+	assert.NotErrorIs(t, err, ErrCancelled)
+	assert.Equal(t, ResultFailed, rep.Result)
+	assert.Equal(t, "rolled_back", rep.Phase)
+	assert.Contains(t, rep.Error, "injected failure")
+	assert.True(t, w.vmAtSource)
+	assert.Zero(t, w.live("replica"))
+	assert.Zero(t, w.live("snapshot"))
+	assert.Equal(t, nDisks, w.count("st.Abort"))
+	assert.Equal(t, TaskFailure, w.tasks[w.ourTasks[0]].Status)
+}
+
+func TestPrepareFailureRollsBack(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	w.Hook = func(m string) error {
+		if m == "st.PrepareSender" {
+			return errors.New("no route to agent")
+		}
+		return nil
+	}
+	rep, err := newEngine(t, w, mustStore(t)).Run(context.Background(), testRequest())
+	require.Error(t, err)
+	assert.Equal(t, ResultFailed, rep.Result)
+	assert.Zero(t, w.live("replica"))
+	assert.Zero(t, w.count("src.SnapshotVDI"))
+	assert.True(t, w.vmAtSource)
+}
+
+func TestConvergencePolicies(t *testing.T) {
+	t.Parallel()
+	diverging := func(w *world) { w.ChangedBlocks = func(int) int { return 1 << 16 } } // 4 GiB per round
+	cases := []struct {
+		name     string
+		policy   ConvergencePolicy
+		wantErr  error
+		result   string
+		throttle bool
+	}{
+		{"stop", PolicyStop, ErrNotConverging, ResultFailed, false},
+		{"throttle", PolicyThrottle, nil, ResultSuccess, true},
+		{"keep-going", PolicyKeepGoing, nil, ResultSuccess, false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			w := newWorld()
+			diverging(w)
+			req := testRequest()
+			pol, rounds := tc.policy, 3
+			req.Overrides.Policy, req.Overrides.MaxRounds = &pol, &rounds
+			req.Link.BandwidthBytesPerSec = 10_000_000 // 10 MB/s: the guest out-writes it
+			rep, err := newEngine(t, w, mustStore(t)).Run(context.Background(), req)
+			if tc.wantErr != nil {
+				require.ErrorIs(t, err, tc.wantErr)
+				assert.Contains(t, err.Error(), "raise the bandwidth")
+				assert.True(t, w.vmAtSource)
+				assert.Zero(t, w.live("replica"))
+			} else {
+				require.NoError(t, err)
+				assert.Equal(t, 4, rep.SeedRounds, "round 0 + the cap of 3 delta rounds")
+			}
+			assert.Equal(t, tc.result, rep.Result)
+			assert.Equal(t, tc.throttle, w.count("throttle") > 0)
+		})
+	}
+}
+
+func TestUnknownBackendNamesInstalled(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	w.srcOC[KeyStorage] = "zfs-send"
+	rep, err := newEngine(t, w, mustStore(t)).Run(context.Background(), testRequest())
+	require.ErrorIs(t, err, ErrUnknownBackend)
+	assert.Contains(t, err.Error(), `"zfs-send"`)
+	assert.Contains(t, err.Error(), "nbd, drbd")
+	assert.Equal(t, ResultFailed, rep.Result)
+	assert.Zero(t, w.count("agents.Start"))
+}
+
+func TestDryRunPlanHasNoSideEffects(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	e := newEngine(t, w, mustStore(t))
+	p, err := e.Plan(context.Background(), testRequest())
+	require.NoError(t, err)
+	assert.Equal(t, "demo-vm", p.VMName)
+	assert.Len(t, p.Disks, nDisks)
+	assert.Equal(t, int64(5<<30/4), p.Estimate.BytesToMove)
+	assert.Greater(t, p.Estimate.TotalSeconds, p.Estimate.SeedSeconds)
+	assert.Contains(t, p.Text(), "estimated total")
+	for _, m := range []string{"task.Create", "agents.Start", "dst.CreateVDI", "src.SnapshotVDI", "src.EnableCBT"} {
+		assert.Zero(t, w.count(m), m)
+	}
+	assert.Equal(t, 1, w.count("src.AssertCanMigrate"))
+	ids, err := e.d.Store.List(context.Background())
+	require.NoError(t, err)
+	assert.Empty(t, ids)
+}
+
+func TestContextCancelInterruptsAndResumes(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	inner := mustStore(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	hs := &hookStore{Store: inner, after: func(_ int, c *Checkpoint) error {
+		if c.Phase == PhaseSeed && len(c.Seed.Rounds) == 1 {
+			cancel()
+		}
+		return nil
+	}}
+	_, err := newEngine(t, w, hs).Run(ctx, testRequest())
+	require.ErrorIs(t, err, ErrInterrupted)
+	assert.True(t, w.vmAtSource)
+	assert.Equal(t, nDisks, w.live("replica"), "an interruption is not a rollback")
+	rep, err := newEngine(t, w, inner).Resume(context.Background(), "wm-test")
+	require.NoError(t, err)
+	assertMovedClean(t, w, rep)
+}
+
+func TestReportJSONFields(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	rep, err := newEngine(t, w, mustStore(t)).Run(context.Background(), testRequest())
+	require.NoError(t, err)
+	b, err := rep.JSON()
+	require.NoError(t, err)
+	var m map[string]any
+	require.NoError(t, json.Unmarshal(b, &m))
+	for _, k := range []string{"migration_id", "vm_uuid", "result", "phases", "seed_rounds", "bytes_to_move",
+		"bytes_on_wire", "residual_bytes", "guest_pause_ms", "integrity"} {
+		assert.Contains(t, m, k)
+	}
+	assert.Equal(t, "wm-test", m["migration_id"])
+	assert.Equal(t, "success", m["result"])
+	assert.Equal(t, "ok", m["integrity"])
+	assert.EqualValues(t, 3, m["seed_rounds"])
+	phases := m["phases"].([]any)
+	require.Len(t, phases, 7)
+	assert.Equal(t, "plan", phases[0].(map[string]any)["name"])
+	assert.Contains(t, phases[0].(map[string]any), "seconds")
+	assert.Contains(t, rep.Text(), "SUCCESS")
+}
