@@ -136,11 +136,22 @@ func (c *Client) snapshot() (*url.URL, SessionRef, uint64) {
 
 // Login opens a session with session.login_with_password. On HOST_IS_SLAVE
 // it follows the named coordinator (same scheme and port) once.
+//
+// Calling Login again replaces the session and logs the old one out (best
+// effort), so sessions are not leaked (xapi caps them per originator).
 func (c *Client) Login(ctx context.Context) error {
 	c.loginMu.Lock()
 	defer c.loginMu.Unlock()
-	base, _, _ := c.snapshot()
-	return c.loginLocked(ctx, base)
+	base, old, _ := c.snapshot()
+	if err := c.loginLocked(ctx, base); err != nil {
+		return err
+	}
+	if old != "" {
+		if _, err := roundTrip(ctx, c.rpc, base.String(), "session.logout", []any{old}); err != nil {
+			c.log.Debug("logout of the replaced session failed", "error", err)
+		}
+	}
+	return nil
 }
 
 // loginLocked logs in at base (following one HOST_IS_SLAVE redirect) and
@@ -184,10 +195,15 @@ func (c *Client) loginAt(ctx context.Context, base *url.URL, follow bool) (Sessi
 	return ref, base, nil
 }
 
-// redirectURL returns base with its host replaced by address (a bare IPv4,
-// IPv6 or name, as HOST_IS_SLAVE and host.address carry), keeping scheme and
-// port. IPv6 literals are bracketed.
+// redirectURL returns base with its host replaced by address, keeping scheme
+// and port. address is what HOST_IS_SLAVE and host.address carry: a bare IPv4,
+// IPv6 or name (IPv6 literals get brackets). An address that already carries
+// a port ("127.0.0.1:4443", "[fd00::1]:443", as a simulator with one port per
+// host sends) keeps its own port.
 func redirectURL(base *url.URL, address string) *url.URL {
+	if h, p, err := net.SplitHostPort(address); err == nil && p != "" {
+		return &url.URL{Scheme: base.Scheme, Host: net.JoinHostPort(h, p), Path: "/"}
+	}
 	address = strings.TrimSuffix(strings.TrimPrefix(address, "["), "]")
 	host := address
 	if strings.Contains(address, ":") {

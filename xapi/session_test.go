@@ -232,6 +232,8 @@ func TestRedirectURL(t *testing.T) {
 		{"https://[fd00::1]:443/", "fd00::2", "https://[fd00::2]:443/"},
 		{"http://127.0.0.1:8080/", "[fd00::3]", "http://[fd00::3]:8080/"},
 		{"https://pool.example/", "xcp-b.example", "https://xcp-b.example/"},
+		{"http://127.0.0.1:8080/", "127.0.0.1:9090", "http://127.0.0.1:9090/"},
+		{"https://[fd00::1]:443/", "[fd00::2]:8443", "https://[fd00::2]:8443/"},
 	}
 	for _, tt := range tests {
 		assert.Equal(t, tt.want, redirectURL(base(tt.base), tt.addr).String(), tt.addr)
@@ -257,4 +259,28 @@ func TestTransportErrorType(t *testing.T) {
 	var te *TransportError
 	require.True(t, errors.As(err, &te), "%v", err)
 	assert.Equal(t, "VM.get_all", te.Method)
+}
+
+func TestLoginAgainLogsOutOldSession(t *testing.T) {
+	var n atomic.Int32
+	f := newFake(t, func(method string, params []any) string {
+		switch method {
+		case "session.login_with_password":
+			return successXML(xv("OpaqueRef:s" + strconv.Itoa(int(n.Add(1)))))
+		case "host.get_all_records":
+			return successXML(xv([][2]any{}))
+		}
+		return successXML(xv(""))
+	})
+	c := newTestClient(t, f.URL())
+	require.NoError(t, c.Login(context.Background()))
+	require.NoError(t, c.Login(context.Background()))
+	var logouts []any
+	for _, call := range f.Calls() {
+		if call.Method == "session.logout" {
+			logouts = append(logouts, call.Params[0])
+		}
+	}
+	assert.Equal(t, []any{"OpaqueRef:s1"}, logouts)
+	assert.Equal(t, SessionRef("OpaqueRef:s2"), c.Session())
 }
