@@ -3,6 +3,7 @@ package xapisim
 import (
 	"context"
 	"encoding/json"
+	neturl "net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -60,6 +61,13 @@ try:
     out["member_login"] = None
 except XenAPI.Failure as e:
     out["member_login"] = e.details
+    # Follow the redirect as XO does: the named address, same scheme and port.
+    from urllib.parse import urlsplit
+    port = urlsplit(site["hosts"][1]["url"]).port
+    again = XenAPI.Session("http://%s:%d/" % (e.details[1], port))
+    again.xenapi.login_with_password(site["username"], site["password"])
+    out["redirect_login"] = again._session.startswith("OpaqueRef:")
+    again.xenapi.session.logout()
 
 token = s.xenapi.event.__getattr__("from")(["vm"], "", 0.1)["token"]
 task = s.xenapi.Async.VM.clean_shutdown(vm)
@@ -113,6 +121,7 @@ func TestInteropPythonXenAPI(t *testing.T) {
 		VDISize         string   `json:"vdi_size"`
 		BadSession      []string `json:"bad_session"`
 		BadRelogin      bool     `json:"bad_session_relogin"`
+		RedirectLogin   bool     `json:"redirect_login"`
 		ReloginVMs      int      `json:"relogin_vms"`
 		ReloginNew      bool     `json:"relogin_new_session"`
 		MemberLogin     []string `json:"member_login"`
@@ -137,7 +146,10 @@ func TestInteropPythonXenAPI(t *testing.T) {
 	assert.True(t, out.BadRelogin, "XenAPI.py recognises SESSION_INVALID")
 	assert.Equal(t, 3, out.ReloginVMs)
 	assert.True(t, out.ReloginNew)
-	coord := strings.TrimSuffix(strings.TrimPrefix(s.Info().Pools[0].URL, "http://"), "/")
+	cu, err := neturl.Parse(s.Info().Pools[0].URL)
+	require.NoError(t, err)
+	coord := cu.Hostname()
+	assert.True(t, out.RedirectLogin, "login after following HOST_IS_SLAVE on the same port")
 	assert.Equal(t, []string{ErrHostIsSlave, coord}, out.MemberLogin)
 	assert.Equal(t, "success", out.Task.Status)
 	assert.Equal(t, 1.0, out.Task.Progress)

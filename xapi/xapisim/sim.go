@@ -72,6 +72,8 @@ type Sim struct {
 	saveMu sync.Mutex
 	dirty  chan struct{}
 
+	stops []func() // from start hooks
+
 	mu      sync.Mutex
 	started bool
 	closed  bool
@@ -88,6 +90,9 @@ type Host struct {
 	srv    *http.Server
 	url    string
 	master bool
+	ip     string
+	// portInAddress: hosts share one IP, so Address includes the port.
+	portInAddress bool
 }
 
 // URL returns the host's base URL (http://127.0.0.1:port/).
@@ -182,31 +187,52 @@ func (s *Sim) Start(ctx context.Context, addr string) error {
 	if err != nil {
 		return fmt.Errorf("listen port %q: %w", portStr, err)
 	}
-	var lc net.ListenConfig
-	i := 0
-	for _, p := range s.pools {
-		for _, h := range p.hosts {
-			a := net.JoinHostPort(host, "0")
-			if port != 0 {
-				a = net.JoinHostPort(host, strconv.Itoa(port+i))
+	base := net.ParseIP(host).To4()
+	perHostIP := base != nil && base.IsLoopback()
+	next := 0
+	for pi, p := range s.pools {
+		ips := make([]string, len(p.hosts))
+		for i := range p.hosts {
+			if perHostIP {
+				ips[i] = addIP(base, next).String()
+				next++
+			} else {
+				ips[i] = host
 			}
-			i++
-			ln, err := lc.Listen(ctx, "tcp", a)
-			if err != nil {
-				s.closeListeners()
-				return fmt.Errorf("listen for host %s: %w", h.Name, err)
-			}
-			h.ln = ln
-			h.url = "http://" + ln.Addr().String() + "/"
-			h.srv = &http.Server{Handler: s.handler(h), ReadHeaderTimeout: 30 * time.Second}
+		}
+		fixed := 0
+		if port != 0 {
+			fixed = port + pi
+		}
+		if err := s.listenPool(ctx, p, ips, perHostIP, fixed); err != nil {
+			s.closeListeners()
+			return err
 		}
 		p.mu.Lock()
 		for _, h := range p.hosts {
 			if o, err := p.db.get("host", h.Ref); err == nil {
 				p.db.set(o, "address", h.Address())
 			}
+			for _, pif := range p.db.find("PIF", "host", h.Ref) {
+				if pif.str("IP") != h.ip {
+					p.db.set(pif, "IP", h.ip)
+				}
+			}
 		}
 		p.mu.Unlock()
+	}
+	for _, hook := range startHooks {
+		stop, err := hook(ctx, s)
+		if err != nil {
+			s.closeListeners()
+			for _, st := range s.stops {
+				st()
+			}
+			return fmt.Errorf("start hook: %w", err)
+		}
+		if stop != nil {
+			s.stops = append(s.stops, stop)
+		}
 	}
 	for _, p := range s.pools {
 		for _, h := range p.hosts {
@@ -237,6 +263,69 @@ func (s *Sim) Start(ctx context.Context, addr string) error {
 	return nil
 }
 
+// listenPool opens the listeners of one pool's hosts. With perHostIP every
+// host has its own loopback IP and all share one port (so a client told
+// HOST_IS_SLAVE [ip] reconnects on the same port, as with real xapi);
+// otherwise each host gets its own port on the one IP.
+func (s *Sim) listenPool(ctx context.Context, p *Pool, ips []string, perHostIP bool, fixed int) error {
+	var lc net.ListenConfig
+	for attempt := 0; ; attempt++ {
+		port := fixed
+		var lns []net.Listener
+		var err error
+		for i, ip := range ips {
+			var ln net.Listener
+			ln, err = lc.Listen(ctx, "tcp", net.JoinHostPort(ip, strconv.Itoa(port)))
+			if err != nil {
+				break
+			}
+			lns = append(lns, ln)
+			if perHostIP && i == 0 {
+				port = ln.Addr().(*net.TCPAddr).Port
+			}
+			if !perHostIP && fixed != 0 {
+				port++
+			}
+		}
+		if err == nil {
+			for i, h := range p.hosts {
+				h.ln = lns[i]
+				h.ip = ips[i]
+				h.portInAddress = !perHostIP
+				h.url = "http://" + lns[i].Addr().String() + "/"
+				h.srv = &http.Server{Handler: s.handler(h), ReadHeaderTimeout: 30 * time.Second}
+			}
+			return nil
+		}
+		for _, ln := range lns {
+			_ = ln.Close()
+		}
+		if fixed != 0 || attempt >= 20 {
+			return fmt.Errorf("listen for pool %s: %w", p.Name, err)
+		}
+	}
+}
+
+// addIP returns ip + n (IPv4).
+func addIP(ip net.IP, n int) net.IP {
+	v := uint32(ip[0])<<24 | uint32(ip[1])<<16 | uint32(ip[2])<<8 | uint32(ip[3])
+	v += uint32(n)
+	return net.IPv4(byte(v>>24), byte(v>>16), byte(v>>8), byte(v))
+}
+
+// startHooks run at the end of Start (e.g. per-host NBD listeners).
+var startHooks []func(ctx context.Context, s *Sim) (stop func(), err error)
+
+// RegisterStartHook adds a function run at the end of every Start; its
+// stop function runs in Close before the state is saved. Call it from an
+// init function in this package.
+func RegisterStartHook(h func(ctx context.Context, s *Sim) (stop func(), err error)) {
+	startHooks = append(startHooks, h)
+}
+
+// StateDir returns the simulator's state directory.
+func (s *Sim) StateDir() string { return s.cfg.StateDir }
+
 func (s *Sim) closeListeners() {
 	for _, p := range s.pools {
 		for _, h := range p.hosts {
@@ -248,8 +337,10 @@ func (s *Sim) closeListeners() {
 }
 
 // Address is the host's address as the simulator reports it in
-// host.address and HOST_IS_SLAVE: the host:port part of its URL (every
-// simulated host shares 127.0.0.1, so the port is needed to reconnect).
+// host.address and HOST_IS_SLAVE. Normally (a loopback --listen address)
+// every host has its own loopback IP and the hosts of a pool share one
+// port, so this is a bare IP, as xapi reports. When all hosts must share
+// one non-loopback IP it is "ip:port", the only way to tell them apart.
 func (h *Host) Address() string {
 	if h.url == "" {
 		return "127.0.0.1"
@@ -258,8 +349,14 @@ func (h *Host) Address() string {
 	if err != nil {
 		return "127.0.0.1"
 	}
-	return u.Host
+	if h.portInAddress {
+		return u.Host
+	}
+	return u.Hostname()
 }
+
+// IP returns the host's IP (also its PIFs' IP).
+func (h *Host) IP() string { return h.ip }
 
 // Close stops every listener, waits for handlers and saves the state.
 func (s *Sim) Close() error {
@@ -283,6 +380,9 @@ func (s *Sim) Close() error {
 	s.wg.Wait()
 	for _, p := range s.pools {
 		p.tasks.Wait()
+	}
+	for i := len(s.stops) - 1; i >= 0; i-- {
+		s.stops[i]()
 	}
 	return s.Save()
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	neturl "net/url"
 	"os"
 	"strings"
 	"testing"
@@ -20,7 +21,13 @@ func TestErrorsOnTheWire(t *testing.T) {
 	s := startSim(t, "")
 	url, sess := login(t, s, 0)
 	member := s.Info().Pools[0].Hosts[1].URL
-	coordAddr := strings.TrimSuffix(strings.TrimPrefix(s.Info().Pools[0].URL, "http://"), "/")
+	cu, err := neturl.Parse(s.Info().Pools[0].URL)
+	require.NoError(t, err)
+	coordAddr := cu.Hostname()
+	mu, err := neturl.Parse(member)
+	require.NoError(t, err)
+	require.Equal(t, cu.Port(), mu.Port(), "hosts of a pool share a port")
+	require.NotEqual(t, cu.Hostname(), mu.Hostname(), "each host has its own loopback IP")
 	tests := []struct {
 		name   string
 		url    string
@@ -573,4 +580,19 @@ func TestVMSnapshot(t *testing.T) {
 	snap2 := ok(t, url, "VM.snapshot", sess, vm, "no-disks", []string{vdi}).(string)
 	assert.Empty(t, ok(t, url, "VM.get_VBDs", sess, snap2))
 	ok(t, url, "VM.destroy", sess, snap2)
+}
+
+func TestSharedIPAddressesCarryPorts(t *testing.T) {
+	s, err := New(Config{StateDir: t.TempDir(), DiskSize: 1 << 20, FillSize: 256 << 10, NoDemoVM: true})
+	require.NoError(t, err)
+	require.NoError(t, s.Start(context.Background(), "localhost:0"))
+	defer func() { _ = s.Close() }()
+	pi := s.Info().Pools[0]
+	_, f := call(t, pi.Hosts[1].URL, "session.login_with_password", pi.Username, pi.Password)
+	require.NotNil(t, f)
+	cu, err := neturl.Parse(pi.URL)
+	require.NoError(t, err)
+	assert.Equal(t, []string{cu.Host}, f.Params, "host:port when hosts share one IP")
+	// Following it reaches the coordinator.
+	ok(t, "http://"+f.Params[0]+"/", "session.login_with_password", pi.Username, pi.Password)
 }
