@@ -284,3 +284,33 @@ func TestLoginAgainLogsOutOldSession(t *testing.T) {
 	assert.Equal(t, []any{"OpaqueRef:s1"}, logouts)
 	assert.Equal(t, SessionRef("OpaqueRef:s2"), c.Session())
 }
+
+func TestConcurrentSessionInvalidLogsInOnce(t *testing.T) {
+	var logins atomic.Int32
+	f := newFake(t, func(method string, params []any) string {
+		switch method {
+		case "session.login_with_password":
+			return successXML(xv("OpaqueRef:s" + strconv.Itoa(int(logins.Add(1)))))
+		case "host.get_all_records":
+			return successXML(xv([][2]any{}))
+		}
+		if params[0] == "OpaqueRef:s1" {
+			return failureXML("SESSION_INVALID", "OpaqueRef:s1")
+		}
+		return successXML(xv([]any{}))
+	})
+	c := newTestClient(t, f.URL())
+	require.NoError(t, c.Login(context.Background()))
+	const n = 8
+	errs := make(chan error, n)
+	for i := 0; i < n; i++ {
+		go func() {
+			_, err := c.VMGetAll(context.Background())
+			errs <- err
+		}()
+	}
+	for i := 0; i < n; i++ {
+		require.NoError(t, <-errs)
+	}
+	assert.Equal(t, int32(2), logins.Load(), "one re-login shared by all failing calls")
+}
