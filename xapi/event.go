@@ -1,6 +1,9 @@
 package xapi
 
-import "context"
+import (
+	"context"
+	"time"
+)
 
 // Event is one event.from event. Snapshot is the object's full record as a
 // raw map (absent on "del"); decode it into a record with Decode.
@@ -25,6 +28,10 @@ type EventBatch struct {
 	Token          string           `xapi:"token"`
 }
 
+// eventFromGrace is how long EventFrom waits past its timeout when the
+// caller's context has no deadline.
+const eventFromGrace = 90 * time.Second
+
 // EventFrom calls event.from(classes, token, timeout). Classes are "*",
 // "<class>" or "<class>/<ref>"; token "" starts from the beginning (all
 // current objects). xapi holds the call until something changes or timeout
@@ -33,6 +40,13 @@ type EventBatch struct {
 func (c *Client) EventFrom(ctx context.Context, classes []string, token string, timeout float64) (*EventBatch, error) {
 	if classes == nil {
 		classes = []string{}
+	}
+	if _, ok := ctx.Deadline(); !ok {
+		// xapi answers by timeout seconds at the latest; a silent WAN black
+		// hole must not hang the caller forever.
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, time.Duration(timeout*float64(time.Second))+eventFromGrace)
+		defer cancel()
 	}
 	v, err := c.do(ctx, c.events, "event.from", classes, token, timeout)
 	if err != nil {

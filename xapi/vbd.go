@@ -59,3 +59,13 @@ func (c *Client) VBDUnplug(ctx context.Context, vbd VBDRef) error {
 func (c *Client) VBDDestroy(ctx context.Context, vbd VBDRef) error {
 	return callVoid(ctx, c, "VBD.destroy", vbd)
 }
+
+// AsyncVBDPlug is Async.VBD.plug.
+func (c *Client) AsyncVBDPlug(ctx context.Context, vbd VBDRef) (TaskRef, error) {
+	return call[TaskRef](ctx, c, "Async.VBD.plug", vbd)
+}
+
+// AsyncVBDUnplug is Async.VBD.unplug.
+func (c *Client) AsyncVBDUnplug(ctx context.Context, vbd VBDRef) (TaskRef, error) {
+	return call[TaskRef](ctx, c, "Async.VBD.unplug", vbd)
+}
