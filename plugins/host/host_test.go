@@ -158,6 +158,7 @@ func launch(t *testing.T, b host.Binary, opts host.Options) (*host.Instance, err
 	if opts.StartTimeout == 0 {
 		opts.StartTimeout = 30 * time.Second
 	}
+	opts.Env = append(opts.Env, "GORACE=atexit_sleep_ms=0") // a -race child otherwise lingers 1 s at exit
 	inst, err := host.Launch(context.Background(), b, opts)
 	if inst != nil {
 		t.Cleanup(inst.Close)
@@ -399,7 +400,7 @@ func TestAPIVersionNegotiation(t *testing.T) {
 func TestHostLaunchByName(t *testing.T) {
 	t.Parallel()
 	dir := pluginDir(t, "wanmotion-storage-good", "wanmotion-network-good")
-	h := host.New([]string{dir}, host.Options{StartTimeout: 30 * time.Second})
+	h := host.New([]string{dir}, host.Options{StartTimeout: 30 * time.Second, Env: []string{"GORACE=atexit_sleep_ms=0"}})
 	inst, err := h.LaunchStorage(context.Background(), "good", nil, t.TempDir())
 	require.NoError(t, err)
 	defer inst.Close()
