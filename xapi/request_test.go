@@ -143,3 +143,13 @@ func TestLoginRequest(t *testing.T) {
 	assert.ErrorIs(t, err, ErrNotLoggedIn)
 	assert.False(t, strings.Contains(SessionRef("OpaqueRef:s1").String(), "s1"), "session refs print redacted")
 }
+
+func TestInvalidMethodNameRejected(t *testing.T) {
+	f := newFake(t, loginOK("OpaqueRef:s", func(string, []any) string { return successXML(xv("")) }))
+	c := newTestClient(t, f.URL())
+	require.NoError(t, c.Login(context.Background()))
+	before := len(f.Calls())
+	_, err := c.Call(context.Background(), "VM.get_all</methodName><x>")
+	require.Error(t, err)
+	assert.Len(t, f.Calls(), before, "nothing sent")
+}

@@ -150,6 +150,9 @@ type envelope struct {
 // and returns the decoded Value, an *APIError for a Failure, or a transport
 // or protocol error.
 func roundTrip(ctx context.Context, hc *http.Client, endpoint, method string, args []any) (any, error) {
+	if !validMethod(method) {
+		return nil, fmt.Errorf("xapi: invalid method name %q", method)
+	}
 	wargs := make([]any, 0, len(args))
 	for i, a := range args {
 		w, err := toWire(a)
@@ -180,6 +183,20 @@ func roundTrip(ctx context.Context, hc *http.Client, endpoint, method string, ar
 		return nil, protocolErrorf("%s: response larger than %d bytes", method, maxResponse)
 	}
 	return decodeResponse(method, body)
+}
+
+// validMethod accepts XenAPI wire names ("VM.get_record", "Async.VM.snapshot",
+// "system.listMethods"); kolo writes the name into the XML unescaped.
+func validMethod(m string) bool {
+	if m == "" {
+		return false
+	}
+	for _, r := range m {
+		if !(r == '.' || r == '_' || r == '-' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9') {
+			return false
+		}
+	}
+	return true
 }
 
 // decodeResponse normalises and decodes a methodResponse body.
