@@ -187,6 +187,9 @@ func (p *Pool) SetPowerState(o *object, state, host string) {
 			o.Fields["start_time"] = time.Now().UTC().Truncate(time.Second)
 		}
 	}
+	if !o.bool("is_control_domain") {
+		o.Fields["allowed_operations"] = allowedVMOps(state)
+	}
 	p.db.touch(o)
 	attached := state == Running || state == Paused
 	for _, vbd := range p.db.find("VBD", "VM", o.Ref) {
@@ -202,6 +205,27 @@ func (p *Pool) SetPowerState(o *object, state, host string) {
 	for _, h := range p.sim.powerHooks {
 		h(p, o.str("uuid"), from, state)
 	}
+}
+
+// allowedVMOps lists the operations allowed in a power state (a subset of
+// what xapi computes: power operations plus the copy/migrate ones).
+func allowedVMOps(state string) []string {
+	var ops []string
+	for op, rule := range powerOps {
+		if slices.Contains(rule.from, state) {
+			ops = append(ops, op)
+		}
+	}
+	switch state {
+	case Running:
+		ops = append(ops, "snapshot", "migrate_send", "pool_migrate", "changing_dynamic_range")
+	case Halted:
+		ops = append(ops, "snapshot", "clone", "copy", "destroy", "export", "migrate_send", "changing_dynamic_range", "changing_static_range")
+	case Suspended:
+		ops = append(ops, "snapshot", "destroy", "migrate_send")
+	}
+	slices.Sort(ops)
+	return ops
 }
 
 func (p *Pool) nextDomid() int64 {

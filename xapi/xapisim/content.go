@@ -120,8 +120,6 @@ func (p *Pool) createDemoVM(sr, network *object, host string) error {
 	d.create("VIF", map[string]any{"VM": vm.Ref, "network": network.Ref, "device": "0", "MAC": randomMAC(),
 		"MTU": int64(1500)})
 	p.SetPowerState(vm, Running, host)
-	d.set(vm, "allowed_operations", []string{"pause", "clean_shutdown", "hard_shutdown", "suspend",
-		"snapshot", "migrate_send", "pool_migrate"})
 	return nil
 }
 

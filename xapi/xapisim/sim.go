@@ -78,7 +78,10 @@ type Sim struct {
 	started bool
 	closed  bool
 	done    chan struct{}
-	wg      sync.WaitGroup
+	// closeDone is closed when Close has finished; closeErr is its result.
+	closeDone chan struct{}
+	closeErr  error
+	wg        sync.WaitGroup
 }
 
 // Host is one simulated host: a DB object plus its HTTP listener.
@@ -135,7 +138,7 @@ func New(cfg Config) (*Sim, error) {
 	if err := os.MkdirAll(cfg.StateDir, 0o755); err != nil {
 		return nil, fmt.Errorf("create state dir: %w", err)
 	}
-	s := &Sim{cfg: cfg, log: cfg.Logger, done: make(chan struct{}), dirty: make(chan struct{}, 1)}
+	s := &Sim{cfg: cfg, log: cfg.Logger, done: make(chan struct{}), closeDone: make(chan struct{}), dirty: make(chan struct{}, 1)}
 	loaded, err := s.load()
 	if err != nil {
 		return nil, err
@@ -245,15 +248,16 @@ func (s *Sim) Start(ctx context.Context, addr string) error {
 			}()
 		}
 	}
-	s.wg.Add(2)
+	// The ctx watcher is not in wg: Close waits for wg and may be called
+	// by this very goroutine.
 	go func() {
-		defer s.wg.Done()
 		select {
 		case <-ctx.Done():
 			_ = s.Close()
 		case <-s.done:
 		}
 	}()
+	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
 		s.saver()
@@ -363,11 +367,13 @@ func (s *Sim) Close() error {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
-		return nil
+		<-s.closeDone // a concurrent Close finishes first
+		return s.closeErr
 	}
 	s.closed = true
 	close(s.done)
 	s.mu.Unlock()
+	defer close(s.closeDone)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	for _, p := range s.pools {
@@ -384,7 +390,8 @@ func (s *Sim) Close() error {
 	for i := len(s.stops) - 1; i >= 0; i-- {
 		s.stops[i]()
 	}
-	return s.Save()
+	s.closeErr = s.Save()
+	return s.closeErr
 }
 
 // Done is closed when the simulator is closed.

@@ -596,3 +596,29 @@ func TestSharedIPAddressesCarryPorts(t *testing.T) {
 	// Following it reaches the coordinator.
 	ok(t, "http://"+f.Params[0]+"/", "session.login_with_password", pi.Username, pi.Password)
 }
+
+func TestContextCancelClosesAndSaves(t *testing.T) {
+	dir := t.TempDir()
+	s, err := New(Config{StateDir: dir, DiskSize: 1 << 20, FillSize: 256 << 10})
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	require.NoError(t, s.Start(ctx, "127.0.0.1:0"))
+	url, sess := login(t, s, 0)
+	pool := ok(t, url, "pool.get_all", sess).([]any)[0]
+	ok(t, url, "pool.add_to_other_config", sess, pool, "k", "v")
+	cancel()
+	select {
+	case <-s.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("not closed after cancel")
+	}
+	require.NoError(t, s.Close(), "Close waits for the ctx-triggered close")
+	s2, err := New(Config{StateDir: dir})
+	require.NoError(t, err)
+	p, found := s2.PoolByName("site-a")
+	require.True(t, found)
+	p.Lock()
+	assert.Equal(t, "v", p.db.all("pool")[0].strMap("other_config")["k"])
+	p.Unlock()
+	require.NoError(t, s2.Close())
+}
