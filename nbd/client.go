@@ -309,6 +309,7 @@ func (c *Client) readReplies(br *bufio.Reader) error {
 				if err := readInto(br, cl, 0, int64(cl.length)); err != nil {
 					return err
 				}
+				cl.covered = int64(cl.length)
 			} else if cl.cmd == cmdBlockStatus {
 				return fmt.Errorf("%w: simple reply to block status", ErrProtocol)
 			}
