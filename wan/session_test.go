@@ -88,7 +88,7 @@ func hashServer(t *testing.T, reply []byte) (addr string, got chan [32]byte) {
 
 // runForward sends up through a forwarded connection and checks the server
 // saw exactly up (by hash) and the client read exactly down.
-func runForward(t *testing.T, p *pair, up, down []byte, during func()) {
+func runForward(t *testing.T, p *pair, up, down []byte, during func(stop <-chan struct{})) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -119,7 +119,15 @@ func runForward(t *testing.T, p *pair, up, down []byte, during func()) {
 		readDone <- b
 	}()
 	if during != nil {
-		go during()
+		stop, stopped := make(chan struct{}), make(chan struct{})
+		go func() {
+			defer close(stopped)
+			during(stop)
+		}()
+		defer func() {
+			close(stop)
+			<-stopped
+		}()
 	}
 	_, err = c.Write(up)
 	require.NoError(t, err)
@@ -210,7 +218,7 @@ func (m *memDisk) apply(_ context.Context, b Block) error {
 
 // runBlocks writes an image through a block channel in random order and
 // checks the receiver ends with the same content.
-func runBlocks(t *testing.T, p *pair, size int, during func()) {
+func runBlocks(t *testing.T, p *pair, size int, during func(stop <-chan struct{})) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -227,7 +235,15 @@ func runBlocks(t *testing.T, p *pair, size int, during func()) {
 	})
 	require.NoError(t, err)
 	if during != nil {
-		go during()
+		stop, stopped := make(chan struct{}), make(chan struct{})
+		go func() {
+			defer close(stopped)
+			during(stop)
+		}()
+		defer func() {
+			close(stop)
+			<-stopped
+		}()
 	}
 	const blk = 64 << 10
 	order := rand.New(rand.NewSource(3)).Perm(size / blk)
@@ -274,14 +290,25 @@ func TestBlockApplyFailureResetsSender(t *testing.T) {
 	assert.ErrorContains(t, sink.Wait(ctx), "disk full")
 }
 
-// cutter cuts the link n times at random points, keeping it down briefly.
-func cutter(t *testing.T, link *wanemu.Link, seed int64, n int, spacing time.Duration) func() {
-	return func() {
+// cutter cuts the link n times at random points, keeping it down briefly,
+// until stop is closed; the link is left up.
+func cutter(t *testing.T, link *wanemu.Link, seed int64, n int, spacing time.Duration) func(stop <-chan struct{}) {
+	return func(stop <-chan struct{}) {
 		r := rand.New(rand.NewSource(seed))
+		pause := func(d time.Duration) bool {
+			select {
+			case <-stop:
+				return false
+			case <-time.After(d):
+				return true
+			}
+		}
 		for i := 0; i < n; i++ {
-			time.Sleep(time.Duration(r.Int63n(int64(spacing))) + 20*time.Millisecond)
+			if !pause(time.Duration(r.Int63n(int64(spacing))) + 20*time.Millisecond) {
+				return
+			}
 			link.Cut()
-			time.Sleep(time.Duration(50+r.Intn(250)) * time.Millisecond)
+			pause(time.Duration(50+r.Intn(250)) * time.Millisecond)
 			if err := link.Restore(); err != nil {
 				t.Errorf("restore link: %v", err)
 				return

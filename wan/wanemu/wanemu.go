@@ -4,10 +4,10 @@
 // RTT/2 in each direction, a bandwidth shared by all connections crossing
 // the link (per direction, FIFO), scripted cuts and byte counters.
 //
-// What it does not model: packet loss, reordering and per-connection TCP
-// window limits across the emulated delay (the proxy terminates TCP on both
-// sides, so each connection's window only spans loopback). See
-// docs/wan-gateway.md.
+// The proxy terminates TCP on both sides, so a connection's real TCP window
+// only spans loopback; LinkConfig.Window emulates the window limit across
+// the emulated delay instead. Packet loss and reordering are not modelled.
+// See docs/wan-gateway.md.
 package wanemu
 
 import (
@@ -38,6 +38,11 @@ type LinkConfig struct {
 	// Bandwidth is the link rate in bits per second per direction, shared by
 	// every connection on the link (0 = unlimited).
 	Bandwidth int64
+	// Window, when positive, bounds the bytes one connection may have in
+	// flight per direction (sent into the link and not yet acknowledged:
+	// acknowledgements take another RTT/2 to come back), which models a TCP
+	// stream's window limit across the emulated delay. 0 = unbounded.
+	Window int64
 	// Logger (hclog.NewNullLogger when nil).
 	Logger hclog.Logger
 }
@@ -61,7 +66,7 @@ type Link struct {
 
 var registerOnce sync.Once
 
-const paceToxicType = "wanemu_pace"
+const linkToxicType = "wanemu_link"
 
 // NewLink starts a link. Close it when done.
 func NewLink(ctx context.Context, cfg LinkConfig) (*Link, error) {
@@ -77,32 +82,29 @@ func NewLink(ctx context.Context, cfg LinkConfig) (*Link, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	registerOnce.Do(func() { toxics.Register(paceToxicType, new(paceToxic)) })
+	registerOnce.Do(func() { toxics.Register(linkToxicType, new(linkToxic)) })
 	server := toxiproxy.NewServer(toxiproxy.NewMetricsContainer(nil), zerolog.Nop())
 	name := fmt.Sprintf("wanemu-%d", linkSeq.Add(1))
 	p := toxiproxy.NewProxy(server, name, cfg.Listen, cfg.Upstream)
 	l := &Link{cfg: cfg, log: cfg.Logger.With("link", name), proxy: p, up: newPacer(cfg.Bandwidth), down: newPacer(cfg.Bandwidth)}
 	for _, dir := range []string{"upstream", "downstream"} {
-		if cfg.RTT > 0 {
-			// Latency in ms per direction (toxiproxy's unit); RTT = 2 × latency.
-			lat := fmt.Sprintf(`{"name":"latency_%s","type":"latency","stream":%q,"attributes":{"latency":%d}}`, dir, dir, (cfg.RTT / 2).Milliseconds())
-			if _, err := p.Toxics.AddToxicJson(strings.NewReader(lat)); err != nil {
-				return nil, fmt.Errorf("wanemu: add latency: %w", err)
-			}
+		j, err := json.Marshal(map[string]any{"name": "wan_" + dir, "type": linkToxicType, "stream": dir})
+		if err != nil {
+			return nil, fmt.Errorf("wanemu: toxic json: %w", err)
 		}
-		j, _ := json.Marshal(map[string]any{"name": "pace_" + dir, "type": paceToxicType, "stream": dir})
 		w, err := p.Toxics.AddToxicJson(strings.NewReader(string(j)))
 		if err != nil {
-			return nil, fmt.Errorf("wanemu: add pacing: %w", err)
+			return nil, fmt.Errorf("wanemu: add link toxic: %w", err)
 		}
-		pt, ok := w.Toxic.(*paceToxic)
+		lt, ok := w.Toxic.(*linkToxic)
 		if !ok {
-			return nil, errors.New("wanemu: pacing toxic has the wrong type")
+			return nil, errors.New("wanemu: link toxic has the wrong type")
 		}
+		lt.delay, lt.window = cfg.RTT/2, cfg.Window
 		if dir == "upstream" {
-			pt.p = l.up
+			lt.p = l.up
 		} else {
-			pt.p = l.down
+			lt.p = l.down
 		}
 	}
 	if err := p.Start(); err != nil {
@@ -203,13 +205,12 @@ type pacer struct {
 	rate   float64 // bytes/s; 0 = unlimited
 	next   time.Time
 	bytes  atomic.Int64
-	done   chan struct{}
 	closed bool
 	gone   chan struct{} // closed when the link drops its current connections
 }
 
 func newPacer(bitsPerSec int64) *pacer {
-	p := &pacer{done: make(chan struct{}), gone: make(chan struct{})}
+	p := &pacer{gone: make(chan struct{})}
 	p.setRate(bitsPerSec)
 	return p
 }
@@ -239,10 +240,7 @@ func (p *pacer) dropAll() {
 func (p *pacer) close() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if !p.closed {
-		p.closed = true
-		close(p.done)
-	}
+	p.closed = true
 }
 
 // reserve returns how long to wait before n bytes have left the bottleneck.
@@ -261,62 +259,138 @@ func (p *pacer) reserve(n int) time.Duration {
 	return p.next.Sub(now)
 }
 
-// paceToxic is a toxiproxy toxic delegating to a link's pacer. One instance
-// serves all connections of one direction, so the rate is shared.
-type paceToxic struct {
-	p *pacer
+// linkToxic is a toxiproxy toxic modelling one direction of the link for
+// one connection: the shared FIFO bottleneck (pacer), the one-way delay and
+// an optional per-connection window. One instance serves every connection of
+// its direction (toxiproxy calls Pipe once per connection).
+type linkToxic struct {
+	p      *pacer
+	delay  time.Duration
+	window int64
 }
 
-const paceChunk = 16 << 10
+const paceChunk = 32 << 10
 
-func (t *paceToxic) Pipe(stub *toxics.ToxicStub) {
-	var gone, done chan struct{}
-	if t.p != nil {
-		gone, done = t.p.generation(), t.p.done
+type inFlight struct {
+	chunk *stream.StreamChunk
+	at    time.Time
+}
+
+func (t *linkToxic) Pipe(stub *toxics.ToxicStub) {
+	if t.p == nil {
+		new(toxics.NoopToxic).Pipe(stub)
+		return
+	}
+	gone := t.p.generation()
+	q := make(chan inFlight, 4096)
+	flush := make(chan struct{})
+	finished := make(chan struct{})
+	var mu sync.Mutex
+	var inflight int64
+	credit := make(chan struct{}, 1)
+	release := func(n int64) {
+		mu.Lock()
+		inflight -= n
+		mu.Unlock()
+		select {
+		case credit <- struct{}{}:
+		default:
+		}
+	}
+	// Deliver in order once each piece has crossed the link.
+	go func() {
+		defer close(finished)
+		for {
+			var it inFlight
+			select {
+			case x, ok := <-q:
+				if !ok {
+					return
+				}
+				it = x
+			case <-gone:
+				return
+			}
+			if d := time.Until(it.at); d > 0 {
+				tm := time.NewTimer(d)
+				select {
+				case <-tm.C:
+				case <-flush:
+					tm.Stop()
+				case <-gone:
+					tm.Stop()
+					return
+				}
+			}
+			select {
+			case stub.Output <- it.chunk:
+			case <-gone:
+				return
+			}
+			t.p.bytes.Add(int64(len(it.chunk.Data)))
+			if t.window > 0 {
+				n := int64(len(it.chunk.Data))
+				time.AfterFunc(t.delay, func() { release(n) }) // the ack's way back
+			}
+		}
+	}()
+	stop := func(interrupted bool) {
+		close(q)
+		if interrupted {
+			close(flush) // hand over everything at once, nothing dropped
+		}
+		<-finished // it stops promptly when the link drops connections
 	}
 	for {
+		if t.window > 0 {
+			for {
+				mu.Lock()
+				full := inflight >= t.window
+				mu.Unlock()
+				if !full {
+					break
+				}
+				select {
+				case <-credit:
+				case <-stub.Interrupt:
+					stop(true)
+					return
+				case <-gone:
+					<-finished
+					drain(stub)
+					return
+				}
+			}
+		}
 		select {
 		case <-stub.Interrupt:
+			stop(true)
 			return
 		case <-gone:
+			<-finished
 			drain(stub)
 			return
 		case c := <-stub.Input:
 			if c == nil {
+				stop(false)
 				stub.Close()
 				return
 			}
 			data := c.Data
 			for len(data) > 0 {
 				n := min(len(data), paceChunk)
-				piece := data[:n]
-				data = data[n:]
-				if t.p != nil {
-					if d := t.p.reserve(n); d > 0 {
-						tm := time.NewTimer(d)
-						select {
-						case <-tm.C:
-						case <-stub.Interrupt:
-							tm.Stop()
-							// Do not drop data: pass the rest on and stop.
-							stub.Output <- &stream.StreamChunk{Data: append(piece, data...), Timestamp: c.Timestamp}
-							return
-						case <-gone:
-							tm.Stop()
-							drain(stub)
-							return
-						case <-done:
-							tm.Stop()
-						}
-					}
-					t.p.bytes.Add(int64(n))
-				}
+				wait := t.p.reserve(n) // serialisation at the shared bottleneck
+				mu.Lock()
+				inflight += int64(n)
+				mu.Unlock()
 				select {
-				case stub.Output <- &stream.StreamChunk{Data: piece, Timestamp: c.Timestamp}:
+				case q <- inFlight{chunk: &stream.StreamChunk{Data: data[:n], Timestamp: c.Timestamp}, at: time.Now().Add(wait + t.delay)}:
 				case <-gone:
+					<-finished
 					drain(stub)
 					return
 				}
+				data = data[n:]
 			}
 		}
 	}
