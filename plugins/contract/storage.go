@@ -67,7 +67,7 @@ type Storage interface {
 type DiskInfo struct {
 	VDIUUID     string // source VDI
 	VDIRef      string
-	VirtualSize int64 // bytes
+	VirtualSize int64  // bytes
 	SRUUID      string // source SR
 	Device      string // VBD userdevice, for messages
 	Name        string // name_label, for messages
