@@ -238,10 +238,9 @@ func (s *Sim) dispatch(ctx context.Context, h *Host, req *Request) Response {
 		given--
 	}
 	if given < required || given > len(m.Params) {
-		if given < 0 {
-			given = 0
-		}
-		return Response{Fault: Errorf(ErrParamCountMismatch, req.Method, strconv.Itoa(required), strconv.Itoa(given))}
+		// As gen_server.ml: the name without Async., the mandatory count,
+		// and len(params) minus the session (so -1 when even it is missing).
+		return Response{Fault: Errorf(ErrParamCountMismatch, name, strconv.Itoa(required), strconv.Itoa(given))}
 	}
 	c := &Call{Ctx: ctx, Sim: s, Pool: h.pool, Host: h, Method: m}
 	if !m.NoSession {

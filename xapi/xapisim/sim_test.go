@@ -40,6 +40,8 @@ func TestErrorsOnTheWire(t *testing.T) {
 		{"unknown method", url, "VM.frobnicate", []any{sess}, Errorf(ErrMethodUnknown, "VM.frobnicate")},
 		{"too few", url, "VM.start", []any{sess, "OpaqueRef:x"}, Errorf(ErrParamCountMismatch, "VM.start", "3", "1")},
 		{"too many", url, "VM.get_all", []any{sess, "x"}, Errorf(ErrParamCountMismatch, "VM.get_all", "0", "1")},
+		{"no session", url, "VM.get_all", nil, Errorf(ErrParamCountMismatch, "VM.get_all", "0", "-1")},
+		{"async count", url, "Async.VM.clean_shutdown", []any{sess}, Errorf(ErrParamCountMismatch, "VM.clean_shutdown", "1", "0")},
 		{"login count", url, "session.login_with_password", []any{"root"}, Errorf(ErrParamCountMismatch, "session.login_with_password", "2", "1")},
 		{"auth", url, "session.login_with_password", []any{"root", "wrong"}, Errorf(ErrAuthFailed, "root", "Authentication failure")},
 		{"member login", member, "session.login_with_password", []any{"root", "xenroot"}, Errorf(ErrHostIsSlave, coordAddr)},
