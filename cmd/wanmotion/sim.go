@@ -44,15 +44,15 @@ func runSim(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	}
 	cfg := xapisim.Config{StateDir: *stateDir, Pools: *pools, HostsPerPool: *hosts}
 	var err error
-	if cfg.DiskSize, err = parseSize(*diskSize); err != nil {
+	if cfg.DiskSize, err = parseByteSize(*diskSize); err != nil {
 		return fmt.Errorf("%w: --disk-size: %v", errUsage, err)
 	}
 	if *fillSize != "" {
-		if cfg.FillSize, err = parseSize(*fillSize); err != nil {
+		if cfg.FillSize, err = parseByteSize(*fillSize); err != nil {
 			return fmt.Errorf("%w: --fill-size: %v", errUsage, err)
 		}
 	}
-	if cfg.MemorySize, err = parseSize(*memSize); err != nil {
+	if cfg.MemorySize, err = parseByteSize(*memSize); err != nil {
 		return fmt.Errorf("%w: --memory-size: %v", errUsage, err)
 	}
 	cfg.Logger = hclog.New(&hclog.LoggerOptions{Name: "sim", Level: hclog.LevelFromString(*logLevel), Output: stderr})
@@ -83,8 +83,8 @@ func runSim(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	return sim.Close()
 }
 
-// parseSize parses sizes like 1GiB, 512MiB, 64KiB, 1G, 1048576.
-func parseSize(s string) (int64, error) {
+// parseByteSize parses sizes like 1GiB, 512MiB, 64KiB, 1G, 1048576.
+func parseByteSize(s string) (int64, error) {
 	t := strings.TrimSpace(s)
 	mult := int64(1)
 	for _, u := range []struct {

@@ -119,12 +119,12 @@ func TestSimCommandUsage(t *testing.T) {
 	require.ErrorIs(t, err, errUsage)
 }
 
-func TestParseSize(t *testing.T) {
+func TestParseByteSize(t *testing.T) {
 	for in, want := range map[string]int64{"1GiB": 1 << 30, "512MiB": 512 << 20, "64K": 64 << 10, "4096": 4096, "2 GiB": 2 << 30} {
-		got, err := parseSize(in)
+		got, err := parseByteSize(in)
 		require.NoError(t, err, in)
 		assert.Equal(t, want, got, in)
 	}
-	_, err := parseSize("-1")
+	_, err := parseByteSize("-1")
 	assert.Error(t, err)
 }

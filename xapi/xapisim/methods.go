@@ -223,9 +223,6 @@ func (s *Sim) dispatch(ctx context.Context, h *Host, req *Request) Response {
 	if !ok {
 		return Response{Fault: Errorf(ErrMethodUnknown, req.Method)}
 	}
-	if async && m.NoAsync {
-		return Response{Fault: Errorf("Fault", "No async mode for this operation (rpc: "+req.Method+")")}
-	}
 	params := req.Params
 	required := 0
 	for _, p := range m.Params {
@@ -250,6 +247,10 @@ func (s *Sim) dispatch(ctx context.Context, h *Host, req *Request) Response {
 			return Response{Fault: Errorf(ErrSessionInvalid, sess)}
 		}
 		c.Session = sess
+	}
+	if async && m.NoAsync {
+		// Server_helpers.do_dispatch, after the count and session checks.
+		return Response{Fault: Errorf("Fault", "No async mode for this operation (rpc: "+name+")")}
 	}
 	c.Args = make([]any, len(m.Params))
 	for i, p := range m.Params {

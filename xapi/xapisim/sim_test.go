@@ -45,7 +45,7 @@ func TestErrorsOnTheWire(t *testing.T) {
 		{"login count", url, "session.login_with_password", []any{"root"}, Errorf(ErrParamCountMismatch, "session.login_with_password", "2", "1")},
 		{"auth", url, "session.login_with_password", []any{"root", "wrong"}, Errorf(ErrAuthFailed, "root", "Authentication failure")},
 		{"member login", member, "session.login_with_password", []any{"root", "xenroot"}, Errorf(ErrHostIsSlave, coordAddr)},
-		{"no async", url, "Async.task.create", []any{sess, "a", "b"}, Errorf("Fault", "No async mode for this operation (rpc: Async.task.create)")},
+		{"no async", url, "Async.task.create", []any{sess, "a", "b"}, Errorf("Fault", "No async mode for this operation (rpc: task.create)")},
 		{"bad uuid", url, "VM.get_by_uuid", []any{sess, "nope"}, Errorf(ErrUUIDInvalid, "VM", "nope")},
 		{"bad token", url, "event.from", []any{sess, []string{"*"}, "garbage", 0.1}, Errorf(ErrEventTokenParse, "garbage")},
 		{"bad sub", url, "event.from", []any{sess, []string{"nonsense"}, "", 0.1}, Errorf(ErrEventSubscriptionParse, "nonsense")},
