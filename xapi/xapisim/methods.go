@@ -279,7 +279,10 @@ func (s *Sim) dispatch(ctx context.Context, h *Host, req *Request) Response {
 func (c *Call) run() (v any, err error) {
 	defer func() {
 		if r := recover(); r != nil {
-			err = Errorf(ErrInternal, fmt.Sprint(r))
+			// A handler bug must not kill the simulator; it is logged and
+			// reported as xapi reports unexpected exceptions.
+			c.Sim.log.Error("handler panicked", "method", c.Method.Name, "panic", fmt.Sprint(r))
+			err = Errorf(ErrInternal, "panic: "+fmt.Sprint(r))
 		}
 	}()
 	if !c.Method.Unlocked {

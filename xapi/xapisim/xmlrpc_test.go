@@ -2,6 +2,7 @@ package xapisim
 
 import (
 	"bytes"
+	"context"
 	"strings"
 	"testing"
 	"time"
@@ -120,5 +121,52 @@ func FuzzParseRequest(f *testing.F) {
 			// Whatever parsed must re-encode without panicking.
 			_ = EncodeSuccess(req.Params)
 		}
+	})
+}
+
+// FuzzDispatch feeds arbitrary calls to a live simulator's dispatcher (the
+// literal param "SESSION" is replaced by a valid session): no handler may
+// panic, whatever the method and arguments.
+func FuzzDispatch(f *testing.F) {
+	seeds := []string{
+		`<methodCall><methodName>VM.get_all_records</methodName><params><param><value>SESSION</value></param></params></methodCall>`,
+		`<methodCall><methodName>VM.start</methodName><params><param><value>SESSION</value></param><param><value>OpaqueRef:x</value></param><param><value><boolean>0</boolean></value></param><param><value><boolean>0</boolean></value></param></params></methodCall>`,
+		`<methodCall><methodName>VDI.create</methodName><params><param><value>SESSION</value></param><param><value><struct><member><name>SR</name><value>OpaqueRef:x</value></member><member><name>virtual_size</name><value>-5</value></member></struct></value></param></params></methodCall>`,
+		`<methodCall><methodName>VBD.create</methodName><params><param><value>SESSION</value></param><param><value><struct><member><name>VM</name><value><int>3</int></value></member></struct></value></param></params></methodCall>`,
+		`<methodCall><methodName>event.from</methodName><params><param><value>SESSION</value></param><param><value><array><data><value>*</value></data></array></value></param><param><value></value></param><param><value><double>0.01</double></value></param></params></methodCall>`,
+		`<methodCall><methodName>Async.VDI.list_changed_blocks</methodName><params><param><value>SESSION</value></param><param><value>a</value></param><param><value>b</value></param></params></methodCall>`,
+		`<methodCall><methodName>pool.add_to_other_config</methodName><params><param><value>SESSION</value></param><param><value><nil/></value></param><param><value>k</value></param><param><value>v</value></param></params></methodCall>`,
+		`<methodCall><methodName>session.login_with_password</methodName><params><param><value>root</value></param><param><value>xenroot</value></param></params></methodCall>`,
+	}
+	for _, s := range seeds {
+		f.Add([]byte(s))
+	}
+	s, err := New(Config{StateDir: f.TempDir(), DiskSize: 1 << 20, FillSize: 256 << 10})
+	require.NoError(f, err)
+	defer func() { _ = s.Close() }()
+	h := s.pools[0].Coordinator()
+	s.pools[0].mu.Lock()
+	sess := s.pools[0].newSession(h.Ref, "root", "fuzz")
+	s.pools[0].mu.Unlock()
+	f.Fuzz(func(t *testing.T, data []byte) {
+		req, err := ParseRequest(bytes.NewReader(data))
+		if err != nil {
+			return
+		}
+		for i, p := range req.Params {
+			if p == "SESSION" {
+				req.Params[i] = sess
+			}
+		}
+		if req.Method == "session.logout" || req.Method == "session.local_logout" {
+			return // keep the session for the next inputs
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+		defer cancel()
+		resp := s.dispatch(ctx, h, req)
+		if resp.Fault != nil && resp.Fault.Code == ErrInternal && len(resp.Fault.Params) > 0 {
+			assert.False(t, strings.HasPrefix(resp.Fault.Params[0], "panic:"), "%s: %v", req.Method, resp.Fault)
+		}
+		_ = resp.Encode()
 	})
 }
