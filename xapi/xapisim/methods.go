@@ -80,8 +80,10 @@ func (c *Call) db() *db { return c.Pool.db }
 // methods is the method table, by wire name.
 var methods = map[string]*Method{}
 
-// Register adds (or replaces) a method in the table. Later work extends the
-// simulator by calling Register from an init function in this package.
+// Register adds (or replaces) a method in the table. Call it from a
+// function given to addRegistrar (package-level `var _ = addRegistrar(f)`),
+// so it runs after the generic per-class methods and before any request;
+// the table must not change once the simulator serves.
 func Register(m *Method) { methods[m.Name] = m }
 
 // p builds a Param; a trailing "=default" text gives a default.

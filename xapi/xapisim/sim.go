@@ -11,9 +11,33 @@
 //	info := sim.Info() // URLs and credentials, as `wanmotion sim` prints
 //	defer sim.Close()
 //
-// Extension points: Register (method table), (*Sim).WriteVDI (the single
-// guest/host write path to a VDI), (*Pool).SetPowerState (all VM power
-// transitions), (*Pool).Lock/Unlock with the DB helpers for handlers.
+// Code map:
+//
+//	xmlrpc.go    request parser and xapi-exact response writer (ParseRequest, EncodeValue, EncodeSuccess/Failure)
+//	schema.go    the datamodel subset: classes, fields, kinds (add a field here: records, get_/set_, events, persistence follow)
+//	db.go        a pool's object DB: create/get/set/destroy, generations for events, derived link sets
+//	methods.go   the method table (Method, Param, Call), dispatch (counts, session, Async), generic per-class methods
+//	api_core.go  session, task, event, network; the init that builds the table (registrars)
+//	api_vm.go    VM power state machine (powerOps, SetPowerState, OnPowerChange), VM.snapshot, VBD/VIF
+//	api_vdi.go   VDI create/destroy/snapshot/clone/copy, CBT, data_destroy, list_changed_blocks
+//	vdi.go       VDI files, WriteVDI/NoteWrite (the one write path), CBT bitmaps, sparse copy
+//	events.go    event.from / event.inject
+//	http.go      per-host HTTP handler (RPC on any POST path), RegisterHTTP
+//	http_raw.go  /import_raw_vdi, /export_raw_vdi, ZeroVDI
+//	persist.go   state.json save/load (atomic)
+//	content.go   default pools and demo-vm disk content
+//	pool.go      Pool, sessions, tasks (createTask, completeTask, startAsync, TaskCancelled)
+//
+// Extension points (for code added to this package):
+//   - API methods: `var _ = addRegistrar(func() { Register(&Method{...}) })`
+//     in a new api_*.go file. Handlers run under Pool.mu unless Unlocked;
+//     set NoAsync for calls the datamodel flags `Session`.
+//   - HTTP actions served by every host: RegisterHTTP (from an init).
+//   - Per-host services (e.g. NBD listeners): RegisterStartHook.
+//   - Guest or host writes to a VDI: (*Sim).WriteVDI / ZeroVDI / NoteWrite.
+//   - VM power transitions: (*Pool).SetPowerState; hooks: (*Sim).OnPowerChange.
+//   - Long handlers: poll (*Pool).TaskCancelled(c.Task), report
+//     (*Pool).SetTaskProgress.
 package xapisim
 
 import (
