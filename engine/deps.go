@@ -24,22 +24,22 @@ type VMRecord struct {
 
 // Disk is one VDI of a VM that must move (CD drives excluded by the adapter).
 type Disk struct {
-	VDIRef              string
-	VDIUUID             string
-	SRRef               string
-	NameLabel           string
-	Device              string // VBD userdevice, for messages
-	VirtualSize         int64
-	PhysicalUtilisation int64 // allocated bytes: what a sparse copy moves
-	CBTEnabled          bool
+	VDIRef              string `msgpack:"vdi_ref"`
+	VDIUUID             string `msgpack:"vdi_uuid"`
+	SRRef               string `msgpack:"sr_ref"`
+	NameLabel           string `msgpack:"name_label"`
+	Device              string `msgpack:"device"` // VBD userdevice, for messages
+	VirtualSize         int64  `msgpack:"virtual_size"`
+	PhysicalUtilisation int64  `msgpack:"physical_utilisation"` // allocated bytes: what a sparse copy moves
+	CBTEnabled          bool   `msgpack:"cbt_enabled"`
 }
 
 // VIF is one network interface of a VM.
 type VIF struct {
-	Ref        string
-	Device     string
-	MAC        string
-	NetworkRef string
+	Ref        string `msgpack:"ref"`
+	Device     string `msgpack:"device"`
+	MAC        string `msgpack:"mac"`
+	NetworkRef string `msgpack:"network_ref"`
 }
 
 // VDISpec describes a replica VDI to create on the destination SR.
@@ -260,8 +260,8 @@ type GatewaySpec struct {
 
 // GatewayStats are cumulative byte counters of a migration's gateway.
 type GatewayStats struct {
-	BytesOffered int64 // payload handed to the gateway
-	BytesOnWire  int64 // after compression and framing
+	BytesOffered int64 `msgpack:"bytes_offered"` // payload handed to the gateway
+	BytesOnWire  int64 `msgpack:"bytes_on_wire"` // after compression and framing
 }
 
 // Gateway is the WAN data plane between the two sites.

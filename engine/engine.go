@@ -278,6 +278,24 @@ func (e *Engine) Abort(ctx context.Context, migrationID string) (Report, error) 
 	return e.drive(ctx, cp, true)
 }
 
+// List returns the reports of all stored migrations.
+func (e *Engine) List(ctx context.Context) ([]Report, error) {
+	ids, err := e.d.Store.List(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Report, 0, len(ids))
+	for _, id := range ids {
+		cp, err := e.d.Store.Load(ctx, id)
+		if err != nil {
+			e.d.Logger.Warn("unreadable checkpoint", "migration_id", id, "error", err)
+			continue
+		}
+		out = append(out, BuildReport(cp))
+	}
+	return out, nil
+}
+
 // Status loads a migration's report from its checkpoint.
 func (e *Engine) Status(ctx context.Context, migrationID string) (Report, error) {
 	cp, err := e.d.Store.Load(ctx, migrationID)
@@ -293,6 +311,13 @@ func (e *Engine) drive(ctx context.Context, cp *Checkpoint, resumed bool) (Repor
 		return BuildReport(cp), err
 	}
 	defer e.unregister(cp.MigrationID)
+	if l, ok := e.d.Store.(Locker); ok {
+		unlock, err := l.Lock(ctx, cp.MigrationID)
+		if err != nil {
+			return BuildReport(cp), err
+		}
+		defer unlock()
+	}
 	r := &run{
 		e: e, d: &e.d, cp: cp, cancel: flag, resumed: resumed,
 		log:  e.d.Logger.Named("engine").With("migration_id", cp.MigrationID, "vm_uuid", cp.Request.VMUUID),

@@ -447,3 +447,32 @@ func TestReportJSONFields(t *testing.T) {
 	assert.Contains(t, phases[0].(map[string]any), "seconds")
 	assert.Contains(t, rep.Text(), "SUCCESS")
 }
+
+func TestSecondControllerIsRefused(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	st := mustStore(t)
+	var second error
+	tried := false
+	hs := &hookStore{Store: st, after: func(_ int, c *Checkpoint) error {
+		if c.Phase == PhaseSeed && !tried {
+			tried = true
+			_, second = newEngine(t, w, st).Resume(context.Background(), "wm-test")
+		}
+		return nil
+	}}
+	// hookStore hides the Locker of the FileStore: lock through the inner store
+	e := newEngine(t, w, lockingStore{hs, st.(*FileStore)})
+	rep, err := e.Run(context.Background(), testRequest())
+	require.NoError(t, err)
+	assert.Equal(t, ResultSuccess, rep.Result)
+	require.ErrorIs(t, second, ErrLocked)
+	assert.Equal(t, 1, w.count("src.MigrateSend"))
+}
+
+type lockingStore struct {
+	Store
+	l Locker
+}
+
+func (s lockingStore) Lock(ctx context.Context, id string) (func(), error) { return s.l.Lock(ctx, id) }

@@ -126,7 +126,7 @@ func TestRewriteURL(t *testing.T) {
 	t.Parallel()
 	cases := []struct {
 		name, raw, base, want string
-		wantErr              bool
+		wantErr               bool
 	}{
 		{"SM", "http://10.0.0.2/services/SM?session_id=OpaqueRef%3Aabc", "http://127.0.0.1:4000", "http://127.0.0.1:4000/services/SM?session_id=OpaqueRef%3Aabc", false},
 		{"unescaped colon kept", "http://10.0.0.2/services/xenops?session_id=OpaqueRef:abc-1", "http://127.0.0.1:4000", "http://127.0.0.1:4000/services/xenops?session_id=OpaqueRef:abc-1", false},
@@ -329,6 +329,48 @@ func TestFileStore(t *testing.T) {
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "wm-new.ckpt"), mustEncode(t, 99), 0o600))
 	_, err = s.Load(ctx, "wm-new")
 	require.ErrorIs(t, err, ErrCheckpointVersion)
+}
+
+func TestFileStoreLock(t *testing.T) {
+	t.Parallel()
+	s, err := NewFileStore(t.TempDir())
+	require.NoError(t, err)
+	ctx := context.Background()
+	unlock, err := s.Lock(ctx, "wm-a")
+	require.NoError(t, err)
+	// flock locks are per open file description: a second open conflicts
+	_, err = s.Lock(ctx, "wm-a")
+	require.ErrorIs(t, err, ErrLocked)
+	u2, err := s.Lock(ctx, "wm-b")
+	require.NoError(t, err)
+	u2()
+	unlock()
+	u3, err := s.Lock(ctx, "wm-a")
+	require.NoError(t, err)
+	u3()
+	_, err = s.Lock(ctx, "../x")
+	require.Error(t, err)
+	ids, err := s.List(ctx)
+	require.NoError(t, err)
+	assert.Empty(t, ids, "lock files are not checkpoints")
+}
+
+func TestMemStore(t *testing.T) {
+	t.Parallel()
+	s := NewMemStore()
+	ctx := context.Background()
+	_, err := s.Load(ctx, "wm-x")
+	require.ErrorIs(t, err, ErrNotFound)
+	c := sampleCheckpoint()
+	require.NoError(t, s.Save(ctx, c))
+	got, err := s.Load(ctx, c.MigrationID)
+	require.NoError(t, err)
+	assert.Equal(t, c, got)
+	c.Phase = PhaseDone
+	assert.Equal(t, PhaseSeed, got.Phase, "stored by value")
+	ids, err := s.List(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, []string{"wm-abc"}, ids)
 }
 
 func mustEncode(t *testing.T, version int) []byte {
