@@ -38,14 +38,19 @@ type LinkConfig struct {
 	// Bandwidth is the link rate in bits per second per direction, shared by
 	// every connection on the link (0 = unlimited).
 	Bandwidth int64
-	// Window, when positive, bounds the bytes one connection may have in
-	// flight per direction (sent into the link and not yet acknowledged:
-	// acknowledgements take another RTT/2 to come back), which models a TCP
-	// stream's window limit across the emulated delay. 0 = unbounded.
+	// Window bounds the bytes one connection may have in flight per
+	// direction (sent into the link and not yet acknowledged: the
+	// acknowledgement takes another RTT/2 to come back), which models a TCP
+	// stream's window limit across the emulated delay. 0 selects
+	// DefaultWindow; a negative value means unbounded.
 	Window int64
 	// Logger (hclog.NewNullLogger when nil).
 	Logger hclog.Logger
 }
+
+// DefaultWindow is the per-connection in-flight limit when LinkConfig.Window
+// is 0: 4 MiB, Linux's default maximum TCP send buffer (net.ipv4.tcp_wmem).
+const DefaultWindow = 4 << 20
 
 // ErrClosed is returned by operations on a closed link.
 var ErrClosed = errors.New("wanemu: link closed")
@@ -78,6 +83,9 @@ func NewLink(ctx context.Context, cfg LinkConfig) (*Link, error) {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = hclog.NewNullLogger()
+	}
+	if cfg.Window == 0 {
+		cfg.Window = DefaultWindow
 	}
 	if err := ctx.Err(); err != nil {
 		return nil, err

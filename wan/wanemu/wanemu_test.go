@@ -163,11 +163,11 @@ func send(t *testing.T, l *Link, conns, n int) float64 {
 }
 
 func TestLinkBandwidthIsShared(t *testing.T) {
-	l := newLink(t, LinkConfig{Upstream: sinkServer(t), RTT: 2 * time.Millisecond, Bandwidth: 40e6})
-	one := send(t, l, 1, 5<<20) / 40e6
-	three := send(t, l, 3, 5<<20/3) / 40e6
-	l.SetBandwidth(80e6)
-	faster := send(t, l, 2, 5<<20) / 80e6
+	l := newLink(t, LinkConfig{Upstream: sinkServer(t), RTT: 2 * time.Millisecond, Bandwidth: 16e6})
+	one := send(t, l, 1, 2<<20) / 16e6
+	three := send(t, l, 3, 2<<20/3) / 16e6
+	l.SetBandwidth(32e6)
+	faster := send(t, l, 2, 2<<20) / 32e6
 	t.Logf("achieved/limit: 1 conn %.3f, 3 conns %.3f, after SetBandwidth %.3f", one, three, faster)
 	for _, r := range []float64{one, three, faster} {
 		assert.GreaterOrEqual(t, r, 0.7)
@@ -176,11 +176,12 @@ func TestLinkBandwidthIsShared(t *testing.T) {
 }
 
 func TestLinkWindowLimitsOneConnection(t *testing.T) {
-	// 256 KiB window over 100 ms RTT: one connection tops out near
-	// 256 KiB / 0.1 s ≈ 21 Mbit/s; four connections get about four times that.
-	l := newLink(t, LinkConfig{Upstream: sinkServer(t), RTT: 100 * time.Millisecond, Window: 256 << 10})
-	one := send(t, l, 1, 3<<20)
-	four := send(t, l, 4, 3<<20)
+	// 64 KiB window over 100 ms RTT: one connection tops out near
+	// 64 KiB / 0.1 s ≈ 5 Mbit/s; four connections get about four times that.
+	l := newLink(t, LinkConfig{Upstream: sinkServer(t), RTT: 100 * time.Millisecond, Window: 64 << 10})
+	one := send(t, l, 1, 1<<20)
+	four := send(t, l, 4, 1<<20)
 	t.Logf("1 conn %.1f Mbit/s, 4 conns %.1f Mbit/s", one/1e6, four/1e6)
 	assert.Greater(t, four/one, 2.0, "parallel connections must beat one window-limited connection")
+	assert.Less(t, one, 12e6, "one connection is held near window/RTT (5 Mbit/s), far below an unbounded link")
 }
