@@ -146,7 +146,9 @@ func (p *Pool) CreateVDI(srRef string, size int64, fields map[string]any) (strin
 		return "", Errorf(ErrInternal, err.Error())
 	}
 	o := p.db.create("VDI", fields)
-	p.state(uuid).Clean = true
+	st := p.state(uuid)
+	st.Clean = true
+	st.stale = true
 	return o.Ref, nil
 }
 
@@ -304,6 +306,7 @@ func (p *Pool) copyVDI(ref string, kind copyKind, srRef, intoRef string) (string
 	n := p.db.create("VDI", fields)
 	nst := p.state(newUUID)
 	nst.Clean = true
+	nst.stale = true
 	st.Clean = true
 	if kind == copySnapshot && o.bool("cbt_enabled") && st.ChainID != "" && st.Live == "" {
 		st.Seq++

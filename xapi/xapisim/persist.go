@@ -45,6 +45,7 @@ func (s *Sim) Save() error {
 	st := stateFile{Version: stateVersion}
 	for _, p := range s.pools {
 		p.mu.Lock()
+		p.refreshUsage()
 		ps := poolState{Name: p.Name, Gen: p.db.gen, LostBefore: p.db.gen, VDIs: map[string]*vdiState{}}
 		for _, o := range p.db.objs {
 			if Classes[o.Class].NoPersist {

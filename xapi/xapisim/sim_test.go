@@ -624,3 +624,21 @@ func TestContextCancelClosesAndSaves(t *testing.T) {
 	p.Unlock()
 	require.NoError(t, s2.Close())
 }
+
+func TestUsageFollowsWrites(t *testing.T) {
+	s := startSim(t, "")
+	url, sess := login(t, s, 1)
+	pool := ok(t, url, "pool.get_all", sess).([]any)[0]
+	sr := ok(t, url, "pool.get_default_SR", sess, pool).(string)
+	vdi := ok(t, url, "VDI.create", sess, map[string]any{"SR": sr, "virtual_size": "8388608", "type": "user"}).(string)
+	uuid := ok(t, url, "VDI.get_uuid", sess, vdi).(string)
+	assert.Equal(t, "0", ok(t, url, "VDI.get_physical_utilisation", sess, vdi))
+	require.NoError(t, s.WriteVDI(uuid, 2<<20, bytes.Repeat([]byte{1}, 1<<20)))
+	require.Eventually(t, func() bool {
+		return ok(t, url, "VDI.get_physical_utilisation", sess, vdi) == "1048576"
+	}, 10*time.Second, 50*time.Millisecond)
+	require.Eventually(t, func() bool {
+		return ok(t, url, "SR.get_physical_utilisation", sess, sr) == "1048576"
+	}, 10*time.Second, 50*time.Millisecond)
+	assert.Equal(t, "8388608", ok(t, url, "SR.get_virtual_allocation", sess, sr))
+}

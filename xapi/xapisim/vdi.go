@@ -33,6 +33,8 @@ type vdiState struct {
 	Bitmap  []byte `json:"bitmap,omitempty"`
 	// Clean: no write since the content_id was assigned.
 	Clean bool `json:"clean"`
+	// stale: written since physical_utilisation was last refreshed.
+	stale bool
 
 	data sync.RWMutex // writers RLock (pwrite), snapshot/copy Lock
 }
@@ -137,6 +139,10 @@ func (s *Sim) NoteWrite(uuid string, off, n int64) error {
 }
 
 func (p *Pool) noteWrite(o *object, st *vdiState, off, n int64) {
+	if !st.stale {
+		st.stale = true
+		p.sim.markDirty()
+	}
 	if o.bool("cbt_enabled") && st.ChainID != "" {
 		if len(st.Bitmap) == 0 {
 			st.Bitmap = make([]byte, bitmapLen(o.int("virtual_size")))
@@ -257,4 +263,38 @@ func physicalUtilisation(path string) int64 {
 		return 0
 	}
 	return st.Blocks * 512
+}
+
+// refreshUsage updates physical_utilisation of written VDIs and the SRs'
+// physical_utilisation / virtual_allocation (pool lock held). It runs with
+// each periodic save, so the figures lag writes by a fraction of a second.
+func (p *Pool) refreshUsage() {
+	changed := false
+	for uuid, st := range p.vdis {
+		if !st.stale {
+			continue
+		}
+		st.stale = false
+		if o, err := p.db.byUUID("VDI", uuid); err == nil && o.str("type") != "cbt_metadata" {
+			if u := physicalUtilisation(p.vdiPath(o)); u != o.int("physical_utilisation") {
+				p.db.set(o, "physical_utilisation", u)
+				changed = true
+			}
+		}
+	}
+	if !changed {
+		return
+	}
+	for _, sr := range p.db.all("SR") {
+		var phys, virt int64
+		for _, v := range p.db.find("VDI", "SR", sr.Ref) {
+			phys += v.int("physical_utilisation")
+			virt += v.int("virtual_size")
+		}
+		if sr.int("physical_utilisation") != phys || sr.int("virtual_allocation") != virt {
+			sr.Fields["physical_utilisation"] = phys
+			sr.Fields["virtual_allocation"] = virt
+			p.db.touch(sr)
+		}
+	}
 }
