@@ -14,6 +14,7 @@ package sdk
 import (
 	"context"
 	"os"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/go-plugin"
@@ -36,12 +37,19 @@ func Logger(name string) hclog.Logger {
 // not return when something fails: go-plugin exits the process.
 func ServeStorage(impl contract.Storage) {
 	plugin.Serve(StorageServeConfig(context.Background(), impl))
+	afterServe()
 }
 
 // ServeNetwork serves a network backend until the host goes away.
 func ServeNetwork(impl contract.Network) {
 	plugin.Serve(NetworkServeConfig(context.Background(), impl))
+	afterServe()
 }
+
+// afterServe gives go-plugin's reply to the host's Control.Quit time to
+// reach the host before main returns; otherwise the host sees EOF, logs
+// that the backend "failed to exit gracefully" and kills it.
+func afterServe() { time.Sleep(100 * time.Millisecond) }
 
 // StorageServeConfig is the go-plugin ServeConfig ServeStorage uses; ctx
 // is the parent of every call's ctx. Exposed for tests that serve in
