@@ -21,7 +21,7 @@ import (
 func runSim(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("sim", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	listen := fs.String("listen", "127.0.0.1:0", "address of the first host (port 0: every host gets a free port; port N: host i gets N+i)")
+	listen := fs.String("listen", "127.0.0.1:0", "address of the first host; with a loopback IP each host gets the next loopback IP and the hosts of pool i share port N+i (0: a free port per pool)")
 	pools := fs.Int("pools", 2, "number of pools (site-a, site-b, ...)")
 	hosts := fs.Int("hosts", 2, "hosts per pool, coordinator included")
 	stateDir := fs.String("state-dir", "", "directory for the object database and VDI files (required; reused across restarts)")

@@ -167,10 +167,11 @@ func New(cfg Config) (*Sim, error) {
 	if err != nil {
 		return nil, err
 	}
-	if !loaded {
-		if err := s.buildDefault(); err != nil {
-			return nil, fmt.Errorf("build default content: %w", err)
-		}
+	if loaded {
+		// Pools, hosts, sizes come from the saved state, not cfg.
+		s.log.Info("state restored", "pools", len(s.pools), "state_dir", cfg.StateDir)
+	} else if err := s.buildDefault(); err != nil {
+		return nil, fmt.Errorf("build default content: %w", err)
 	}
 	for _, p := range s.pools {
 		p.attachHosts()
