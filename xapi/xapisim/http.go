@@ -29,6 +29,9 @@ func (s *Sim) handler(h *Host) http.Handler {
 		}
 		s.exportRawVDI(h, w, r)
 	})
+	mux.HandleFunc("/jsonrpc", func(w http.ResponseWriter, r *http.Request) {
+		s.serveJSONRPC(h, w, r)
+	})
 	for _, e := range extraHandlers {
 		mux.Handle(e.pattern, e.fn(s, h))
 	}

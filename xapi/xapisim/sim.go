@@ -23,6 +23,7 @@
 //	vdi.go       VDI files, WriteVDI/NoteWrite (the one write path), CBT bitmaps, sparse copy
 //	events.go    event.from / event.inject
 //	http.go      per-host HTTP handler (RPC on any POST path), RegisterHTTP
+//	jsonrpc.go   JSON-RPC on /jsonrpc (same dispatch)
 //	http_raw.go  /import_raw_vdi, /export_raw_vdi, ZeroVDI
 //	persist.go   state.json save/load (atomic)
 //	content.go   default pools and demo-vm disk content
