@@ -133,7 +133,9 @@ type SyncRoundRequest struct {
 	Round    int // 0 for the first (full) round, then 1, 2, ...
 	Snapshot SnapshotRef
 	// Full copies every (allocated) block; otherwise ChangedBlocks says
-	// which blocks changed since the previous round's snapshot.
+	// which blocks changed since the previous round's snapshot (an empty
+	// ChangedBlocks with Full=false is ErrInvalidArgument; "nothing
+	// changed" is an all-zero bitmap).
 	Full bool
 	// ChangedBlocks is the decoded VDI.list_changed_blocks bitmap: bit i
 	// (most significant bit first in each byte) covers bytes
@@ -228,7 +230,8 @@ type RecoverRequest struct {
 	Peer Endpoint
 }
 
-// RecoverResponse returns the re-bound handle and where it stands.
+// RecoverResponse returns the re-bound handle and where it stands:
+// Status.Round is the last round completed before the restart.
 type RecoverResponse struct {
 	Handle   Handle
 	Status   StorageStatus

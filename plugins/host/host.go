@@ -111,6 +111,16 @@ func Launch(ctx context.Context, bin Binary, opts Options) (*Instance, error) {
 	if opts.StartTimeout <= 0 {
 		opts.StartTimeout = DefaultStartTimeout
 	}
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("launch %s: %w (%w)", bin.ID(), contract.ErrCancelled, err)
+	}
+	// go-plugin's start cannot be interrupted: let a shorter ctx deadline
+	// shorten the start timeout instead.
+	if dl, ok := ctx.Deadline(); ok {
+		if d := time.Until(dl); d < opts.StartTimeout {
+			opts.StartTimeout = max(d, time.Millisecond)
+		}
+	}
 	if opts.ProtocolVersions == nil {
 		opts.ProtocolVersions = contract.AcceptedProtocolVersions
 	}

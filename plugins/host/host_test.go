@@ -409,3 +409,18 @@ func TestHostLaunchByName(t *testing.T) {
 	require.ErrorIs(t, err, host.ErrBackendNotFound)
 	assert.Contains(t, err.Error(), "good")
 }
+
+func TestLaunchHonoursCtx(t *testing.T) {
+	t.Parallel()
+	dir := pluginDir(t, "wanmotion-storage-slow", "wanmotion-storage-good")
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	_, err := host.Launch(ctx, find(t, dir, contract.KindStorage, "good"), host.Options{})
+	require.ErrorIs(t, err, contract.ErrCancelled)
+
+	ctx, cancel = context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	_, err = host.Launch(ctx, find(t, dir, contract.KindStorage, "slow"), host.Options{StartTimeout: time.Minute,
+		Env: []string{"GORACE=atexit_sleep_ms=0"}})
+	require.ErrorIs(t, err, host.ErrStartTimeout, "a ctx deadline shortens the start timeout")
+}
