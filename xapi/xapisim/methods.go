@@ -242,18 +242,13 @@ func (s *Sim) dispatch(ctx context.Context, h *Host, req *Request) Response {
 		return Response{Fault: Errorf(ErrParamCountMismatch, name, strconv.Itoa(required), strconv.Itoa(given))}
 	}
 	c := &Call{Ctx: ctx, Sim: s, Pool: h.pool, Host: h, Method: m}
+	sess := ""
 	if !m.NoSession {
-		sess, _ := params[0].(string)
+		sess, _ = params[0].(string)
 		params = params[1:]
-		if !h.pool.validSession(sess) {
-			return Response{Fault: Errorf(ErrSessionInvalid, sess)}
-		}
-		c.Session = sess
 	}
-	if async && m.NoAsync {
-		// Server_helpers.do_dispatch, after the count and session checks.
-		return Response{Fault: Errorf("Fault", "No async mode for this operation (rpc: "+name+")")}
-	}
+	// gen_server.ml order: unmarshal the arguments, check the session,
+	// then do_dispatch refuses Async of `Session-flagged calls.
 	c.Args = make([]any, len(m.Params))
 	for i, p := range m.Params {
 		if i >= len(params) {
@@ -265,6 +260,15 @@ func (s *Sim) dispatch(ctx context.Context, h *Host, req *Request) Response {
 			return Response{Fault: Errorf(ErrFieldTypeError, p.Name)}
 		}
 		c.Args[i] = v
+	}
+	if !m.NoSession {
+		if !h.pool.validSession(sess) {
+			return Response{Fault: Errorf(ErrSessionInvalid, sess)}
+		}
+		c.Session = sess
+	}
+	if async && m.NoAsync {
+		return Response{Fault: Errorf("Fault", "No async mode for this operation (rpc: "+name+")")}
 	}
 	if async {
 		ref := h.pool.startAsync(c, req.Method)
