@@ -5,6 +5,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"strconv"
 	"time"
 )
 
@@ -248,15 +249,25 @@ func (p *Pool) copyVDI(ref string, kind copyKind, srRef, intoRef string) (string
 	}
 	newUUID := NewUUID()
 	dstPath := filepath.Join(p.sim.srDir(sr.str("uuid")), newUUID+".img")
+	dstSize := size
 	if into != nil {
+		if into.int("virtual_size") < size || into.str("type") == "cbt_metadata" {
+			p.mu.Unlock()
+			return "", Errorf("VDI_TOO_SMALL", into.Ref, strconv.FormatInt(size, 10))
+		}
+		if p.vdiAttached(into) {
+			p.mu.Unlock()
+			return "", Errorf(ErrVDIInUse, into.Ref, "copy")
+		}
 		dstPath = p.vdiPath(into)
+		dstSize = into.int("virtual_size")
 	}
 	p.mu.Unlock()
 
 	if err := os.MkdirAll(filepath.Dir(dstPath), 0o755); err != nil {
 		return "", Errorf(ErrInternal, err.Error())
 	}
-	if err := copyFile(dstPath, srcPath, size); err != nil {
+	if err := copyFile(dstPath, srcPath, size, dstSize); err != nil {
 		return "", Errorf(ErrInternal, err.Error())
 	}
 

@@ -642,3 +642,33 @@ func TestUsageFollowsWrites(t *testing.T) {
 	}, 10*time.Second, 50*time.Millisecond)
 	assert.Equal(t, "8388608", ok(t, url, "SR.get_virtual_allocation", sess, sr))
 }
+
+func TestVDICopyInto(t *testing.T) {
+	s := startSim(t, "")
+	url, sess := login(t, s, 0)
+	vdi, uuid := demoVDI(t, url, sess)
+	sr := ok(t, url, "VDI.get_SR", sess, vdi).(string)
+	small := ok(t, url, "VDI.create", sess, map[string]any{"SR": sr, "virtual_size": "1048576"}).(string)
+	_, f := call(t, url, "VDI.copy", sess, vdi, sr, NullRef, small)
+	require.NotNil(t, f)
+	assert.Equal(t, "VDI_TOO_SMALL", f.Code)
+	big := ok(t, url, "VDI.create", sess, map[string]any{"SR": sr, "virtual_size": "33554432"}).(string)
+	bigUUID := ok(t, url, "VDI.get_uuid", sess, big).(string)
+	require.NoError(t, s.WriteVDI(bigUUID, 20<<20, []byte("stale")))
+	assert.Equal(t, big, ok(t, url, "VDI.copy", sess, vdi, sr, NullRef, big))
+	src, err := os.ReadFile(mustPath(t, s, uuid))
+	require.NoError(t, err)
+	dst, err := os.ReadFile(mustPath(t, s, bigUUID))
+	require.NoError(t, err)
+	require.Len(t, dst, 32<<20, "into keeps its size")
+	assert.Equal(t, src, dst[:len(src)])
+	assert.Equal(t, make([]byte, len(dst)-len(src)), dst[len(src):], "old data past the copy is gone")
+	assert.Equal(t, ok(t, url, "VDI.get_other_config", sess, vdi).(map[string]any)["content_id"],
+		ok(t, url, "VDI.get_other_config", sess, big).(map[string]any)["content_id"])
+	// Plain copy to a new VDI.
+	cp := ok(t, url, "VDI.copy", sess, vdi, sr).(string)
+	assert.Equal(t, "16777216", ok(t, url, "VDI.get_virtual_size", sess, cp))
+	cpData, err := os.ReadFile(mustPath(t, s, ok(t, url, "VDI.get_uuid", sess, cp).(string)))
+	require.NoError(t, err)
+	assert.Equal(t, src, cpData)
+}

@@ -215,8 +215,9 @@ func copyRange(dst, src *os.File, off, n int64) error {
 	return nil
 }
 
-// copyFile creates dstPath as a sparse copy of srcPath with the given size.
-func copyFile(dstPath, srcPath string, size int64) error {
+// copyFile makes dstPath (dstSize bytes) a sparse copy of the first size
+// bytes of srcPath, the rest holes.
+func copyFile(dstPath, srcPath string, size, dstSize int64) error {
 	src, err := os.Open(srcPath)
 	if err != nil {
 		return fmt.Errorf("copy VDI data: %w", err)
@@ -226,7 +227,7 @@ func copyFile(dstPath, srcPath string, size int64) error {
 	if err != nil {
 		return fmt.Errorf("copy VDI data: %w", err)
 	}
-	if err := dst.Truncate(size); err != nil {
+	if err := dst.Truncate(dstSize); err != nil {
 		_ = dst.Close()
 		return fmt.Errorf("copy VDI data: %w", err)
 	}
