@@ -94,23 +94,26 @@ type RequestState struct {
 
 // DiskState tracks one disk through the migration.
 type DiskState struct {
-	Disk          Disk            `msgpack:"disk"`
-	DestSR        string          `msgpack:"dest_sr"`
-	CBTWasEnabled bool            `msgpack:"cbt_was_enabled"`
-	CBTEnabled    bool            `msgpack:"cbt_enabled_by_us"`
-	CBTDisabled   bool            `msgpack:"cbt_disabled"`
-	ReplicaRef    string          `msgpack:"replica_ref"`
-	ReplicaUUID   string          `msgpack:"replica_uuid"`
-	ReplicaGone   bool            `msgpack:"replica_gone"`
-	ReceiverReady bool            `msgpack:"receiver_ready"`
-	Endpoint      string          `msgpack:"endpoint"`
-	SenderReady   bool            `msgpack:"sender_ready"`
-	BackendState  []byte          `msgpack:"backend_state"`
-	StorageClosed bool            `msgpack:"storage_closed"`
-	Snapshots     []SnapshotState `msgpack:"snapshots"`
-	// SyncRound is the round whose StartSync was issued; SyncDone whether it finished.
+	Disk             Disk            `msgpack:"disk"`
+	DestSR           string          `msgpack:"dest_sr"`
+	CBTWasEnabled    bool            `msgpack:"cbt_was_enabled"`
+	CBTEnabled       bool            `msgpack:"cbt_enabled_by_us"`
+	CBTDisabled      bool            `msgpack:"cbt_disabled"`
+	ReplicaRef       string          `msgpack:"replica_ref"`
+	ReplicaUUID      string          `msgpack:"replica_uuid"`
+	ReplicaGone      bool            `msgpack:"replica_gone"`
+	ReceiverReady    bool            `msgpack:"receiver_ready"`
+	ReceiverAddress  string          `msgpack:"receiver_address"`
+	ReceiverEndpoint []byte          `msgpack:"receiver_endpoint"`
+	ReceiverState    []byte          `msgpack:"receiver_state"`
+	PeerAddress      string          `msgpack:"peer_address"` // gateway's local end for the receiver
+	SenderReady      bool            `msgpack:"sender_ready"`
+	SenderState      []byte          `msgpack:"sender_state"`
+	StorageClosed    bool            `msgpack:"storage_closed"`
+	Finalized        bool            `msgpack:"finalized"`
+	Snapshots        []SnapshotState `msgpack:"snapshots"`
+	// SyncRound is the round the disk is in; SyncDone whether it finished.
 	SyncRound    int   `msgpack:"sync_round"`
-	SyncStarted  bool  `msgpack:"sync_started"`
 	SyncDone     bool  `msgpack:"sync_done"`
 	RoundBytes   int64 `msgpack:"round_bytes"` // changed bytes of SyncRound
 	RoundWire    int64 `msgpack:"round_wire"`

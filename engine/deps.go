@@ -153,81 +153,106 @@ type DiskKey struct {
 	DiskID      string // source VDI uuid
 }
 
-// ReceiverSpec asks the destination side to get ready to fill a replica.
+// ReceiverSpec asks the destination side to get ready to fill a replica
+// (the engine has created the replica VDI).
 type ReceiverSpec struct {
 	Key         DiskKey
 	Backend     string
+	Disk        Disk   // the source disk
 	ReplicaVDI  string // ref
 	ReplicaUUID string
-	DestSR      string
-	VirtualSize int64
+	DestSR      string // ref
 }
 
 // ReceiverInfo is what the destination side answers.
 type ReceiverInfo struct {
-	Endpoint string // opaque to the engine, passed to the sender
-	State    []byte // opaque backend state, kept in the checkpoint for Recover
+	// Address is where the receiver listens at the destination site
+	// ("host:port"); the engine makes it reachable from the source through
+	// the WAN gateway (Gateway.Forward). Empty when the backend needs no
+	// channel of its own.
+	Address string
+	// Endpoint is the rest of the receiver's endpoint (token, parameters),
+	// opaque to the engine and handed to the sender.
+	Endpoint []byte
+	// State is the backend's opaque handle state, kept in the checkpoint.
+	State []byte
+}
+
+// Peer is the receiver as the source sees it.
+type Peer struct {
+	Address  string // local end of the gateway channel to ReceiverInfo.Address ("" if none)
+	Endpoint []byte // ReceiverInfo.Endpoint
 }
 
 // SenderSpec asks the source side to get ready to send a VDI.
 type SenderSpec struct {
 	Key                  DiskKey
 	Backend              string
-	SourceVDI            string
-	ReceiverEndpoint     string
+	Disk                 Disk
+	Peer                 Peer
 	Streams              int
 	Compression          string
 	BandwidthBytesPerSec int64
 }
 
-// SyncSpec starts one seed round for one disk: make the replica equal to
+// SyncSpec is one seed round for one disk: make the replica equal to
 // Snapshot, copying everything allocated (Full) or only the blocks set in
-// Bitmap (BlockSize bytes per bit, MSB first).
+// Bitmap (BlockSize bytes per bit, most significant bit first).
 type SyncSpec struct {
-	Key       DiskKey
-	Round     int
-	Snapshot  string // source snapshot ref (Sk)
-	Full      bool
-	Bitmap    []byte
-	BlockSize int
+	Key               DiskKey
+	Round             int
+	Snapshot          string // source snapshot ref (Sk)
+	SnapshotContentID string
+	Full              bool
+	Bitmap            []byte
+	BlockSize         int
 }
 
-// SyncState is the state of a disk's current round.
-type SyncState string
+// SyncResult reports a finished round of one disk.
+type SyncResult struct {
+	BytesToCopy int64
+	BytesCopied int64
+	BytesOnWire int64
+	State       []byte // new sender state (nil: unchanged)
+}
 
-// Sync states.
-const (
-	SyncIdle    SyncState = "idle" // nothing running (e.g. after an agent restart)
-	SyncRunning SyncState = "running"
-	SyncDone    SyncState = "done"
-	SyncFailed  SyncState = "failed"
-)
-
-// SyncStatus reports one disk's round.
+// SyncStatus is the progress of a disk's round in flight.
 type SyncStatus struct {
 	Round       int
-	State       SyncState
-	BytesDone   int64
-	BytesTotal  int64
+	BytesToCopy int64
+	BytesCopied int64
 	BytesOnWire int64
 	Error       string
-	// BackendState, when non-nil, replaces the opaque state kept for Recover.
-	BackendState []byte
 }
 
-// StorageBackend is the storage strategy as driven through the site agents.
+// StorageBackend is the storage strategy as driven through the site agents
+// (one source and one destination handle per disk, kept by the adapter and
+// re-bound from the checkpointed states after a controller restart).
 // Every method is idempotent for the same arguments.
 type StorageBackend interface {
 	PrepareReceiver(ctx context.Context, spec ReceiverSpec) (ReceiverInfo, error)
-	PrepareSender(ctx context.Context, spec SenderSpec) error
-	// StartSync starts a round and returns at once; poll SyncStatus.
-	StartSync(ctx context.Context, spec SyncSpec) error
+	// PrepareSender returns the sender's opaque state.
+	PrepareSender(ctx context.Context, spec SenderSpec) ([]byte, error)
+	// SyncRound runs one round and returns once the receiver made it
+	// durable. Called again for the same round after an interruption, it
+	// redoes only what is missing.
+	SyncRound(ctx context.Context, spec SyncSpec) (SyncResult, error)
+	// SyncStatus reports progress; called while SyncRound runs.
 	SyncStatus(ctx context.Context, key DiskKey) (SyncStatus, error)
+	// Finalize runs before Handoff: wait until the replica equals the last
+	// synced snapshot and hand it over to xapi (detached from the backend,
+	// kept). Returns the new receiver state (nil: unchanged).
+	Finalize(ctx context.Context, key DiskKey) ([]byte, error)
+	// RecoverReceiver re-binds the destination handle; the receiver may
+	// listen somewhere new.
+	RecoverReceiver(ctx context.Context, key DiskKey, state []byte) (ReceiverInfo, error)
+	// RecoverSender re-binds the source handle with the current peer.
+	RecoverSender(ctx context.Context, key DiskKey, state []byte, peer Peer) error
+	// Abort stops any work on the disk at once.
 	Abort(ctx context.Context, key DiskKey) error
-	Cleanup(ctx context.Context, key DiskKey) error
-	// Recover re-attaches to a disk's transfer after a controller restart,
-	// from the opaque state last returned by the backend.
-	Recover(ctx context.Context, key DiskKey, state []byte) error
+	// Cleanup frees what the backend holds for the disk (never the replica
+	// VDI: the engine destroys it). Works from the states alone.
+	Cleanup(ctx context.Context, key DiskKey, receiverState, senderState []byte) error
 }
 
 // NetSpec is the request to a network backend.
@@ -235,16 +260,21 @@ type NetSpec struct {
 	MigrationID string
 	Backend     string
 	VMUUID      string
+	VMName      string
 	VIFs        []VIF
 	VIFMap      map[string]string // VIF ref → destination network ref
-	State       []byte            // from Prepare
+	State       []byte            // opaque state from the last call (nil before Prepare)
 }
 
-// NetworkBackend is the network strategy as driven through the site agents.
+// NetworkBackend is the network strategy as driven through the site agents
+// (both sites; the adapter exchanges endpoints through the gateway). Each
+// method returns the new opaque state (nil: unchanged) and is idempotent.
 type NetworkBackend interface {
 	Prepare(ctx context.Context, spec NetSpec) ([]byte, error)
-	Activate(ctx context.Context, spec NetSpec) error // at the destination
-	Release(ctx context.Context, spec NetSpec) error  // at the source
+	// Recover re-binds after a controller restart.
+	Recover(ctx context.Context, spec NetSpec) ([]byte, error)
+	Activate(ctx context.Context, spec NetSpec) ([]byte, error) // at the destination
+	Release(ctx context.Context, spec NetSpec) ([]byte, error)  // at the source
 	Cleanup(ctx context.Context, spec NetSpec) error
 }
 
@@ -267,9 +297,10 @@ type GatewayStats struct {
 // Gateway is the WAN data plane between the two sites.
 type Gateway interface {
 	Start(ctx context.Context, spec GatewaySpec) error
-	// Forward returns the base URL ("scheme://host:port") of a local end
-	// reachable by the source host's xapi that tunnels to target ("host:port"
-	// at the destination site).
+	// Forward returns the "host:port" of a local end at the source site
+	// (reachable by the source host's xapi and backends) whose TCP
+	// connections are tunnelled to target ("host:port" at the destination
+	// site). Idempotent: the same target gives the same local end.
 	Forward(ctx context.Context, migrationID, target string) (string, error)
 	Stats(ctx context.Context, migrationID string) (GatewayStats, error)
 	Stop(ctx context.Context, migrationID string) error

@@ -607,8 +607,10 @@ func (r *run) progress(ctx context.Context, p Phase, frac float64, extra Progres
 	}
 }
 
-func (r *run) sleep(ctx context.Context) error {
-	t := time.NewTimer(r.d.PollInterval)
+func (r *run) sleep(ctx context.Context) error { return r.sleepFor(ctx, r.d.PollInterval) }
+
+func (r *run) sleepFor(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-ctx.Done():

@@ -29,10 +29,17 @@ type fakeVDI struct {
 	otherConfig   map[string]string
 }
 
+type syncState int
+
+const (
+	syncRunning syncState = iota
+	syncDone
+	syncFailed
+)
+
 type fakeSync struct {
 	spec  SyncSpec
-	polls int
-	state SyncState
+	state syncState
 }
 
 // world is a fake of both pools, the task API, the site agents, the
@@ -78,6 +85,7 @@ type world struct {
 	gatewayUp     bool
 	syncs         map[DiskKey]*fakeSync
 	storageClosed map[DiskKey]bool
+	applied       map[DiskKey][]int // rounds applied per disk
 	netPrepared   bool
 	netActive     bool
 	netReleased   bool
@@ -91,7 +99,7 @@ func newWorld() *world {
 		srcOC: map[string]string{}, dstOC: map[string]string{},
 		installed: Installed{Storage: []string{"nbd", "drbd"}, Network: []string{"l2tunnel"}},
 		vdis:      map[string]*fakeVDI{}, tasks: map[string]*TaskRecord{}, taskOC: map[string]map[string]string{},
-		taskLabel: map[string]string{}, syncs: map[DiskKey]*fakeSync{}, storageClosed: map[DiskKey]bool{},
+		taskLabel: map[string]string{}, syncs: map[DiskKey]*fakeSync{}, storageClosed: map[DiskKey]bool{}, applied: map[DiskKey][]int{},
 		ChangedBlocks: func(round int) int {
 			switch round {
 			case 1:
@@ -622,13 +630,19 @@ func (g gateway) Forward(ctx context.Context, id, target string) (string, error)
 	if err := g.w.call("gw.Forward"); err != nil {
 		return "", err
 	}
-	if !g.w.gatewayUp {
+	g.w.mu.Lock()
+	up := g.w.gatewayUp
+	g.w.mu.Unlock()
+	if !up {
 		return "", errors.New("gateway not running")
 	}
-	if target == "10.0.0.1:80" {
-		return "http://127.0.0.1:4001", nil
+	switch target {
+	case "10.0.0.1:80":
+		return "127.0.0.1:4001", nil
+	case "10.0.0.2:80", "10.0.0.2:10809":
+		return "127.0.0.1:4002", nil
 	}
-	return "http://127.0.0.1:4002", nil
+	return "", fmt.Errorf("no route to %s", target)
 }
 
 func (g gateway) Stats(ctx context.Context, id string) (GatewayStats, error) {
@@ -651,33 +665,52 @@ func (s storage) PrepareReceiver(ctx context.Context, spec ReceiverSpec) (Receiv
 	if err := s.w.call("st.PrepareReceiver"); err != nil {
 		return ReceiverInfo{}, err
 	}
-	return ReceiverInfo{Endpoint: "ep-" + spec.Key.DiskID, State: []byte("state-" + spec.Key.DiskID)}, nil
+	if spec.ReplicaVDI == "" || spec.Disk.VDIUUID != spec.Key.DiskID {
+		return ReceiverInfo{}, fmt.Errorf("bad receiver spec %+v", spec)
+	}
+	return ReceiverInfo{Address: "10.0.0.2:10809", Endpoint: []byte("ep-" + spec.Key.DiskID), State: []byte("rstate-" + spec.Key.DiskID)}, nil
 }
 
-func (s storage) PrepareSender(ctx context.Context, spec SenderSpec) error {
+func (s storage) PrepareSender(ctx context.Context, spec SenderSpec) ([]byte, error) {
 	if err := s.w.call("st.PrepareSender"); err != nil {
-		return err
+		return nil, err
 	}
-	if spec.ReceiverEndpoint != "ep-"+spec.Key.DiskID {
-		return fmt.Errorf("sender got endpoint %q", spec.ReceiverEndpoint)
+	if string(spec.Peer.Endpoint) != "ep-"+spec.Key.DiskID || spec.Peer.Address != "127.0.0.1:4002" {
+		return nil, fmt.Errorf("sender got peer %+v", spec.Peer)
 	}
-	return nil
+	return []byte("sstate-" + spec.Key.DiskID), nil
 }
 
-func (s storage) StartSync(ctx context.Context, spec SyncSpec) error {
-	if err := s.w.call("st.StartSync"); err != nil {
-		return err
+func (s storage) SyncRound(ctx context.Context, spec SyncSpec) (SyncResult, error) {
+	if err := s.w.call("st.SyncRound"); err != nil {
+		return SyncResult{}, err
+	}
+	s.w.mu.Lock()
+	if !s.w.agentsUp {
+		s.w.mu.Unlock()
+		return SyncResult{}, errors.New("agents not running")
+	}
+	if spec.Full == (spec.Round != 0) || (spec.Round > 0 && len(spec.Bitmap) == 0) || spec.SnapshotContentID == "" {
+		s.w.mu.Unlock()
+		return SyncResult{}, fmt.Errorf("bad sync spec %+v", spec)
+	}
+	s.w.syncs[spec.Key] = &fakeSync{spec: spec, state: syncRunning}
+	fail := s.w.SyncFail != nil && s.w.SyncFail(spec)
+	s.w.mu.Unlock()
+	select { // a little work, interruptible
+	case <-ctx.Done():
+		return SyncResult{}, ctx.Err()
+	case <-time.After(2 * time.Millisecond):
 	}
 	s.w.mu.Lock()
 	defer s.w.mu.Unlock()
-	if !s.w.agentsUp {
-		return errors.New("agents not running")
+	if fail {
+		s.w.syncs[spec.Key].state = syncFailed
+		return SyncResult{}, errors.New("injected failure")
 	}
-	if spec.Full == (spec.Round != 0) || (spec.Round > 0 && len(spec.Bitmap) == 0) {
-		return fmt.Errorf("bad sync spec %+v", spec)
-	}
-	s.w.syncs[spec.Key] = &fakeSync{spec: spec, state: SyncRunning}
-	return nil
+	s.w.syncs[spec.Key].state = syncDone
+	s.w.applied[spec.Key] = append(s.w.applied[spec.Key], spec.Round)
+	return SyncResult{BytesToCopy: 100, BytesCopied: 100, BytesOnWire: 50, State: []byte(fmt.Sprintf("sstate-%d", spec.Round))}, nil
 }
 
 func (s storage) SyncStatus(ctx context.Context, key DiskKey) (SyncStatus, error) {
@@ -688,38 +721,50 @@ func (s storage) SyncStatus(ctx context.Context, key DiskKey) (SyncStatus, error
 	defer s.w.mu.Unlock()
 	f, ok := s.w.syncs[key]
 	if !ok {
-		return SyncStatus{State: SyncIdle}, nil
+		return SyncStatus{}, fmt.Errorf("disk %s: %w", key.DiskID, ErrNotFound)
 	}
-	f.polls++
-	if f.polls >= 2 && f.state == SyncRunning {
-		f.state = SyncDone
-		if s.w.SyncFail != nil && s.w.SyncFail(f.spec) {
-			f.state = SyncFailed
-		}
+	return SyncStatus{Round: f.spec.Round, BytesToCopy: 200, BytesCopied: 100, BytesOnWire: 50}, nil
+}
+
+func (s storage) Finalize(ctx context.Context, key DiskKey) ([]byte, error) {
+	if err := s.w.call("st.Finalize"); err != nil {
+		return nil, err
 	}
-	return SyncStatus{Round: f.spec.Round, State: f.state, BytesDone: 100, BytesTotal: 200, BytesOnWire: 50,
-		Error: "injected failure", BackendState: []byte(fmt.Sprintf("round-%d", f.spec.Round))}, nil
+	return []byte("finalized"), nil
+}
+
+func (s storage) RecoverReceiver(ctx context.Context, key DiskKey, state []byte) (ReceiverInfo, error) {
+	if err := s.w.call("st.RecoverReceiver"); err != nil {
+		return ReceiverInfo{}, err
+	}
+	if len(state) == 0 {
+		return ReceiverInfo{}, errors.New("recover without state")
+	}
+	return ReceiverInfo{Address: "10.0.0.2:10809", Endpoint: []byte("ep-" + key.DiskID)}, nil
+}
+
+func (s storage) RecoverSender(ctx context.Context, key DiskKey, state []byte, peer Peer) error {
+	if err := s.w.call("st.RecoverSender"); err != nil {
+		return err
+	}
+	if len(state) == 0 || peer.Address == "" {
+		return fmt.Errorf("recover sender without state or peer (%q, %+v)", state, peer)
+	}
+	return nil
 }
 
 func (s storage) Abort(ctx context.Context, key DiskKey) error { return s.w.call("st.Abort") }
 
-func (s storage) Cleanup(ctx context.Context, key DiskKey) error {
+func (s storage) Cleanup(ctx context.Context, key DiskKey, rs, ss []byte) error {
 	if err := s.w.call("st.Cleanup"); err != nil {
 		return err
+	}
+	if len(rs) == 0 || len(ss) == 0 {
+		return errors.New("cleanup without states")
 	}
 	s.w.mu.Lock()
 	s.w.storageClosed[key] = true
 	s.w.mu.Unlock()
-	return nil
-}
-
-func (s storage) Recover(ctx context.Context, key DiskKey, state []byte) error {
-	if err := s.w.call("st.Recover"); err != nil {
-		return err
-	}
-	if len(state) == 0 {
-		return errors.New("recover without state")
-	}
 	return nil
 }
 
@@ -739,15 +784,25 @@ func (n network) Prepare(ctx context.Context, spec NetSpec) ([]byte, error) {
 	return []byte("net"), n.set("net.Prepare", func() { n.w.netPrepared = true })
 }
 
-func (n network) Activate(ctx context.Context, spec NetSpec) error {
-	if string(spec.State) != "net" {
-		return errors.New("activate without the prepare state")
+func (n network) Recover(ctx context.Context, spec NetSpec) ([]byte, error) {
+	if string(spec.State) == "" {
+		return nil, errors.New("recover without state")
 	}
-	return n.set("net.Activate", func() { n.w.netActive = true })
+	return nil, n.set("net.Recover", func() {})
 }
 
-func (n network) Release(ctx context.Context, spec NetSpec) error {
-	return n.set("net.Release", func() { n.w.netReleased = true })
+func (n network) Activate(ctx context.Context, spec NetSpec) ([]byte, error) {
+	if string(spec.State) != "net" {
+		return nil, errors.New("activate without the prepare state")
+	}
+	return []byte("net-active"), n.set("net.Activate", func() { n.w.netActive = true })
+}
+
+func (n network) Release(ctx context.Context, spec NetSpec) ([]byte, error) {
+	if string(spec.State) != "net-active" {
+		return nil, errors.New("release without the activate state")
+	}
+	return nil, n.set("net.Release", func() { n.w.netReleased = true })
 }
 
 func (n network) Cleanup(ctx context.Context, spec NetSpec) error {

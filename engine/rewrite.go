@@ -67,16 +67,18 @@ func RewriteURL(raw, base string) (string, error) {
 }
 
 // RewriteDest returns a copy of a host.migrate_receive result whose SM,
-// xenops and master URLs point at local gateway ends. forward receives each
-// URL's "host:port" target and returns the base URL of the local end that
-// tunnels to it (the same target is asked once). Other keys are copied
-// unchanged. Missing URL keys are an error: xapi always returns all three.
+// xenops and master URLs point at local ends of the WAN gateway. forward
+// receives each URL's "host:port" target and returns the "host:port" of the
+// local end that tunnels TCP to it (each target is asked once). Each URL
+// keeps its scheme (an https URL stays https end to end through the
+// tunnel), path and query. Other keys are copied unchanged. A missing URL
+// key is an error: xapi always returns all three.
 func RewriteDest(dest map[string]string, forward func(target string) (string, error)) (map[string]string, error) {
 	out := make(map[string]string, len(dest))
 	for k, v := range dest {
 		out[k] = v
 	}
-	bases := map[string]string{}
+	locals := map[string]string{}
 	for _, k := range DestURLKeys {
 		raw, ok := dest[k]
 		if !ok || raw == "" {
@@ -86,15 +88,19 @@ func RewriteDest(dest map[string]string, forward func(target string) (string, er
 		if err != nil {
 			return nil, fmt.Errorf("dest %s: %w", k, err)
 		}
-		base, ok := bases[target]
+		local, ok := locals[target]
 		if !ok {
-			base, err = forward(target)
+			local, err = forward(target)
 			if err != nil {
 				return nil, fmt.Errorf("gateway forward to %s: %w", target, err)
 			}
-			bases[target] = base
+			if _, _, err := net.SplitHostPort(local); err != nil {
+				return nil, fmt.Errorf("gateway forward to %s: local end %q: %w", target, local, err)
+			}
+			locals[target] = local
 		}
-		nu, err := RewriteURL(raw, base)
+		u, _ := url.Parse(raw) // parsed by URLTarget already
+		nu, err := RewriteURL(raw, u.Scheme+"://"+local)
 		if err != nil {
 			return nil, fmt.Errorf("dest %s: %w", k, err)
 		}

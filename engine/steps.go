@@ -277,8 +277,9 @@ func (r *run) key(d *DiskState) DiskKey {
 	return DiskKey{MigrationID: r.cp.MigrationID, DiskID: d.Disk.VDIUUID}
 }
 
-// ensureAttached re-attaches to agents, gateway and transfers after a
-// controller restart (once per process).
+// ensureAttached re-attaches to agents, gateway, transfers and network
+// after a controller restart or a lost agent (once per process, or again
+// after a retry resets r.attached).
 func (r *run) ensureAttached(ctx context.Context) error {
 	cp := r.cp
 	if r.attached || !r.resumed {
@@ -296,14 +297,61 @@ func (r *run) ensureAttached(ctx context.Context) error {
 	}
 	for i := range cp.Disks {
 		d := &cp.Disks[i]
-		if (d.ReceiverReady || d.SenderReady) && !d.StorageClosed {
-			if err := r.d.Storage.Recover(ctx, r.key(d), d.BackendState); err != nil {
-				return fmt.Errorf("recover transfer of disk %s: %w", d.Disk.VDIUUID, err)
+		if d.StorageClosed {
+			continue
+		}
+		if d.ReceiverReady {
+			info, err := r.d.Storage.RecoverReceiver(ctx, r.key(d), d.ReceiverState)
+			if err != nil {
+				return fmt.Errorf("recover receiver of disk %s: %w", d.Disk.VDIUUID, err)
+			}
+			r.setReceiver(d, info)
+			if err := r.forwardReceiver(ctx, d); err != nil {
+				return err
+			}
+		}
+		if d.SenderReady {
+			if err := r.d.Storage.RecoverSender(ctx, r.key(d), d.SenderState, r.peer(d)); err != nil {
+				return fmt.Errorf("recover sender of disk %s: %w", d.Disk.VDIUUID, err)
 			}
 		}
 	}
+	if cp.Net.Prepared && !cp.Net.Cleaned {
+		st, err := r.d.Network.Recover(ctx, r.netSpec())
+		if err != nil {
+			return fmt.Errorf("recover network: %w", err)
+		}
+		if st != nil {
+			cp.Net.State = st
+		}
+	}
 	r.attached = true
+	return r.save(ctx)
+}
+
+func (r *run) setReceiver(d *DiskState, info ReceiverInfo) {
+	d.ReceiverAddress, d.ReceiverEndpoint = info.Address, info.Endpoint
+	if info.State != nil {
+		d.ReceiverState = info.State
+	}
+}
+
+// forwardReceiver makes the receiver reachable from the source through the gateway.
+func (r *run) forwardReceiver(ctx context.Context, d *DiskState) error {
+	d.PeerAddress = ""
+	if d.ReceiverAddress == "" {
+		return nil
+	}
+	local, err := r.d.Gateway.Forward(ctx, r.cp.MigrationID, d.ReceiverAddress)
+	if err != nil {
+		return fmt.Errorf("gateway forward to the receiver of %s: %w", d.Disk.VDIUUID, err)
+	}
+	d.PeerAddress = local
 	return nil
+}
+
+func (r *run) peer(d *DiskState) Peer {
+	return Peer{Address: d.PeerAddress, Endpoint: d.ReceiverEndpoint}
 }
 
 func (r *run) gatewaySpec() GatewaySpec {
@@ -314,7 +362,7 @@ func (r *run) gatewaySpec() GatewaySpec {
 
 func (r *run) netSpec() NetSpec {
 	return NetSpec{MigrationID: r.cp.MigrationID, Backend: r.cp.Settings.Network, VMUUID: r.cp.Request.VMUUID,
-		VIFs: r.cp.VIFs, VIFMap: r.cp.VIFMap, State: r.cp.Net.State}
+		VMName: r.cp.VMName, VIFs: r.cp.VIFs, VIFMap: r.cp.VIFMap, State: r.cp.Net.State}
 }
 
 func (r *run) stepPrepare(ctx context.Context) (Phase, error) {
@@ -366,25 +414,27 @@ func (r *run) stepPrepare(ctx context.Context) (Phase, error) {
 		}
 		if !d.ReceiverReady {
 			info, err := r.d.Storage.PrepareReceiver(ctx, ReceiverSpec{Key: r.key(d), Backend: cp.Settings.Storage,
-				ReplicaVDI: d.ReplicaRef, ReplicaUUID: d.ReplicaUUID, DestSR: d.DestSR, VirtualSize: d.Disk.VirtualSize})
+				Disk: d.Disk, ReplicaVDI: d.ReplicaRef, ReplicaUUID: d.ReplicaUUID, DestSR: d.DestSR})
 			if err != nil {
 				return PhasePrepare, fmt.Errorf("prepare receiver for %s: %w", d.Disk.VDIUUID, err)
 			}
-			d.ReceiverReady, d.Endpoint = true, info.Endpoint
-			if info.State != nil {
-				d.BackendState = info.State
-			}
+			r.setReceiver(d, info)
+			d.ReceiverReady = true
 			if err := r.save(ctx); err != nil {
 				return PhasePrepare, err
 			}
 		}
 		if !d.SenderReady {
+			if err := r.forwardReceiver(ctx, d); err != nil {
+				return PhasePrepare, err
+			}
 			s := cp.Settings
-			if err := r.d.Storage.PrepareSender(ctx, SenderSpec{Key: r.key(d), Backend: s.Storage, SourceVDI: d.Disk.VDIRef,
-				ReceiverEndpoint: d.Endpoint, Streams: s.Streams, Compression: s.Compression, BandwidthBytesPerSec: s.BandwidthBytesPerSec}); err != nil {
+			st, err := r.d.Storage.PrepareSender(ctx, SenderSpec{Key: r.key(d), Backend: s.Storage, Disk: d.Disk,
+				Peer: r.peer(d), Streams: s.Streams, Compression: s.Compression, BandwidthBytesPerSec: s.BandwidthBytesPerSec})
+			if err != nil {
 				return PhasePrepare, fmt.Errorf("prepare sender for %s: %w", d.Disk.VDIUUID, err)
 			}
-			d.SenderReady = true
+			d.SenderReady, d.SenderState = true, st
 			if err := r.save(ctx); err != nil {
 				return PhasePrepare, err
 			}
@@ -465,6 +515,10 @@ func (r *run) stepSeed(ctx context.Context) (Phase, error) {
 	return PhaseHandoff, nil
 }
 
+// syncRetries is how often a failed round is retried (after re-attaching
+// to the agents) before the migration rolls back.
+const syncRetries = 3
+
 // seedRound makes every replica equal to snapshot S<round>.
 func (r *run) seedRound(ctx context.Context, round int) error {
 	cp := r.cp
@@ -516,72 +570,28 @@ func (r *run) seedRound(ctx context.Context, round int) error {
 				return err
 			}
 		}
-		if d.SyncRound != round || !d.SyncStarted {
-			if err := r.startSync(ctx, d, round); err != nil {
+		if d.SyncRound != round {
+			d.SyncRound, d.SyncDone, d.RoundBytes, d.RoundWire = round, false, 0, 0
+			if err := r.save(ctx); err != nil {
 				return err
 			}
 		}
 	}
-	// Poll until every disk finished the round.
-	for {
-		var done, total, doneBytes, wire int64
-		for i := range cp.Disks {
-			d := &cp.Disks[i]
-			total += d.RoundBytes
-			if d.SyncDone {
-				done++
-				doneBytes += d.RoundBytes
-				wire += d.RoundWire
-				continue
-			}
-			st, err := r.d.Storage.SyncStatus(ctx, r.key(d))
-			if err != nil {
-				return fmt.Errorf("sync status of %s: %w", d.Disk.VDIUUID, err)
-			}
-			if st.BackendState != nil {
-				d.BackendState = st.BackendState
-			}
-			switch {
-			case st.State == SyncFailed:
-				return fmt.Errorf("sync round %d of %s: %s", round, d.Disk.VDIUUID, st.Error)
-			case st.State == SyncDone && st.Round == round:
-				d.SyncDone, d.RoundWire = true, st.BytesOnWire
-				done++
-				doneBytes += d.RoundBytes
-				wire += st.BytesOnWire
-				if err := r.save(ctx); err != nil {
-					return err
-				}
-			case st.State == SyncIdle || st.Round != round:
-				// the agent lost the round (restart): start it again; the
-				// receiver skips blocks it already applied.
-				r.plog.Warn("sync round not running; restarting it", "disk", d.Disk.VDIUUID, "round", round)
-				if err := r.startSync(ctx, d, round); err != nil {
-					return err
-				}
-			default:
-				doneBytes += min(st.BytesDone, d.RoundBytes)
-				wire += st.BytesOnWire
-			}
-		}
-		frac := 0.0
-		if total > 0 {
-			frac = float64(doneBytes) / float64(total)
-		}
-		// round 0 is most of Seed; later rounds fill the rest.
-		seedFrac := 0.8 * frac
-		if round > 0 {
-			seedFrac = 0.8 + 0.2*(1-1/float64(round+1)) + 0.2/float64(round+1)*frac*0.5
-		}
-		r.progress(ctx, PhaseSeed, seedFrac, Progress{Round: round, BytesDone: doneBytes, BytesTotal: total, BytesOnWire: wire})
-		if done == int64(len(cp.Disks)) {
+	for attempt := 0; ; attempt++ {
+		err := r.runSyncs(ctx, round)
+		if err == nil {
 			break
 		}
-		if err := r.checkCancel(ctx); err != nil {
+		if errors.Is(err, errHalt) || errors.Is(err, ErrCancelled) || ctx.Err() != nil || attempt >= syncRetries {
 			return err
 		}
-		if err := r.sleep(ctx); err != nil {
+		r.plog.Warn("seed round failed; re-attaching and retrying", "round", round, "attempt", attempt+1, "error", err)
+		if err := r.sleepFor(ctx, time.Duration(attempt+1)*r.d.PollInterval); err != nil {
 			return err
+		}
+		r.attached, r.resumed = false, true
+		if err := r.ensureAttached(ctx); err != nil {
+			r.plog.Warn("re-attach failed", "error", err)
 		}
 	}
 	stat := RoundStat{Round: round, Seconds: float64(r.d.Now().UnixNano()-cp.Seed.RoundStartNano) / 1e9}
@@ -613,33 +623,140 @@ func (r *run) seedRound(ctx context.Context, round int) error {
 	return nil
 }
 
-func (r *run) startSync(ctx context.Context, d *DiskState, round int) error {
-	s := snapFor(d, round)
-	spec := SyncSpec{Key: r.key(d), Round: round, Snapshot: s.Ref, BlockSize: CBTBlockSize}
-	if round == 0 {
-		spec.Full = true
-		d.RoundBytes = allocated(d.Disk)
-	} else {
-		prev := snapFor(d, round-1)
-		if prev == nil {
-			return fmt.Errorf("disk %s: no snapshot of round %d", d.Disk.VDIUUID, round-1)
+type syncOutcome struct {
+	i   int
+	res SyncResult
+	err error
+}
+
+// runSyncs runs SyncRound for every disk not yet done with the round, all
+// disks at once, while polling progress and cancel. It returns only after
+// every SyncRound call returned (no goroutine outlives it).
+func (r *run) runSyncs(ctx context.Context, round int) error {
+	cp := r.cp
+	specs := map[int]SyncSpec{}
+	for i := range cp.Disks {
+		d := &cp.Disks[i]
+		if d.SyncDone {
+			continue
 		}
-		b64, err := r.d.Source.ListChangedBlocks(ctx, prev.Ref, s.Ref)
-		if err != nil {
-			return fmt.Errorf("list changed blocks of %s: %w", d.Disk.VDIUUID, err)
-		}
-		bm, err := DecodeCBTBitmap(b64)
+		spec, err := r.syncSpec(ctx, d, round)
 		if err != nil {
 			return err
 		}
-		spec.Bitmap = bm
-		d.RoundBytes = ChangedBytes(bm, d.Disk.VirtualSize)
+		specs[i] = spec
 	}
-	if err := r.d.Storage.StartSync(ctx, spec); err != nil {
-		return fmt.Errorf("start sync round %d of %s: %w", round, d.Disk.VDIUUID, err)
+	if err := r.save(ctx); err != nil { // RoundBytes
+		return err
 	}
-	d.SyncRound, d.SyncStarted, d.SyncDone, d.RoundWire = round, true, false, 0
-	return r.save(ctx)
+	if len(specs) == 0 {
+		return nil
+	}
+	rctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	results := make(chan syncOutcome, len(specs))
+	for i, spec := range specs {
+		go func() {
+			res, err := r.d.Storage.SyncRound(rctx, spec)
+			results <- syncOutcome{i: i, res: res, err: err}
+		}()
+	}
+	tick := time.NewTicker(r.d.PollInterval)
+	defer tick.Stop()
+	var firstErr error
+	fail := func(err error) {
+		if firstErr == nil {
+			firstErr = err
+			cancel()
+		}
+	}
+	for pending := len(specs); pending > 0; {
+		select {
+		case o := <-results:
+			pending--
+			d := &cp.Disks[o.i]
+			if o.err != nil {
+				fail(fmt.Errorf("sync round %d of %s: %w", round, d.Disk.VDIUUID, o.err))
+				continue
+			}
+			d.SyncDone, d.RoundWire = true, o.res.BytesOnWire
+			if o.res.State != nil {
+				d.SenderState = o.res.State
+			}
+			if err := r.save(ctx); err != nil {
+				fail(err)
+			}
+		case <-tick.C:
+			if firstErr != nil {
+				continue
+			}
+			if err := r.checkCancel(ctx); err != nil {
+				fail(err)
+				continue
+			}
+			r.seedProgress(ctx, round)
+		}
+	}
+	if firstErr == nil {
+		r.seedProgress(ctx, round)
+	}
+	return firstErr
+}
+
+// seedProgress reports Seed progress: round 0 is most of Seed, later
+// rounds fill the rest.
+func (r *run) seedProgress(ctx context.Context, round int) {
+	var total, done, wire int64
+	for i := range r.cp.Disks {
+		d := &r.cp.Disks[i]
+		total += d.RoundBytes
+		if d.SyncDone {
+			done += d.RoundBytes
+			wire += d.RoundWire
+			continue
+		}
+		if st, err := r.d.Storage.SyncStatus(ctx, r.key(d)); err == nil && st.Round == round {
+			done += min(st.BytesCopied, d.RoundBytes)
+			wire += st.BytesOnWire
+		}
+	}
+	frac := 1.0
+	if total > 0 {
+		frac = float64(done) / float64(total)
+	}
+	seedFrac := 0.8 * frac
+	if round > 0 {
+		k := float64(round)
+		seedFrac = 0.8 + 0.2*(k-1)/k + 0.2*(1/k-1/(k+1))*frac
+	}
+	r.progress(ctx, PhaseSeed, seedFrac, Progress{Round: round, BytesDone: done, BytesTotal: total, BytesOnWire: wire})
+}
+
+// syncSpec builds a disk's round (the bitmap is asked again on every call:
+// list_changed_blocks has no side effects).
+func (r *run) syncSpec(ctx context.Context, d *DiskState, round int) (SyncSpec, error) {
+	s := snapFor(d, round)
+	spec := SyncSpec{Key: r.key(d), Round: round, Snapshot: s.Ref, SnapshotContentID: s.ContentID, BlockSize: CBTBlockSize}
+	if round == 0 {
+		spec.Full = true
+		d.RoundBytes = allocated(d.Disk)
+		return spec, nil
+	}
+	prev := snapFor(d, round-1)
+	if prev == nil {
+		return spec, fmt.Errorf("disk %s: no snapshot of round %d", d.Disk.VDIUUID, round-1)
+	}
+	b64, err := r.d.Source.ListChangedBlocks(ctx, prev.Ref, s.Ref)
+	if err != nil {
+		return spec, fmt.Errorf("list changed blocks of %s: %w", d.Disk.VDIUUID, err)
+	}
+	bm, err := DecodeCBTBitmap(b64)
+	if err != nil {
+		return spec, err
+	}
+	spec.Bitmap = bm
+	d.RoundBytes = ChangedBytes(bm, d.Disk.VirtualSize)
+	return spec, nil
 }
 
 func (r *run) stepHandoff(ctx context.Context) (Phase, error) {
@@ -654,6 +771,19 @@ func (r *run) stepHandoff(ctx context.Context) (Phase, error) {
 	}
 	for i := range cp.Disks {
 		d := &cp.Disks[i]
+		if !d.Finalized {
+			st, err := r.d.Storage.Finalize(ctx, r.key(d))
+			if err != nil {
+				return PhaseHandoff, fmt.Errorf("finalize replica of %s: %w", d.Disk.VDIUUID, err)
+			}
+			if st != nil {
+				d.ReceiverState = st
+			}
+			d.Finalized = true
+			if err := r.save(ctx); err != nil {
+				return PhaseHandoff, err
+			}
+		}
 		if !d.ContentIDSet {
 			s := lastSnap(d)
 			if s == nil || s.ContentID == "" {
@@ -786,8 +916,12 @@ func (r *run) stepSwitch(ctx context.Context) (Phase, error) {
 		return PhaseVerify, nil
 	}
 	if !cp.Net.Activated {
-		if err := r.d.Network.Activate(ctx, r.netSpec()); err != nil {
+		st, err := r.d.Network.Activate(ctx, r.netSpec())
+		if err != nil {
 			return PhaseSwitch, fmt.Errorf("activate network at the destination: %w", err)
+		}
+		if st != nil {
+			cp.Net.State = st
 		}
 		cp.Net.Activated = true
 		if err := r.save(ctx); err != nil {
@@ -795,8 +929,12 @@ func (r *run) stepSwitch(ctx context.Context) (Phase, error) {
 		}
 	}
 	if !cp.Net.Released {
-		if err := r.d.Network.Release(ctx, r.netSpec()); err != nil {
+		st, err := r.d.Network.Release(ctx, r.netSpec())
+		if err != nil {
 			return PhaseSwitch, fmt.Errorf("release network at the source: %w", err)
+		}
+		if st != nil {
+			cp.Net.State = st
 		}
 		cp.Net.Released = true
 		if err := r.save(ctx); err != nil {
@@ -872,7 +1010,7 @@ func (r *run) releaseAll(ctx context.Context, rollback bool) error {
 					r.plog.Warn("storage abort failed", "disk", d.Disk.VDIUUID, "error", err)
 				}
 			}
-			if err := r.d.Storage.Cleanup(ctx, r.key(d)); err != nil {
+			if err := r.d.Storage.Cleanup(ctx, r.key(d), d.ReceiverState, d.SenderState); err != nil {
 				errs = append(errs, fmt.Errorf("storage cleanup of %s: %w", d.Disk.VDIUUID, err))
 				continue
 			}

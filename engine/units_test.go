@@ -185,9 +185,9 @@ func TestRewriteDest(t *testing.T) {
 	out, err := RewriteDest(dest, func(target string) (string, error) {
 		asked[target]++
 		if target == "10.0.0.1:80" {
-			return "http://127.0.0.1:7001", nil
+			return "127.0.0.1:7001", nil
 		}
-		return "http://127.0.0.1:7002", nil
+		return "127.0.0.1:7002", nil
 	})
 	require.NoError(t, err)
 	assert.Equal(t, map[string]int{"10.0.0.1:80": 1, "10.0.0.2:80": 1}, asked, "one forward per target")
@@ -198,8 +198,16 @@ func TestRewriteDest(t *testing.T) {
 	assert.Equal(t, "OpaqueRef:s", out["session_id"])
 	assert.Equal(t, "http://10.0.0.1/", dest["master"], "input untouched")
 
-	delete(dest, "xenops")
+	// https stays https through the tunnel
+	dest["SM"] = "https://10.0.0.2/services/SM?session_id=x"
+	out, err = RewriteDest(dest, func(string) (string, error) { return "[::1]:9", nil })
+	require.NoError(t, err)
+	assert.Equal(t, "https://[::1]:9/services/SM?session_id=x", out["SM"])
 	_, err = RewriteDest(dest, func(string) (string, error) { return "http://127.0.0.1:1", nil })
+	require.ErrorContains(t, err, "local end")
+
+	delete(dest, "xenops")
+	_, err = RewriteDest(dest, func(string) (string, error) { return "127.0.0.1:1", nil })
 	require.ErrorContains(t, err, "xenops")
 	dest["xenops"] = "http://10.0.0.2/x"
 	_, err = RewriteDest(dest, func(string) (string, error) { return "", assert.AnError })
@@ -217,7 +225,7 @@ func sampleCheckpoint() *Checkpoint {
 		Settings: Settings{Storage: "nbd", Network: "none", Streams: 4, DowntimeTarget: time.Second, Policy: PolicyKeepGoing, MaxRounds: 8, MinShrink: 0.1},
 		Plan:     Estimate{LinkBytesPerSec: 1, SeedRounds: 3, Converges: true},
 		VMRef:    "OpaqueRef:vm", Disks: []DiskState{{Disk: Disk{VDIRef: "r", VDIUUID: "u", VirtualSize: 10}, ReplicaRef: "x",
-			BackendState: []byte{1, 2, 3}, Snapshots: []SnapshotState{{Round: 0, Ref: "s0", ContentID: "c0", DataDestroyed: true}}}},
+			ReceiverState: []byte{1, 2, 3}, SenderState: []byte{4}, ReceiverEndpoint: []byte("e"), PeerAddress: "127.0.0.1:1", Snapshots: []SnapshotState{{Round: 0, Ref: "s0", ContentID: "c0", DataDestroyed: true}}}},
 		VIFs: []VIF{{Ref: "v", MAC: "m"}}, VIFMap: map[string]string{"v": "n"},
 		Task: "OpaqueRef:t", TaskCreated: true,
 		Seed:    SeedState{Round: 1, Rounds: []RoundStat{{Round: 0, ChangedBytes: 5, Seconds: 1.5}}, Throttled: true},
