@@ -91,7 +91,7 @@ func benchOne(b *testing.B, rtt time.Duration, bps int64, size, streams int, dat
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	srv := Config{CertPEM: pk.server.CertPEM, KeyPEM: pk.server.KeyPEM, CAPEM: pk.ca.CertPEM}
-	cli := Config{CertPEM: pk.client.CertPEM, KeyPEM: pk.client.KeyPEM, CAPEM: pk.ca.CertPEM, Streams: streams, Bandwidth: bps / 8}
+	cli := Config{CertPEM: pk.client.CertPEM, KeyPEM: pk.client.KeyPEM, CAPEM: pk.ca.CertPEM, Streams: streams, Bandwidth: bps / 8, ChannelWindow: benchWindow()}
 	l, err := Listen(ctx, "127.0.0.1:0", srv)
 	if err != nil {
 		b.Fatal(err)
@@ -158,4 +158,13 @@ func benchOne(b *testing.B, rtt time.Duration, bps int64, size, streams int, dat
 	b.ReportMetric(logical/linkBytesPerSec/sec, "efficiency")
 	b.ReportMetric(cpu/(logical/(1<<30)), "cpu_s/GiB")
 	b.ReportMetric(logical/float64(wire), "wire_ratio")
+}
+
+func benchWindow() int {
+	if v := os.Getenv("WAN_BENCH_WINDOW_MIB"); v != "" {
+		var n int
+		fmt.Sscan(v, &n)
+		return n << 20
+	}
+	return 0
 }

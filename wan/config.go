@@ -60,8 +60,9 @@ type Config struct {
 	// (0 = unlimited). Change it later with Session.SetRateLimit.
 	RateLimit int64
 	// ChannelWindow is how many unacknowledged payload bytes one channel may
-	// have outstanding (32 MiB). It must cover the bandwidth-delay product for
-	// a single channel to fill the link.
+	// have outstanding. It must cover the bandwidth-delay product plus the
+	// socket buffers of every stream for a single channel to fill the link.
+	// 0 = 4 × streams × StreamWindow, bounded to 32..128 MiB.
 	ChannelWindow int
 	// MaxFrame is the largest payload of one frame before compression (256 KiB).
 	MaxFrame int
@@ -90,7 +91,7 @@ func (c Config) withDefaults() Config {
 		c.StreamWindow = 4 << 20
 	}
 	if c.ChannelWindow <= 0 {
-		c.ChannelWindow = 32 << 20
+		c.ChannelWindow = minChannelWindow
 	}
 	if c.MaxFrame <= 0 {
 		c.MaxFrame = 256 << 10
@@ -117,6 +118,17 @@ func (c Config) withDefaults() Config {
 		c.Logger = hclog.NewNullLogger()
 	}
 	return c
+}
+
+const (
+	minChannelWindow = 32 << 20
+	maxChannelWindow = 128 << 20
+)
+
+// autoChannelWindow sizes the default channel window for n streams.
+func autoChannelWindow(n int, streamWindow int64) int {
+	w := int64(n) * 4 * streamWindow
+	return int(min(max(w, minChannelWindow), maxChannelWindow))
 }
 
 // chooseStreams picks the stream count so that the per-stream windows cover

@@ -19,6 +19,7 @@ import (
 // remaining streams join in the background and are re-dialled with backoff
 // after a cut until Config.MaxOutage passes without any stream.
 func Dial(ctx context.Context, addr string, cfg Config) (*Session, error) {
+	autoWindow := cfg.ChannelWindow <= 0
 	cfg = cfg.withDefaults()
 	tc, err := tlsConfig(&cfg, false)
 	if err != nil {
@@ -29,7 +30,7 @@ func Dial(ctx context.Context, addr string, cfg Config) (*Session, error) {
 		return nil, err
 	}
 	s := newSession(cfg, true, id)
-	s.addr, s.tlsc = addr, tc
+	s.addr, s.tlsc, s.autoWindow = addr, tc, autoWindow
 	conn, raw, dec, rtt, err := s.dialStream(ctx, 0, true)
 	if err != nil {
 		return nil, err
@@ -193,9 +194,10 @@ func (e *exactReader) Read(p []byte) (int, error) {
 
 // Listener accepts gateway sessions (the destination side, --gateway-listen).
 type Listener struct {
-	cfg  Config
-	tlsc *tls.Config
-	ln   net.Listener
+	autoWindow bool
+	cfg        Config
+	tlsc       *tls.Config
+	ln         net.Listener
 
 	mu                sync.Mutex
 	sessions          map[string]*Session
@@ -208,6 +210,7 @@ type Listener struct {
 
 // Listen starts a gateway listener on addr ("127.0.0.1:0" for tests).
 func Listen(ctx context.Context, addr string, cfg Config) (*Listener, error) {
+	autoWindow := cfg.ChannelWindow <= 0
 	cfg = cfg.withDefaults()
 	tc, err := tlsConfig(&cfg, true)
 	if err != nil {
@@ -218,7 +221,7 @@ func Listen(ctx context.Context, addr string, cfg Config) (*Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("wan: listen %s: %w", addr, err)
 	}
-	l := &Listener{cfg: cfg, tlsc: tc, ln: ln, sessions: map[string]*Session{}, accept: make(chan *Session, 16), done: make(chan struct{})}
+	l := &Listener{autoWindow: autoWindow, cfg: cfg, tlsc: tc, ln: ln, sessions: map[string]*Session{}, accept: make(chan *Session, 16), done: make(chan struct{})}
 	l.wg.Add(1)
 	go l.serve()
 	return l, nil
@@ -333,6 +336,7 @@ func (l *Listener) handle(tcp net.Conn) {
 	isNew := false
 	if s == nil && h.K == 1 && !l.closed {
 		s = newSession(l.cfg, false, h.Sess)
+		s.autoWindow = l.autoWindow
 		s.onClose = func() {
 			l.mu.Lock()
 			delete(l.sessions, key)

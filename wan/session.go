@@ -54,6 +54,8 @@ type Session struct {
 	wg        sync.WaitGroup
 	onClose   func()
 	rtt0      time.Duration
+	// autoWindow: ChannelWindow follows the stream count (not set by the user).
+	autoWindow bool
 
 	st counters
 }
@@ -217,6 +219,11 @@ func (s *Session) fail(err error) {
 	for _, ch := range s.chans {
 		ch.signal()
 	}
+	for name, sink := range s.sinks { // registered, never opened by the peer
+		sink.err = err
+		close(sink.done)
+		delete(s.sinks, name)
+	}
 	close(s.inSig)
 	s.inSig = make(chan struct{})
 	s.cond.Broadcast()
@@ -249,6 +256,9 @@ func (s *Session) attach(idx int, conn net.Conn, raw *countConn, dec *zstd.Decod
 	}
 	s.streams[idx] = st
 	s.nconn++
+	if s.autoWindow {
+		s.cfg.ChannelWindow = max(s.cfg.ChannelWindow, autoChannelWindow(len(s.streams), s.cfg.StreamWindow))
+	}
 	s.mu.Unlock()
 	s.wg.Add(2)
 	go s.writer(st)
@@ -540,7 +550,7 @@ func (s *Session) onData(h *header, data []byte) error {
 		s.queueAck(h.Ch)
 		return nil
 	}
-	if len(ch.rbuf) > 4*s.cfg.ChannelWindow/1024+1024 {
+	if len(ch.rbuf) > 4*maxChannelWindow/frameOverhead {
 		return fmt.Errorf("%w: channel %d reorder buffer overflow", ErrProtocol, h.Ch)
 	}
 	ch.rbuf[h.Seq] = &inFrame{seq: h.Seq, kind: h.K, off: h.Off, n: int(h.N), data: data, zero: h.F&flagZero != 0, name: h.Name}

@@ -445,3 +445,17 @@ func TestChooseStreams(t *testing.T) {
 		})
 	}
 }
+
+func TestUnopenedSinkFailsWithSession(t *testing.T) {
+	noLeaks(t)
+	pk := newPKI(t)
+	p := newPair(t, pk.serverConfig(t), pk.clientConfig(t), nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	sink, err := p.dst.AcceptBlockChannel(ctx, "never", func(context.Context, Block) error { return nil })
+	require.NoError(t, err)
+	_, err = p.dst.AcceptBlockChannel(ctx, "never", func(context.Context, Block) error { return nil })
+	require.Error(t, err, "one sink per name")
+	require.NoError(t, p.src.Close())
+	assert.ErrorIs(t, sink.Wait(ctx), ErrPeerClosed)
+}
