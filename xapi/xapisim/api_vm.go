@@ -163,14 +163,25 @@ func (c *Call) vmPowerOp(op string) error {
 			to = Paused
 		}
 	}
-	c.Pool.SetPowerState(o, to, host)
+	c.Pool.setPowerState(o, to, host)
 	return nil
 }
 
-// SetPowerState moves a VM to state (pool lock held): resident_on, domid,
-// start_time and device attachment follow, and power hooks run. All power
-// transitions (API calls, migration) go through here.
-func (p *Pool) SetPowerState(o *object, state, host string) {
+// SetPowerState moves the VM vmRef to state on host (pool lock held),
+// without the API's state-machine checks: resident_on, domid, start_time,
+// allowed_operations and device attachment follow, and power hooks run.
+// Migration code uses it to stop/start VMs on either side.
+func (p *Pool) SetPowerState(vmRef, state, host string) error {
+	o, err := p.db.get("VM", vmRef)
+	if err != nil {
+		return err
+	}
+	p.setPowerState(o, state, host)
+	return nil
+}
+
+// setPowerState is the single place VM power states change.
+func (p *Pool) setPowerState(o *object, state, host string) {
 	from := o.str("power_state")
 	o.Fields["power_state"] = state
 	switch state {

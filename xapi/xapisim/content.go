@@ -119,7 +119,7 @@ func (p *Pool) createDemoVM(sr, network *object, host string) error {
 		"mode": "RW", "type": "Disk"})
 	d.create("VIF", map[string]any{"VM": vm.Ref, "network": network.Ref, "device": "0", "MAC": randomMAC(),
 		"MTU": int64(1500)})
-	p.SetPowerState(vm, Running, host)
+	p.setPowerState(vm, Running, host)
 	return nil
 }
 

@@ -90,6 +90,55 @@ func (s *Sim) rawTarget(h *Host, r *http.Request) (uuid string, size int64, stat
 	return o.str("uuid"), o.int("virtual_size"), 0, ""
 }
 
+// httpTask returns the task a transfer reports to: the task_id query
+// parameter when it names a task, else a new task, as xapi attaches
+// progress to the caller's task or creates its own.
+func (s *Sim) httpTask(h *Host, r *http.Request, label string) string {
+	p := h.pool
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if id := r.URL.Query().Get("task_id"); id != "" {
+		if _, err := p.db.get("task", id); err == nil {
+			return id
+		}
+	}
+	return p.createTask(label, "", h.Ref).Ref
+}
+
+// finishTask completes a transfer's task (success with an empty result, or
+// failure with INTERNAL_ERROR [msg]).
+func (s *Sim) finishTask(h *Host, task string, err error) {
+	p := h.pool
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if o, gerr := p.db.get("task", task); gerr == nil && o.str("status") == "pending" {
+		p.completeTask(task, "", err)
+	}
+}
+
+// progress reports a transfer's progress every 5%.
+type progress struct {
+	s     *Sim
+	h     *Host
+	task  string
+	total int64
+	last  float64
+}
+
+func (pr *progress) add(done int64) {
+	if pr.total <= 0 {
+		return
+	}
+	f := float64(done) / float64(pr.total)
+	if f-pr.last < 0.05 || f >= 1 {
+		return
+	}
+	pr.last = f
+	pr.h.pool.mu.Lock()
+	pr.h.pool.SetTaskProgress(pr.task, f)
+	pr.h.pool.mu.Unlock()
+}
+
 // importRawVDI serves PUT /import_raw_vdi?vdi=&format=raw&session_id=.
 // Content-Length is required (xapi does not implement chunked encoding).
 func (s *Sim) importRawVDI(h *Host, w http.ResponseWriter, r *http.Request) {
@@ -110,6 +159,9 @@ func (s *Sim) importRawVDI(h *Host, w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "content longer than the VDI", http.StatusBadRequest)
 		return
 	}
+	task := s.httpTask(h, r, "VDI import")
+	w.Header().Set("task-id", task)
+	pr := &progress{s: s, h: h, task: task, total: r.ContentLength}
 	buf := make([]byte, 1<<20)
 	var off int64
 	for off < r.ContentLength {
@@ -122,19 +174,20 @@ func (s *Sim) importRawVDI(h *Host, w http.ResponseWriter, r *http.Request) {
 				werr = s.WriteVDI(uuid, off, buf[:n])
 			}
 			if werr != nil {
+				s.finishTask(h, task, werr)
 				http.Error(w, werr.Error(), http.StatusInternalServerError)
 				return
 			}
 			off += int64(n)
+			pr.add(off)
 		}
 		if err != nil {
-			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-				break
-			}
 			s.log.Warn("import_raw_vdi read failed", "error", err)
+			s.finishTask(h, task, fmt.Errorf("import_raw_vdi: body ended after %d of %d bytes: %w", off, r.ContentLength, err))
 			return
 		}
 	}
+	s.finishTask(h, task, nil)
 	w.WriteHeader(http.StatusOK)
 }
 
@@ -164,12 +217,37 @@ func (s *Sim) exportRawVDI(h *Host, w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer func() { _ = f.Close() }()
+	task := s.httpTask(h, r, "VDI export")
+	w.Header().Set("task-id", task)
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.Header().Set("Content-Disposition", `attachment; filename="`+uuid+`.raw"`)
 	w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
 	w.WriteHeader(http.StatusOK)
 	if r.Method == http.MethodHead {
+		s.finishTask(h, task, nil)
 		return
 	}
-	_, _ = io.Copy(w, io.NewSectionReader(f, 0, size))
+	pr := &progress{s: s, h: h, task: task, total: size}
+	var done int64
+	buf := make([]byte, 1<<20)
+	src := io.NewSectionReader(f, 0, size)
+	for {
+		n, rerr := src.Read(buf)
+		if n > 0 {
+			if _, werr := w.Write(buf[:n]); werr != nil {
+				s.finishTask(h, task, fmt.Errorf("export_raw_vdi: client went away: %w", werr))
+				return
+			}
+			done += int64(n)
+			pr.add(done)
+		}
+		if rerr != nil {
+			if errors.Is(rerr, io.EOF) {
+				s.finishTask(h, task, nil)
+			} else {
+				s.finishTask(h, task, rerr)
+			}
+			return
+		}
+	}
 }

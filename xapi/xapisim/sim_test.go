@@ -672,3 +672,44 @@ func TestVDICopyInto(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, src, cpData)
 }
+
+func TestRawTransferTasks(t *testing.T) {
+	s := startSim(t, "")
+	url, sess := login(t, s, 1)
+	pool := ok(t, url, "pool.get_all", sess).([]any)[0]
+	sr := ok(t, url, "pool.get_default_SR", sess, pool).(string)
+	vdi := ok(t, url, "VDI.create", sess, map[string]any{"SR": sr, "virtual_size": "2097152"}).(string)
+	task := ok(t, url, "task.create", sess, "upload", "").(string)
+	data := bytes.Repeat([]byte{7}, 2<<20)
+	req, err := http.NewRequest(http.MethodPut, url+"import_raw_vdi?format=raw&vdi="+vdi+"&task_id="+task, bytes.NewReader(data))
+	require.NoError(t, err)
+	req.AddCookie(&http.Cookie{Name: "session_id", Value: sess})
+	resp, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	_ = resp.Body.Close()
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	assert.Equal(t, task, resp.Header.Get("task-id"))
+	rec := ok(t, url, "task.get_record", sess, task).(map[string]any)
+	assert.Equal(t, "success", rec["status"])
+	assert.Equal(t, 1.0, rec["progress"])
+
+	resp, err = http.Get(url + "export_raw_vdi?format=raw&vdi=" + vdi + "&session_id=" + sess)
+	require.NoError(t, err)
+	got, err := io.ReadAll(resp.Body)
+	_ = resp.Body.Close()
+	require.NoError(t, err)
+	assert.Equal(t, data, got)
+	own := resp.Header.Get("task-id")
+	require.True(t, strings.HasPrefix(own, "OpaqueRef:"))
+	require.Eventually(t, func() bool { return ok(t, url, "task.get_status", sess, own) == "success" }, 5*time.Second, 20*time.Millisecond)
+
+	// A body cut short fails the task.
+	task = ok(t, url, "task.create", sess, "upload", "").(string)
+	req, err = http.NewRequest(http.MethodPut, url+"import_raw_vdi?format=raw&vdi="+vdi+"&task_id="+task+"&session_id="+sess, io.LimitReader(bytes.NewReader(data), 1<<20))
+	require.NoError(t, err)
+	req.ContentLength = int64(len(data))
+	if resp, err := http.DefaultClient.Do(req); err == nil {
+		_ = resp.Body.Close()
+	}
+	require.Eventually(t, func() bool { return ok(t, url, "task.get_status", sess, task) == "failure" }, 5*time.Second, 20*time.Millisecond)
+}
