@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"testing"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -16,20 +17,25 @@ const nDisks = 2
 // assertMovedClean checks the end state of a successful migration.
 func assertMovedClean(t *testing.T, w *world, rep Report) {
 	t.Helper()
+	assertMovedCleanTasks(t, w, rep, 1)
+}
+
+func assertMovedCleanTasks(t *testing.T, w *world, rep Report, nTasks int) {
+	t.Helper()
 	assert.Equal(t, ResultSuccess, rep.Result)
 	assert.False(t, w.vmAtSource, "vm must be gone from the source")
 	assert.True(t, w.vmAtDst, "vm must run at the destination")
 	assert.Equal(t, 1, w.count("src.MigrateSend"), "VM.migrate_send exactly once")
 	assert.Equal(t, nDisks*3, w.count("src.SnapshotVDI"), "one snapshot per disk per round (3 rounds)")
 	assert.Equal(t, nDisks, w.count("dst.CreateVDI"), "one replica per disk")
-	assert.Equal(t, 1, w.count("task.Create"), "one xapi task")
+	assert.Equal(t, nTasks, w.count("task.Create"), "xapi tasks")
 	assert.Equal(t, 0, w.live("snapshot"), "all snapshots removed")
 	assert.Equal(t, 0, w.live("replica"), "replicas removed after the move")
 	assert.Equal(t, []bool{false, false}, w.srcCBT())
 	assert.False(t, w.agentsUp)
 	assert.False(t, w.gatewayUp)
 	assert.True(t, w.netActive && w.netReleased && w.netCleaned)
-	task := w.ourTasks[0]
+	task := w.ourTasks[len(w.ourTasks)-1]
 	assert.Equal(t, TaskSuccess, w.tasks[task].Status)
 	assert.Equal(t, 1.0, w.tasks[task].Progress)
 	assert.Equal(t, "OpaqueRef:dstvm", w.tasks[task].Result)
@@ -126,7 +132,7 @@ func TestCrashResumeAtEveryCheckpoint(t *testing.T) {
 	for n := 1; n <= total; n++ {
 		t.Run(fmt.Sprint(n), func(t *testing.T) {
 			w := newWorld()
-			inner := mustStore(t)
+			inner := NewMemStore() // FileStore has its own tests; keep this loop fast
 			var crashedIn Phase
 			hs := &hookStore{Store: inner, after: func(i int, c *Checkpoint) error {
 				if i == n {
@@ -135,11 +141,12 @@ func TestCrashResumeAtEveryCheckpoint(t *testing.T) {
 				}
 				return nil
 			}}
-			_, err := newEngine(t, w, hs).Run(context.Background(), testRequest())
+			quiet := hclog.NewNullLogger()
+			_, err := newEngineLog(t, w, hs, quiet).Run(context.Background(), testRequest())
 			require.ErrorIs(t, err, ErrInterrupted)
 			require.ErrorIs(t, err, errCrash)
 			seen[crashedIn] = true
-			rep, err := newEngine(t, w, inner).Resume(context.Background(), "wm-test")
+			rep, err := newEngineLog(t, w, inner, quiet).Resume(context.Background(), "wm-test")
 			require.NoError(t, err, "resume after a crash in %s", crashedIn)
 			assertMovedClean(t, w, rep)
 		})
@@ -476,3 +483,106 @@ type lockingStore struct {
 }
 
 func (s lockingStore) Lock(ctx context.Context, id string) (func(), error) { return s.l.Lock(ctx, id) }
+
+func TestSyncRetriedAfterAgentLoss(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	failed := 0
+	w.SyncFail = func(s SyncSpec) bool {
+		if s.Round == 1 && s.Key.DiskID == "vdi-uuid-0" && failed < 2 {
+			failed++
+			return true
+		}
+		return false
+	}
+	rep, err := newEngine(t, w, mustStore(t)).Run(context.Background(), testRequest())
+	require.NoError(t, err)
+	assertMovedClean(t, w, rep)
+	assert.Equal(t, 2, failed)
+	assert.Equal(t, 2*nDisks, w.count("st.RecoverSender"), "re-attached after each failure")
+	assert.Equal(t, []int{0, 1, 2}, w.applied[DiskKey{"wm-test", "vdi-uuid-0"}], "no round re-applied after it succeeded")
+	assert.Equal(t, []int{0, 1, 2}, w.applied[DiskKey{"wm-test", "vdi-uuid-1"}])
+}
+
+func TestCancelDuringLongSync(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	w.SyncBlock = func(s SyncSpec) bool {
+		if s.Round == 1 {
+			w.cancelAll = true
+			for _, tk := range w.ourTasks {
+				w.tasks[tk].CurrentOperations["OpaqueRef:c"] = "cancel"
+			}
+			return true
+		}
+		return false
+	}
+	rep, err := newEngine(t, w, mustStore(t)).Run(context.Background(), testRequest())
+	require.ErrorIs(t, err, ErrCancelled)
+	assert.Equal(t, ResultCancelled, rep.Result)
+	assert.True(t, w.vmAtSource)
+	assert.Zero(t, w.live("replica"))
+	assert.Zero(t, w.live("snapshot"))
+}
+
+// The controller dies after VM.migrate_send returned but before its task
+// ref was checkpointed: the resumed engine adopts the running task from the
+// VM's current_operations instead of sending again.
+func TestResumeAdoptsRunningMigrateSend(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	inner := NewMemStore()
+	hs := &hookStore{Store: inner, before: func(c *Checkpoint) error {
+		if c.Handoff.Task != "" && c.Phase == PhaseHandoff && !c.Handoff.Done {
+			return errCrash
+		}
+		return nil
+	}}
+	_, err := newEngine(t, w, hs).Run(context.Background(), testRequest())
+	require.ErrorIs(t, err, ErrInterrupted)
+	require.Equal(t, 1, w.count("src.MigrateSend"))
+	rep, err := newEngine(t, w, inner).Resume(context.Background(), "wm-test")
+	require.NoError(t, err)
+	assertMovedClean(t, w, rep)
+}
+
+func TestForwardFailureThenResume(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	n := 0
+	w.Hook = func(m string) error {
+		if m == "net.Release" && n == 0 {
+			n++
+			return errors.New("source host unreachable")
+		}
+		return nil
+	}
+	e := newEngine(t, w, mustStore(t))
+	rep, err := e.Run(context.Background(), testRequest())
+	require.Error(t, err)
+	var pe *PhaseError
+	require.ErrorAs(t, err, &pe)
+	assert.Equal(t, PhaseSwitch, pe.Phase)
+	assert.Equal(t, "failed", rep.Phase)
+	assert.True(t, w.vmAtDst, "forward-only: the vm stays at the destination")
+	_, err = e.Abort(context.Background(), "wm-test")
+	require.ErrorIs(t, err, ErrNotResumable, "no rollback after the vm moved")
+	rep, err = e.Resume(context.Background(), "wm-test")
+	require.NoError(t, err)
+	assertMovedCleanTasks(t, w, rep, 2)
+}
+
+func TestAdoptsGivenTask(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	w.tasks["OpaqueRef:plugintask"] = &TaskRecord{Status: TaskPending, CurrentOperations: map[string]string{}}
+	w.taskOC["OpaqueRef:plugintask"] = map[string]string{}
+	req := testRequest()
+	req.TaskRef = "OpaqueRef:plugintask"
+	rep, err := newEngine(t, w, mustStore(t)).Run(context.Background(), req)
+	require.NoError(t, err)
+	assert.Equal(t, ResultSuccess, rep.Result)
+	assert.Zero(t, w.count("task.Create"))
+	assert.Equal(t, TaskSuccess, w.tasks["OpaqueRef:plugintask"].Status)
+	assert.Equal(t, "OpaqueRef:vm1,OpaqueRef:srchost", w.taskOC["OpaqueRef:plugintask"]["applies_to"])
+}

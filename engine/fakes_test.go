@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/stretchr/testify/require"
 
 	"github.com/wanmotion/wanmotion/internal/testutil"
@@ -61,6 +62,8 @@ type world struct {
 	MigrateSendF func(args MigrateArgs) []string
 	// SyncFail makes a round fail.
 	SyncFail func(spec SyncSpec) bool
+	// SyncBlock makes SyncRound of a round wait until its ctx is cancelled.
+	SyncBlock func(spec SyncSpec) bool
 
 	vmUUID, vmRef       string
 	vmAtSource, vmAtDst bool
@@ -696,7 +699,12 @@ func (s storage) SyncRound(ctx context.Context, spec SyncSpec) (SyncResult, erro
 	}
 	s.w.syncs[spec.Key] = &fakeSync{spec: spec, state: syncRunning}
 	fail := s.w.SyncFail != nil && s.w.SyncFail(spec)
+	block := s.w.SyncBlock != nil && s.w.SyncBlock(spec)
 	s.w.mu.Unlock()
+	if block {
+		<-ctx.Done()
+		return SyncResult{}, ctx.Err()
+	}
 	select { // a little work, interruptible
 	case <-ctx.Done():
 		return SyncResult{}, ctx.Err()
@@ -842,13 +850,19 @@ func (c *fakeClock) Now() time.Time {
 // a non-nil error from after is returned (the checkpoint is persisted).
 type hookStore struct {
 	Store
-	n     int
-	after func(n int, c *Checkpoint) error
+	n      int
+	after  func(n int, c *Checkpoint) error
+	before func(c *Checkpoint) error // an error here means: not persisted
 }
 
 var errCrash = errors.New("simulated controller crash")
 
 func (h *hookStore) Save(ctx context.Context, c *Checkpoint) error {
+	if h.before != nil {
+		if err := h.before(c); err != nil {
+			return err
+		}
+	}
 	if err := h.Store.Save(ctx, c); err != nil {
 		return err
 	}
@@ -861,12 +875,17 @@ func (h *hookStore) Save(ctx context.Context, c *Checkpoint) error {
 
 func newEngine(t *testing.T, w *world, st Store) *Engine {
 	t.Helper()
+	return newEngineLog(t, w, st, testutil.Logger(t))
+}
+
+func newEngineLog(t *testing.T, w *world, st Store, log hclog.Logger) *Engine {
+	t.Helper()
 	clk := &fakeClock{}
 	e, err := New(Deps{
 		Source: srcPool{w}, Dest: dstPool{w}, Tasks: tasks{w}, Storage: storage{w}, Network: network{w},
 		Gateway: gateway{w}, Agents: agents{w}, Catalog: catalog{w}, Store: st,
 		Throttle: throttle{w}, Integrity: integrity{ok: true},
-		Logger: testutil.Logger(t), Now: clk.Now, PollInterval: time.Millisecond,
+		Logger: log, Now: clk.Now, PollInterval: time.Millisecond,
 	})
 	require.NoError(t, err)
 	return e
