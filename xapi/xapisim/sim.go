@@ -218,6 +218,17 @@ func (s *Sim) Start(ctx context.Context, addr string) error {
 	}
 	base := net.ParseIP(host).To4()
 	perHostIP := base != nil && base.IsLoopback()
+	if perHostIP {
+		// Some sandboxes only have 127.0.0.1; then fall back to one IP.
+		var lc net.ListenConfig
+		probe, err := lc.Listen(ctx, "tcp", net.JoinHostPort(addIP(base, 1).String(), "0"))
+		if err != nil {
+			s.log.Warn("extra loopback addresses unusable, hosts share one IP", "error", err)
+			perHostIP = false
+		} else {
+			_ = probe.Close()
+		}
+	}
 	next := 0
 	for pi, p := range s.pools {
 		ips := make([]string, len(p.hosts))
