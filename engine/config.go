@@ -375,3 +375,29 @@ func FormatConfigJSON(o Overrides) (string, error) {
 	}
 	return strings.TrimSpace(buf.String()), nil
 }
+
+// PoolConfigEntries returns the pool.other_config entries that store o
+// (for `wanmotion pool configure`): wanmotion:storage and wanmotion:network
+// when set, and wanmotion:config with the rest. Write each with
+// remove-then-add; an empty value means "remove the key".
+func PoolConfigEntries(o Overrides) (map[string]string, error) {
+	m := map[string]string{KeyStorage: "", KeyNetwork: ""}
+	if o.Storage != nil {
+		m[KeyStorage] = *o.Storage
+	}
+	if o.Network != nil {
+		m[KeyNetwork] = *o.Network
+	}
+	js, err := FormatConfigJSON(o)
+	if err != nil {
+		return nil, err
+	}
+	if js == "{}" {
+		js = ""
+	}
+	m[KeyConfig] = js
+	if _, err := ParsePoolConfig(m); err != nil { // never write what we cannot read back
+		return nil, err
+	}
+	return m, nil
+}

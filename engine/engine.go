@@ -591,10 +591,15 @@ func (r *run) checkCancel(ctx context.Context) error {
 
 // progress relays overall progress to the xapi task and the observer.
 func (r *run) progress(ctx context.Context, p Phase, frac float64, extra Progress) {
-	o := OverallProgress(r.cp.Plan, p, frac)
-	if o < r.lastProgress && p != PhaseRollingBack {
-		o = r.lastProgress
+	if (p < PhasePlan || p > PhaseCleanup) && p != PhaseDone {
+		// rolling back or stopped: the task keeps its last progress
+		if r.d.Observe != nil {
+			extra.MigrationID, extra.Phase, extra.Overall = r.cp.MigrationID, p, r.lastProgress
+			r.d.Observe(extra)
+		}
+		return
 	}
+	o := max(OverallProgress(r.cp.Plan, p, frac), r.lastProgress)
 	if r.cp.Task != "" && !r.cp.TaskFinished && (o-r.lastProgress >= 0.005 || frac == 0) && o != r.lastProgress {
 		if err := r.d.Tasks.SetTaskProgress(ctx, r.cp.Task, o); err != nil {
 			r.log.Debug("could not set task progress", "error", err)

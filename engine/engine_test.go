@@ -190,6 +190,7 @@ func TestCancelInEachPhase(t *testing.T) {
 				assert.False(t, w.gatewayUp)
 				require.Len(t, w.ourTasks, 1)
 				assert.Equal(t, TaskCancelled, w.tasks[w.ourTasks[0]].Status)
+				assert.Less(t, w.tasks[w.ourTasks[0]].Progress, 1.0, "a rollback never shows 100 %")
 				assert.Equal(t, "WANMOTION_MIGRATION_CANCELLED", w.tasks[w.ourTasks[0]].ErrorInfo[0])
 				if w.netPrepared {
 					assert.True(t, w.netCleaned)

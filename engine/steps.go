@@ -54,9 +54,10 @@ func (p PlanResult) Text() string {
 	return b.String()
 }
 
-// Plan resolves and estimates a migration without side effects on the
-// pools (--dry-run). Unless req.SkipAssert, it also calls
-// host.migrate_receive and VM.assert_can_migrate, which only check.
+// Plan resolves and estimates a migration without changing the VM, its
+// disks or the pools' configuration (--dry-run). Unless req.SkipAssert it
+// also calls host.migrate_receive (which opens a session in the
+// destination pool for the migration) and VM.assert_can_migrate.
 func (e *Engine) Plan(ctx context.Context, req Request) (PlanResult, error) {
 	if req.VMUUID == "" {
 		return PlanResult{}, fmt.Errorf("%w: no vm uuid", ErrConfig)
@@ -297,8 +298,8 @@ func (r *run) ensureAttached(ctx context.Context) error {
 	}
 	for i := range cp.Disks {
 		d := &cp.Disks[i]
-		if d.StorageClosed {
-			continue
+		if d.StorageClosed || d.Finalized {
+			continue // a finalized replica belongs to xapi now; Cleanup works from the states
 		}
 		if d.ReceiverReady {
 			info, err := r.d.Storage.RecoverReceiver(ctx, r.key(d), d.ReceiverState)

@@ -490,6 +490,24 @@ func TestFormatConfigJSONRoundTrip(t *testing.T) {
 	assert.NotContains(t, s, "null")
 }
 
+func TestPoolConfigEntries(t *testing.T) {
+	t.Parallel()
+	pol := PolicyStop
+	o := Overrides{Storage: ptr("drbd"), Streams: ptr(2), Policy: &pol}
+	m, err := PoolConfigEntries(o)
+	require.NoError(t, err)
+	assert.Equal(t, "drbd", m[KeyStorage])
+	assert.Equal(t, "", m[KeyNetwork], "unset: remove the key")
+	back, err := ParsePoolConfig(m)
+	require.NoError(t, err)
+	assert.Equal(t, o, back)
+	m, err = PoolConfigEntries(Overrides{})
+	require.NoError(t, err)
+	assert.Equal(t, map[string]string{KeyStorage: "", KeyNetwork: "", KeyConfig: ""}, m)
+	_, err = PoolConfigEntries(Overrides{Streams: ptr(0)})
+	require.ErrorIs(t, err, ErrConfig)
+}
+
 func FuzzParseConfigJSON(f *testing.F) {
 	for _, s := range []string{``, `{}`, `{"bandwidth":"1Gbit"}`, `{"streams":4,"compression":"zstd"}`,
 		`{"downtime_target":"2s","convergence_policy":"keep-going","max_rounds":3,"min_shrink":0.5}`,
