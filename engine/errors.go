@@ -9,6 +9,7 @@ import (
 // ErrCBTEnabled (wrap with %w) so the engine can recognise them.
 var (
 	// ErrNotFound: an object (VM, VDI, task, checkpoint) does not exist.
+	// xapi adapters map HANDLE_INVALID and UUID_INVALID onto it.
 	ErrNotFound = errors.New("not found")
 	// ErrCBTEnabled: xapi refused because a VDI has CBT enabled (VDI_CBT_ENABLED).
 	ErrCBTEnabled = errors.New("vdi has cbt enabled")
