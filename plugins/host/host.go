@@ -2,7 +2,7 @@
 //
 // Backends are executables named wanmotion-<kind>-<name> (kind storage or
 // network) in the install directory (default /opt/wanmotion/plugins,
-// overridden by --plugin-dir or $WANMOTION_PLUGIN_DIR) or next to the
+// overridden by a --dir flag or $WANMOTION_PLUGIN_DIR) or next to the
 // running wanmotion binary. Launch starts one as a go-plugin subprocess
 // over net/rpc, checks its SHA-256, negotiates the wire protocol version
 // (go-plugin handshake) and the API version (Info, then Configure), and
@@ -14,8 +14,9 @@
 // reattach to backends after a restart of the agent. Backends are
 // stateless across launches except for contract.Handle.State, which the
 // engine checkpoints; after a restart the agent launches a fresh process
-// and calls Recover with that state. A backend dies with its agent
-// (Managed clients; call CleanupAll on exit).
+// and calls Recover with that state. A backend dies with its agent:
+// clients are Managed (call CleanupAll on exit) and, on Linux, a backend
+// gets SIGTERM when the agent dies, even by SIGKILL.
 //
 // The environment of a backend is not the agent's: SkipHostEnv is set and
 // only PATH (plus Options.Env) is passed, so credentials in the agent's
@@ -138,6 +139,7 @@ func Launch(ctx context.Context, bin Binary, opts Options) (*Instance, error) {
 		path = DefaultPath
 	}
 	cmd.Env = append([]string{"PATH=" + path}, opts.Env...)
+	setProcAttr(cmd)
 
 	log := opts.Logger.Named("plugin")
 	client := plugin.NewClient(&plugin.ClientConfig{

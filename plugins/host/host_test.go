@@ -1,12 +1,18 @@
 package host_test
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"runtime"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -27,6 +33,9 @@ func TestMain(m *testing.M) {
 	if base := filepath.Base(os.Args[0]); strings.HasPrefix(base, host.BinaryPrefix) {
 		runFake(base)
 		os.Exit(0)
+	}
+	if dir := os.Getenv(envParentDir); dir != "" {
+		runParent(dir)
 	}
 	os.Exit(m.Run())
 }
@@ -423,4 +432,66 @@ func TestLaunchHonoursCtx(t *testing.T) {
 	_, err = host.Launch(ctx, find(t, dir, contract.KindStorage, "slow"), host.Options{StartTimeout: time.Minute,
 		Env: []string{"GORACE=atexit_sleep_ms=0"}})
 	require.ErrorIs(t, err, host.ErrStartTimeout, "a ctx deadline shortens the start timeout")
+}
+
+// TestBackendDiesWithItsHost kills a host process with SIGKILL and checks
+// that the backend it launched goes away too.
+func TestBackendDiesWithItsHost(t *testing.T) {
+	t.Parallel()
+	if runtime.GOOS != "linux" {
+		t.Skip("parent-death signal is Linux only")
+	}
+	dir := pluginDir(t, "wanmotion-storage-good")
+	exe, err := os.Executable()
+	require.NoError(t, err)
+	parent := exec.Command(exe, "-test.run=^$")
+	parent.Env = append(os.Environ(), envParentDir+"="+dir, "GORACE=atexit_sleep_ms=0")
+	out, err := parent.StdoutPipe()
+	require.NoError(t, err)
+	require.NoError(t, parent.Start())
+	t.Cleanup(func() { _ = parent.Process.Kill(); _ = parent.Wait() })
+	line, err := bufio.NewReader(out).ReadString('\n')
+	require.NoError(t, err, "the parent prints its backend's pid")
+	pid, err := strconv.Atoi(strings.TrimSpace(line))
+	require.NoError(t, err, "parent said %q", line)
+	require.True(t, alive(pid))
+
+	require.NoError(t, parent.Process.Signal(syscall.SIGKILL))
+	_ = parent.Wait()
+	require.Eventually(t, func() bool { return !alive(pid) }, 20*time.Second, 20*time.Millisecond,
+		"backend %d outlived its host", pid)
+}
+
+const envParentDir = "WANMOTION_TEST_PARENT_DIR"
+
+// runParent launches a backend, prints its pid and waits to be killed.
+func runParent(dir string) {
+	inst, err := host.Launch(context.Background(), mustFind(dir), host.Options{Env: []string{"GORACE=atexit_sleep_ms=0"}})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	fmt.Println(inst.Pid())
+	time.Sleep(time.Minute)
+	os.Exit(0)
+}
+
+func mustFind(dir string) host.Binary {
+	bins, err := host.Discover([]string{dir})
+	if err != nil || len(bins) == 0 {
+		fmt.Fprintln(os.Stderr, "no backend in", dir, err)
+		os.Exit(1)
+	}
+	return bins[0]
+}
+
+// alive reports whether pid exists and is not a zombie.
+func alive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
 }
