@@ -229,7 +229,8 @@ func (e *Engine) Run(ctx context.Context, req Request) (Report, error) {
 
 // Resume continues a migration from its checkpoint: after a controller
 // crash, an interruption, or (retrying the failed phase) from Failed. A
-// finished migration (Done, RolledBack) just returns its report.
+// finished migration (Done, RolledBack) returns its report and the same
+// kind of error Run returned (nil, ErrCancelled, or the failure).
 func (e *Engine) Resume(ctx context.Context, migrationID string) (Report, error) {
 	cp, err := e.d.Store.Load(ctx, migrationID)
 	if err != nil {
@@ -238,7 +239,7 @@ func (e *Engine) Resume(ctx context.Context, migrationID string) (Report, error)
 	switch cp.Phase {
 	case PhaseDone, PhaseRolledBack:
 		if cp.TaskFinished || cp.Task == "" {
-			return BuildReport(cp), nil
+			return BuildReport(cp), outcome(cp, nil)
 		}
 		// stopped before the task was completed: drive completes it
 	case PhaseFailed:
@@ -343,20 +344,21 @@ func (e *Engine) drive(ctx context.Context, cp *Checkpoint, resumed bool) (Repor
 	if err != nil {
 		return rep, err
 	}
-	switch cp.Phase {
-	case PhaseDone:
-		return rep, nil
-	case PhaseRolledBack:
-		if cp.Cancelled {
-			return rep, fmt.Errorf("%w: %s", ErrCancelled, cp.Error)
-		}
-		fallthrough
-	default:
-		if r.cause != nil {
-			return rep, r.cause
-		}
-		return rep, fmt.Errorf("migration %s %s: %s", cp.MigrationID, cp.Phase, cp.Error)
+	return rep, outcome(cp, r.cause)
+}
+
+// outcome is the error Run/Resume return for a stopped migration: nil for
+// Done, ErrCancelled for a cancelled rollback, else the cause.
+func outcome(cp *Checkpoint, cause error) error {
+	switch {
+	case cp.Phase == PhaseDone:
+		return nil
+	case cp.Phase == PhaseRolledBack && cp.Cancelled:
+		return fmt.Errorf("%w: %s", ErrCancelled, cp.Error)
+	case cause != nil:
+		return cause
 	}
+	return fmt.Errorf("migration %s %s: %s", cp.MigrationID, cp.Phase, cp.Error)
 }
 
 // run is one process's execution of one migration.

@@ -587,3 +587,63 @@ func TestAdoptsGivenTask(t *testing.T) {
 	assert.Equal(t, TaskSuccess, w.tasks["OpaqueRef:plugintask"].Status)
 	assert.Equal(t, "OpaqueRef:vm1,OpaqueRef:srchost", w.taskOC["OpaqueRef:plugintask"]["applies_to"])
 }
+
+// TestCrashDuringRollback cancels in Seed, then crashes the controller
+// after each checkpoint of the rollback and resumes.
+func TestCrashDuringRollback(t *testing.T) {
+	t.Parallel()
+	cancelIn := func(w *world) func(int, *Checkpoint) error {
+		return func(_ int, c *Checkpoint) error {
+			if c.Phase == PhaseSeed && len(c.Seed.Rounds) == 1 {
+				w.mu.Lock()
+				w.cancelAll = true
+				for _, tk := range w.ourTasks {
+					w.tasks[tk].CurrentOperations["OpaqueRef:c"] = "cancel"
+				}
+				w.mu.Unlock()
+			}
+			return nil
+		}
+	}
+	quiet := hclog.NewNullLogger()
+	w0 := newWorld()
+	base := &hookStore{Store: NewMemStore()}
+	base.after = cancelIn(w0)
+	_, err := newEngineLog(t, w0, base, quiet).Run(context.Background(), testRequest())
+	require.ErrorIs(t, err, ErrCancelled)
+	total := base.n
+	crashes := 0
+	for n := 1; n <= total; n++ {
+		w := newWorld()
+		inner := NewMemStore()
+		hs := &hookStore{Store: inner}
+		cancel := cancelIn(w)
+		crashed := false
+		hs.after = func(i int, c *Checkpoint) error {
+			_ = cancel(i, c)
+			if i == n && (c.Phase == PhaseRollingBack || c.Phase == PhaseRolledBack) {
+				crashed = true
+				return errCrash
+			}
+			return nil
+		}
+		_, err := newEngineLog(t, w, hs, quiet).Run(context.Background(), testRequest())
+		if !crashed {
+			continue
+		}
+		crashes++
+		require.ErrorIs(t, err, ErrInterrupted)
+		rep, err := newEngineLog(t, w, inner, quiet).Resume(context.Background(), "wm-test")
+		require.ErrorIs(t, err, ErrCancelled, "crash point %d", n)
+		assert.Equal(t, ResultCancelled, rep.Result)
+		assert.True(t, w.vmAtSource)
+		assert.Zero(t, w.live("replica"))
+		assert.Zero(t, w.live("snapshot"))
+		assert.Equal(t, []bool{false, false}, w.srcCBT())
+		assert.False(t, w.agentsUp)
+		assert.Equal(t, TaskCancelled, w.tasks[w.ourTasks[0]].Status)
+		assert.Equal(t, 1, w.count("task.Create"))
+		assert.Zero(t, w.count("src.MigrateSend"))
+	}
+	assert.Greater(t, crashes, 5)
+}
