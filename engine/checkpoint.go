@@ -138,6 +138,7 @@ type SeedState struct {
 	ThrottleRemoved bool        `msgpack:"throttle_removed"`
 	Finished        bool        `msgpack:"finished"`
 	Decision        string      `msgpack:"decision"`
+	WriteRate       int64       `msgpack:"write_rate"` // last measured guest write rate, bytes/s
 }
 
 // HandoffState tracks the xapi migration.

@@ -45,6 +45,8 @@ type Report struct {
 	SeedRounds  int         `json:"seed_rounds"`
 	Rounds      []RoundStat `json:"rounds"`
 	Convergence string      `json:"convergence,omitempty"`
+	// GuestWriteBytesPerSec is the guest write rate measured by the seed rounds.
+	GuestWriteBytesPerSec int64 `json:"guest_write_bytes_per_sec"`
 
 	BytesToMove      int64   `json:"bytes_to_move"`
 	BytesOffered     int64   `json:"bytes_offered"`
@@ -176,6 +178,9 @@ func (r Report) Text() string {
 	fmt.Fprintf(&b, "\n  residual delta:  %s\n", HumanBytes(r.ResidualBytes))
 	if r.Convergence != "" {
 		fmt.Fprintf(&b, "  convergence:     %s\n", r.Convergence)
+	}
+	if r.GuestWriteBytesPerSec > 0 {
+		fmt.Fprintf(&b, "  guest writes:    %s/s (measured)\n", HumanBytes(r.GuestWriteBytesPerSec))
 	}
 	pause := "estimated"
 	if r.GuestPauseMeasured {

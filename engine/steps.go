@@ -486,6 +486,9 @@ func (r *run) stepSeed(ctx context.Context) (Phase, error) {
 			DowntimeTarget: cp.Settings.DowntimeTarget, MinShrink: cp.Settings.MinShrink,
 			MaxRounds: cp.Settings.MaxRounds, Policy: cp.Settings.Policy, Throttled: cp.Seed.Throttled})
 		cp.Seed.Decision = dec.Reason
+		if dec.WriteRate > 0 {
+			cp.Seed.WriteRate = dec.WriteRate
+		}
 		r.plog.Info("convergence decision", "round", round, "action", dec.Action.String(), "reason", dec.Reason,
 			"write_rate", dec.WriteRate, "threshold_bytes", dec.ThresholdBytes)
 		switch dec.Action {
