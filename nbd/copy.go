@@ -1,6 +1,7 @@
 package nbd
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -121,7 +122,7 @@ func (p *Pool) Close() error {
 
 // CopyOptions tune Copy.
 type CopyOptions struct {
-	// ChunkSize is the size of each read/write (default 2 MiB, at most MaxPayload).
+	// ChunkSize is the size of each read/write (default 4 MiB, at most MaxPayload).
 	ChunkSize int
 	// Workers is how many chunks are in flight (default 16).
 	Workers int
@@ -149,7 +150,7 @@ type copyJob struct {
 // goes in ChunkSize pieces with Workers in flight. dst is flushed at the end.
 func Copy(ctx context.Context, dst, src Device, opts CopyOptions) (CopyStats, error) {
 	if opts.ChunkSize <= 0 {
-		opts.ChunkSize = 2 << 20
+		opts.ChunkSize = 4 << 20
 	}
 	opts.ChunkSize = min(opts.ChunkSize, MaxPayload)
 	if opts.Workers <= 0 {
@@ -242,16 +243,12 @@ func produceJobs(ctx context.Context, src Device, size, chunk int64, jobs chan<-
 }
 
 func isZero(b []byte) bool {
-	for len(b) >= 8 {
-		if b[0]|b[1]|b[2]|b[3]|b[4]|b[5]|b[6]|b[7] != 0 {
+	for len(b) > 0 {
+		k := min(len(b), len(zeroChunk))
+		if !bytes.Equal(b[:k], zeroChunk[:k]) {
 			return false
 		}
-		b = b[8:]
-	}
-	for _, x := range b {
-		if x != 0 {
-			return false
-		}
+		b = b[k:]
 	}
 	return true
 }

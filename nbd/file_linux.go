@@ -111,11 +111,27 @@ func (b *FileBackend) Trim(off, length int64) error {
 	if b.readOnly {
 		return ErrPerm
 	}
+	if b.isHole(off, length) {
+		return nil
+	}
 	err := unix.Fallocate(b.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
 	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS) {
 		return nil
 	}
 	return err
+}
+
+// isHole reports whether [off, off+length) of a regular file is entirely a
+// hole (no data at or after off before off+length).
+func (b *FileBackend) isHole(off, length int64) bool {
+	if b.blockDev {
+		return false
+	}
+	data, err := unix.Seek(b.fd, off, unix.SEEK_DATA)
+	if errors.Is(err, unix.ENXIO) {
+		return true
+	}
+	return err == nil && data >= off+length
 }
 
 // ZeroAt implements Zeroer.
@@ -127,6 +143,9 @@ func (b *FileBackend) ZeroAt(off, length int64, noHole bool) error {
 		return errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EINVAL)
 	}
 	if !noHole {
+		if b.isHole(off, length) {
+			return nil // already reads as zeroes; punching would only take locks
+		}
 		err := unix.Fallocate(b.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
 		if err == nil || !unsupported(err) {
 			return err

@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/stretchr/testify/require"
 	"github.com/wanmotion/wanmotion/internal/testutil"
 )
@@ -208,3 +209,5 @@ func bytesEqual(a, b []byte) bool { return string(a) == string(b) }
 
 // port returns the port part of host:port.
 func port(addr string) string { return addr[strings.LastIndexByte(addr, ':')+1:] }
+
+func nullLogger() hclog.Logger { return hclog.NewNullLogger() }

@@ -323,3 +323,30 @@ func TestContextCancelAndDisconnect(t *testing.T) {
 	_, err = Dial(ctx, "tcp", ln, DialOptions{})
 	assert.Error(t, err)
 }
+
+func TestServerSurvivesAbruptDisconnect(t *testing.T) {
+	checkNoLeak(t)
+	mem := NewMemBackend(4 << 20)
+	ts := startStatic(t, nil, false, &Export{Name: "d", Backend: mem})
+	for _, structured := range []bool{false, true} {
+		raw := rawTransmission(t, ts.addr, "d", structured)
+		// Many large reads in flight, a half-sent write, and the client vanishes
+		// without reading a single reply.
+		var b []byte
+		for i := range 64 {
+			b = append(b, Request{Type: cmdRead, Handle: uint64(i), Length: 1 << 20}.encode(nil)...)
+		}
+		b = append(b, Request{Type: cmdWrite, Handle: 99, Length: 1 << 20}.encode(nil)...)
+		b = append(b, make([]byte, 1000)...)
+		go func() { _, _ = raw.conn.Write(b) }()
+		time.Sleep(50 * time.Millisecond)
+		require.NoError(t, raw.conn.Close())
+	}
+	// The server still serves others.
+	c, err := Dial(context.Background(), "tcp", ts.addr, DialOptions{Export: "d"})
+	require.NoError(t, err)
+	require.NoError(t, c.ReadAt(context.Background(), make([]byte, 4096), 0))
+	require.NoError(t, c.Close())
+	// Every connection ends by itself, without cancelling the server.
+	require.Eventually(t, func() bool { return ts.srv.ActiveConns() == 0 }, 10*time.Second, 10*time.Millisecond)
+}

@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -79,10 +80,14 @@ type ServerOptions struct {
 
 // Server serves NBD exports.
 type Server struct {
-	opts ServerOptions
-	log  hclog.Logger
-	tls  *tls.Config
+	opts   ServerOptions
+	log    hclog.Logger
+	tls    *tls.Config
+	active atomic.Int64
 }
+
+// ActiveConns is the number of connections being served right now.
+func (s *Server) ActiveConns() int { return int(s.active.Load()) }
 
 // NewServer returns a server; it fails when no export resolver is given or
 // TLS is required without a TLS configuration.
@@ -150,6 +155,8 @@ var errAbort = errors.New("nbd: client aborted the handshake")
 // disconnects or ctx is done, and closes conn. A clean disconnect (DISC or
 // ABORT) returns nil.
 func (s *Server) ServeConn(ctx context.Context, conn net.Conn) error {
+	s.active.Add(1)
+	defer s.active.Add(-1)
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	stop := context.AfterFunc(ctx, func() { _ = conn.Close() })
