@@ -27,7 +27,7 @@ func exampleBackends(t *testing.T) string {
 		"wanmotion-storage-filecopy": "../../docs/example-backend/filecopy",
 		"wanmotion-network-noop":     "../../docs/example-backend/noop",
 	} {
-		out, err := exec.Command(gobin, "build", "-o", filepath.Join(dir, bin), pkg).CombinedOutput()
+		out, err := exec.Command(gobin, "build", "-buildvcs=false", "-o", filepath.Join(dir, bin), pkg).CombinedOutput()
 		require.NoError(t, err, "go build %s: %s", pkg, out)
 	}
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "wanmotion-storage-broken"), []byte("#!/bin/sh\necho not a plugin >&2\nexit 1\n"), 0o755))
