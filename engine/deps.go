@@ -357,3 +357,22 @@ type IntegrityChecker interface {
 type PauseMeter interface {
 	GuestPause(ctx context.Context, migrationID, vmUUID string) (d time.Duration, measured bool, err error)
 }
+
+// VDIFinder may be implemented by the SourcePool and DestPool adapters.
+// With it, a resumed engine finds a snapshot or replica it created just
+// before a crash (tagged in other_config with wanmotion:migration_id,
+// wanmotion:source_vdi and, for snapshots, wanmotion:round) instead of
+// creating a second one.
+type VDIFinder interface {
+	// FindVDIs returns ref → uuid of the VDIs (snapshots included, destroyed
+	// ones excluded) whose other_config holds every entry of match.
+	FindVDIs(ctx context.Context, match map[string]string) (map[string]string, error)
+}
+
+// TaskFinder may be implemented by the Tasks adapter, so a resumed engine
+// adopts the task it created just before a crash.
+type TaskFinder interface {
+	// FindPendingTasks returns the refs of pending tasks whose
+	// name_description equals description.
+	FindPendingTasks(ctx context.Context, description string) ([]string, error)
+}

@@ -647,3 +647,36 @@ func TestCrashDuringRollback(t *testing.T) {
 	}
 	assert.Greater(t, crashes, 5)
 }
+
+// TestCrashBeforeCheckpointAtEverySave stops the controller just before
+// each checkpoint is written (so the side effect it records happened but is
+// not in the store) and resumes: with the finder interfaces, nothing is
+// created twice.
+func TestCrashBeforeCheckpointAtEverySave(t *testing.T) {
+	t.Parallel()
+	total := saves(t)
+	quiet := hclog.NewNullLogger()
+	for n := 1; n <= total; n++ {
+		t.Run(fmt.Sprint(n), func(t *testing.T) {
+			w := newWorld()
+			inner := NewMemStore()
+			i := 0
+			hs := &hookStore{Store: inner, before: func(c *Checkpoint) error {
+				i++
+				if i == n {
+					return errCrash
+				}
+				return nil
+			}}
+			_, err := newEngineLog(t, w, hs, quiet).Run(context.Background(), testRequest())
+			require.ErrorIs(t, err, ErrInterrupted)
+			_, lerr := inner.Load(context.Background(), "wm-test")
+			if errors.Is(lerr, ErrNotFound) {
+				return // crashed before the first checkpoint: nothing happened
+			}
+			rep, err := newEngineLog(t, w, inner, quiet).Resume(context.Background(), "wm-test")
+			require.NoError(t, err)
+			assertMovedClean(t, w, rep)
+		})
+	}
+}

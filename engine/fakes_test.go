@@ -78,6 +78,7 @@ type world struct {
 	tasks     map[string]*TaskRecord
 	taskOC    map[string]map[string]string
 	taskLabel map[string]string
+	taskDesc  map[string]string
 	ourTasks  []string
 	cancelAll bool // every engine task gets a cancel in current_operations
 
@@ -102,7 +103,7 @@ func newWorld() *world {
 		srcOC: map[string]string{}, dstOC: map[string]string{},
 		installed: Installed{Storage: []string{"nbd", "drbd"}, Network: []string{"l2tunnel"}},
 		vdis:      map[string]*fakeVDI{}, tasks: map[string]*TaskRecord{}, taskOC: map[string]map[string]string{},
-		taskLabel: map[string]string{}, syncs: map[DiskKey]*fakeSync{}, storageClosed: map[DiskKey]bool{}, applied: map[DiskKey][]int{},
+		taskLabel: map[string]string{}, taskDesc: map[string]string{}, syncs: map[DiskKey]*fakeSync{}, storageClosed: map[DiskKey]bool{}, applied: map[DiskKey][]int{},
 		ChangedBlocks: func(round int) int {
 			switch round {
 			case 1:
@@ -522,6 +523,7 @@ func (t tasks) CreateTask(ctx context.Context, label, desc string) (string, erro
 	t.w.tasks[ref] = &TaskRecord{Status: TaskPending, CurrentOperations: ops}
 	t.w.taskOC[ref] = map[string]string{}
 	t.w.taskLabel[ref] = label
+	t.w.taskDesc[ref] = desc
 	t.w.ourTasks = append(t.w.ourTasks, ref)
 	return ref, nil
 }
@@ -903,3 +905,53 @@ func testRequest() Request {
 		Overrides:  Overrides{DowntimeTarget: &target, Network: &net},
 	}
 }
+
+func (w *world) findVDIs(side string, match map[string]string) map[string]string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	out := map[string]string{}
+	for ref, v := range w.vdis {
+		if v.destroyed || v.side != side {
+			continue
+		}
+		ok := true
+		for k, x := range match {
+			if v.otherConfig[k] != x {
+				ok = false
+			}
+		}
+		if ok {
+			out[ref] = v.uuid
+		}
+	}
+	return out
+}
+
+func (s srcPool) FindVDIs(ctx context.Context, match map[string]string) (map[string]string, error) {
+	return s.w.findVDIs("src", match), s.w.call("src.FindVDIs")
+}
+
+func (d dstPool) FindVDIs(ctx context.Context, match map[string]string) (map[string]string, error) {
+	return d.w.findVDIs("dst", match), d.w.call("dst.FindVDIs")
+}
+
+func (t tasks) FindPendingTasks(ctx context.Context, desc string) ([]string, error) {
+	if err := t.w.call("task.Find"); err != nil {
+		return nil, err
+	}
+	t.w.mu.Lock()
+	defer t.w.mu.Unlock()
+	var out []string
+	for ref, d := range t.w.taskDesc {
+		if d == desc && t.w.tasks[ref].Status == TaskPending {
+			out = append(out, ref)
+		}
+	}
+	return out, nil
+}
+
+var (
+	_ VDIFinder  = srcPool{}
+	_ VDIFinder  = dstPool{}
+	_ TaskFinder = tasks{}
+)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -238,11 +239,25 @@ func (r *run) stepPlan(ctx context.Context) (Phase, error) {
 // ensureTask creates (or adopts) the xapi task XenCenter shows.
 func (r *run) ensureTask(ctx context.Context) error {
 	cp := r.cp
+	desc := "wanmotion WAN migration " + cp.MigrationID
+	if cp.Task == "" && cp.Request.TaskRef == "" && r.resumed {
+		if f, ok := r.d.Tasks.(TaskFinder); ok {
+			found, err := f.FindPendingTasks(ctx, desc)
+			if err != nil {
+				return fmt.Errorf("look for the task of this migration: %w", err)
+			}
+			if len(found) > 0 {
+				sort.Strings(found)
+				r.plog.Info("adopting a task created before a restart", "task", found[0])
+				cp.Task, cp.TaskCreated = found[0], true
+			}
+		}
+	}
 	if cp.Task == "" {
 		if cp.Request.TaskRef != "" {
 			cp.Task = cp.Request.TaskRef
 		} else {
-			t, err := r.d.Tasks.CreateTask(ctx, TaskLabel, "wanmotion WAN migration "+cp.MigrationID)
+			t, err := r.d.Tasks.CreateTask(ctx, TaskLabel, desc)
 			if err != nil {
 				return fmt.Errorf("task.create: %w", err)
 			}
@@ -267,6 +282,38 @@ func (r *run) ensureTask(ctx context.Context) error {
 	}
 	cp.TaskLabelled = true
 	return r.save(ctx)
+}
+
+// findVDIUUID looks, in a resumed run only, for a VDI this migration
+// created before a crash that the checkpoint did not record. It needs the
+// pool adapter to implement VDIFinder; otherwise it finds nothing.
+func (r *run) findVDIUUID(ctx context.Context, pool any, match map[string]string) (string, string, error) {
+	f, ok := pool.(VDIFinder)
+	if !ok || !r.resumed {
+		return "", "", nil
+	}
+	found, err := f.FindVDIs(ctx, match)
+	if err != nil {
+		return "", "", fmt.Errorf("look for vdis of this migration: %w", err)
+	}
+	refs := make([]string, 0, len(found))
+	for ref := range found {
+		refs = append(refs, ref)
+	}
+	if len(refs) == 0 {
+		return "", "", nil
+	}
+	sort.Strings(refs)
+	if len(refs) > 1 {
+		r.plog.Warn("several vdis match; adopting the first", "match", fmt.Sprint(match), "refs", fmt.Sprint(refs))
+	}
+	r.plog.Info("adopting a vdi created before a restart", "vdi", refs[0])
+	return refs[0], found[refs[0]], nil
+}
+
+func (r *run) findVDI(ctx context.Context, pool any, match map[string]string) (string, error) {
+	ref, _, err := r.findVDIUUID(ctx, pool, match)
+	return ref, err
 }
 
 func (r *run) agentSpec() AgentSpec {
@@ -399,14 +446,20 @@ func (r *run) stepPrepare(ctx context.Context) (Phase, error) {
 			return PhasePrepare, err
 		}
 		if d.ReplicaRef == "" {
-			ref, uuid, err := r.d.Dest.CreateVDI(ctx, VDISpec{
-				SRRef: d.DestSR, NameLabel: "wanmotion replica of " + d.Disk.NameLabel,
-				Description: "WAN migration " + cp.MigrationID + " of VDI " + d.Disk.VDIUUID,
-				VirtualSize: d.Disk.VirtualSize,
-				OtherConfig: map[string]string{"wanmotion:migration_id": cp.MigrationID, "wanmotion:source_vdi": d.Disk.VDIUUID},
-			})
+			tags := map[string]string{"wanmotion:migration_id": cp.MigrationID, "wanmotion:source_vdi": d.Disk.VDIUUID}
+			ref, uuid, err := r.findVDIUUID(ctx, r.d.Dest, tags)
 			if err != nil {
-				return PhasePrepare, fmt.Errorf("create replica of %s: %w", d.Disk.VDIUUID, err)
+				return PhasePrepare, err
+			}
+			if ref == "" {
+				ref, uuid, err = r.d.Dest.CreateVDI(ctx, VDISpec{
+					SRRef: d.DestSR, NameLabel: "wanmotion replica of " + d.Disk.NameLabel,
+					Description: "WAN migration " + cp.MigrationID + " of VDI " + d.Disk.VDIUUID,
+					VirtualSize: d.Disk.VirtualSize, OtherConfig: tags,
+				})
+				if err != nil {
+					return PhasePrepare, fmt.Errorf("create replica of %s: %w", d.Disk.VDIUUID, err)
+				}
 			}
 			d.ReplicaRef, d.ReplicaUUID = ref, uuid
 			if err := r.save(ctx); err != nil {
@@ -547,10 +600,16 @@ func (r *run) seedRound(ctx context.Context, round int) error {
 			}
 		}
 		if snapFor(d, round) == nil {
-			ref, err := r.d.Source.SnapshotVDI(ctx, d.Disk.VDIRef, map[string]string{
-				"wanmotion:migration_id": cp.MigrationID, "wanmotion:round": strconv.Itoa(round)})
+			tags := map[string]string{"wanmotion:migration_id": cp.MigrationID,
+				"wanmotion:source_vdi": d.Disk.VDIUUID, "wanmotion:round": strconv.Itoa(round)}
+			ref, err := r.findVDI(ctx, r.d.Source, tags)
 			if err != nil {
-				return fmt.Errorf("snapshot %s: %w", d.Disk.VDIUUID, err)
+				return err
+			}
+			if ref == "" {
+				if ref, err = r.d.Source.SnapshotVDI(ctx, d.Disk.VDIRef, tags); err != nil {
+					return fmt.Errorf("snapshot %s: %w", d.Disk.VDIUUID, err)
+				}
 			}
 			d.Snapshots = append(d.Snapshots, SnapshotState{Round: round, Ref: ref})
 			if err := r.save(ctx); err != nil {
