@@ -36,8 +36,6 @@ type storageRPCClient struct{ rpcClient }
 
 var _ Storage = (*storageRPCClient)(nil)
 
-// infoRequest and infoless types keep one request struct per method.
-
 // InfoRequest is the (empty) request of Info.
 type InfoRequest struct{}
 
