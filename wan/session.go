@@ -373,6 +373,7 @@ func (s *Session) next(st *stream, wait bool) (work, bool) {
 				}
 				if ch.hasWork() {
 					s.ready = append(s.ready, ch)
+					s.cond.Signal() // more work: wake another writer
 				} else {
 					ch.inReady = false
 				}
@@ -698,6 +699,7 @@ func (s *Session) submit(ctx context.Context, ch *channel, f *outFrame) error {
 		}
 	}
 	s.markReady(ch)
+	s.cond.Signal()
 	return nil
 }
 
