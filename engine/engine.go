@@ -377,7 +377,7 @@ type run struct {
 	cause        error // the error that sent the migration to RollingBack/Failed
 }
 
-var errHalt = errors.New("halt")
+var errHalt = errors.New("checkpoint not written")
 
 // save accounts phase time and writes the checkpoint. A failure halts the
 // engine (ErrInterrupted): it cannot guarantee anything it did not record.
@@ -385,7 +385,7 @@ func (r *run) save(ctx context.Context) error {
 	r.account()
 	r.cp.UpdatedUnixNano = r.mark.UnixNano()
 	if err := r.d.Store.Save(ctx, r.cp); err != nil {
-		return fmt.Errorf("%w: %w: save checkpoint: %w", ErrInterrupted, errHalt, err)
+		return fmt.Errorf("%w: %w: %w", ErrInterrupted, errHalt, err)
 	}
 	return nil
 }
