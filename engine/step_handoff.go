@@ -1,0 +1,155 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+)
+
+func (r *run) stepHandoff(ctx context.Context) (Phase, error) {
+	cp := r.cp
+	h := &cp.Handoff
+	if err := r.ensureAttached(ctx); err != nil {
+		return PhaseHandoff, err
+	}
+	_ = r.checkCancel(ctx) // logged and ignored: forward-only
+	if h.StartNano == 0 {
+		h.StartNano = r.d.Now().UnixNano()
+	}
+	for i := range cp.Disks {
+		d := &cp.Disks[i]
+		if !d.Finalized {
+			st, err := r.d.Storage.Finalize(ctx, r.key(d))
+			if err != nil {
+				return PhaseHandoff, fmt.Errorf("finalize replica of %s: %w", d.Disk.VDIUUID, err)
+			}
+			if st != nil {
+				d.ReceiverState = st
+			}
+			d.Finalized = true
+			if err := r.save(ctx); err != nil {
+				return PhaseHandoff, err
+			}
+		}
+		if !d.ContentIDSet {
+			s := lastSnap(d)
+			if s == nil || s.ContentID == "" {
+				return PhaseHandoff, fmt.Errorf("disk %s has no seeded snapshot", d.Disk.VDIUUID)
+			}
+			if err := r.d.Dest.SetVDIContentID(ctx, d.ReplicaRef, s.ContentID); err != nil {
+				return PhaseHandoff, fmt.Errorf("set replica content_id of %s: %w", d.Disk.VDIUUID, err)
+			}
+			d.ContentIDSet = true
+			if err := r.save(ctx); err != nil {
+				return PhaseHandoff, err
+			}
+		}
+		if !d.CBTDisabled && (d.CBTEnabled || d.CBTWasEnabled) {
+			if err := r.d.Source.DisableCBT(ctx, d.Disk.VDIRef); err != nil {
+				return PhaseHandoff, fmt.Errorf("disable cbt on %s: %w", d.Disk.VDIUUID, err)
+			}
+			d.CBTDisabled = true
+			if err := r.save(ctx); err != nil {
+				return PhaseHandoff, err
+			}
+		}
+	}
+	if !h.Done && h.Task == "" && h.SendIntent {
+		// A previous run stopped around VM.migrate_send: find out whether it started.
+		vm, err := r.d.Source.VMByUUID(ctx, cp.Request.VMUUID)
+		switch {
+		case errors.Is(err, ErrNotFound):
+			where, destVM, lerr := r.locate(ctx)
+			if where != "dest" {
+				return PhaseHandoff, fmt.Errorf("%w: vm gone from the source and not running at the destination (%v)", ErrVMLocation, lerr)
+			}
+			cp.DestVM, h.Done = destVM, true
+		case err != nil:
+			return PhaseHandoff, fmt.Errorf("look up vm: %w", err)
+		default:
+			for task, op := range vm.CurrentOperations {
+				if op == "migrate_send" {
+					r.plog.Info("adopting the running VM.migrate_send task", "task", task)
+					h.Task = task
+				}
+			}
+		}
+		if err := r.save(ctx); err != nil {
+			return PhaseHandoff, err
+		}
+	}
+	if !h.Done && h.Task == "" {
+		dest, err := r.d.Dest.MigrateReceive(ctx, cp.DestHost, cp.DestNetwork, map[string]string{})
+		if err != nil {
+			return PhaseHandoff, fmt.Errorf("host.migrate_receive: %w", err)
+		}
+		rw, err := RewriteDest(dest, func(target string) (string, error) {
+			return r.d.Gateway.Forward(ctx, cp.MigrationID, target)
+		})
+		if err != nil {
+			return PhaseHandoff, err
+		}
+		args := MigrateArgs{VM: cp.VMRef, Dest: rw, Live: true, VDIMap: vdiMap(cp.Disks), VIFMap: cp.VIFMap, Options: cp.Request.MigrateOptions}
+		if args.Options == nil {
+			args.Options = map[string]string{}
+		}
+		if !cp.Request.SkipAssert {
+			if err := r.d.Source.AssertCanMigrate(ctx, args); err != nil {
+				return PhaseHandoff, fmt.Errorf("VM.assert_can_migrate: %w", err)
+			}
+		}
+		h.SendIntent = true
+		if err := r.save(ctx); err != nil {
+			return PhaseHandoff, err
+		}
+		task, err := r.d.Source.MigrateSend(ctx, args)
+		h.SendCalls++
+		if err != nil {
+			return PhaseHandoff, fmt.Errorf("VM.migrate_send: %w", err)
+		}
+		h.Task = task
+		r.plog.Info("VM.migrate_send started", "task", task)
+		if err := r.save(ctx); err != nil {
+			return PhaseHandoff, err
+		}
+	}
+	for !h.Done {
+		rec, err := r.d.Tasks.TaskRecord(ctx, h.Task)
+		if errors.Is(err, ErrNotFound) {
+			where, destVM, lerr := r.locate(ctx)
+			if where != "dest" {
+				return PhaseHandoff, fmt.Errorf("VM.migrate_send task %s disappeared and the vm is not at the destination (%s, %v)", h.Task, where, lerr)
+			}
+			cp.DestVM, h.Done = destVM, true
+			break
+		}
+		if err != nil {
+			return PhaseHandoff, fmt.Errorf("poll VM.migrate_send task: %w", err)
+		}
+		switch rec.Status {
+		case TaskSuccess:
+			cp.DestVM, h.Done = rec.Result, true
+		case TaskFailure, TaskCancelled:
+			return PhaseHandoff, fmt.Errorf("VM.migrate_send %s: %s", rec.Status, strings.Join(rec.ErrorInfo, " "))
+		default:
+			h.Progress = rec.Progress
+			r.progress(ctx, PhaseHandoff, rec.Progress, Progress{Message: "VM.migrate_send"})
+			_ = r.checkCancel(ctx)
+			if err := r.sleep(ctx); err != nil {
+				return PhaseHandoff, err
+			}
+		}
+	}
+	if cp.DestVM == "" {
+		if dv, err := r.d.Dest.VMByUUID(ctx, cp.Request.VMUUID); err == nil {
+			cp.DestVM = dv.Ref
+		}
+	}
+	h.Seconds = float64(r.d.Now().UnixNano()-h.StartNano) / 1e9
+	r.plog.Info("handoff done", "dest_vm", cp.DestVM)
+	if err := r.save(ctx); err != nil {
+		return PhaseHandoff, err
+	}
+	return PhaseSwitch, nil
+}
