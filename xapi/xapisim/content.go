@@ -42,8 +42,10 @@ func (p *Pool) populate(demo bool) error {
 	d := p.db
 	cfg := p.sim.cfg
 	pool := d.create("pool", map[string]any{"name_label": p.Name, "migration_compression": false})
+	// The management network serves NBD with TLS (purpose "nbd"), so
+	// VDI.get_nbd_info answers out of the box.
 	mgmt := d.create("network", map[string]any{"name_label": ManagementNetwork, "bridge": "xenbr0",
-		"name_description": "management network"})
+		"name_description": "management network", "purpose": []string{PurposeNBD}})
 	wan := d.create("network", map[string]any{"name_label": WANNetwork, "bridge": "xenbr1",
 		"name_description": "network shared by name with the other sites"})
 	sr := d.create("SR", map[string]any{"name_label": p.Name + " storage", "type": "ext", "content_type": "user",
