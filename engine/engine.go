@@ -35,7 +35,9 @@ type Progress struct {
 	BytesDone   int64   // within the current round
 	BytesTotal  int64
 	BytesOnWire int64 // cumulative over the seed rounds
-	Message     string
+	// ETA is the planned time still to go: (1 − Overall) × the planned total.
+	ETA     time.Duration
+	Message string
 }
 
 // Deps are the engine's collaborators. Source, Dest, Tasks, Storage,
@@ -610,6 +612,7 @@ func (r *run) progress(ctx context.Context, p Phase, frac float64, extra Progres
 	r.lastProgress = o
 	if r.d.Observe != nil {
 		extra.MigrationID, extra.Phase, extra.Overall = r.cp.MigrationID, p, o
+		extra.ETA = time.Duration((1 - o) * r.cp.Plan.TotalSeconds * float64(time.Second))
 		r.d.Observe(extra)
 	}
 }

@@ -43,6 +43,7 @@ func assertMovedCleanTasks(t *testing.T, w *world, rep Report, nTasks int) {
 	assert.Equal(t, "OpaqueRef:vm1,OpaqueRef:srchost", w.taskOC[task]["applies_to"])
 	assert.Equal(t, 3, rep.SeedRounds)
 	assert.Equal(t, IntegrityOK, rep.Integrity)
+	assert.Positive(t, rep.GuestWriteBytesPerSec, "measured by the delta rounds")
 }
 
 func TestRunSuccess(t *testing.T) {

@@ -3,6 +3,7 @@ package engine
 import (
 	"encoding/json"
 	"fmt"
+	"math"
 	"strings"
 	"time"
 )
@@ -68,19 +69,20 @@ type Report struct {
 // BuildReport derives the report from a checkpoint.
 func BuildReport(c *Checkpoint) Report {
 	r := Report{
-		MigrationID:     c.MigrationID,
-		VMUUID:          c.Request.VMUUID,
-		VMName:          c.VMName,
-		Phase:           c.Phase.String(),
-		Error:           c.Error,
-		StorageBackend:  c.Settings.Storage,
-		NetworkBackend:  c.Settings.Network,
-		SeedRounds:      len(c.Seed.Rounds),
-		Rounds:          append([]RoundStat{}, c.Seed.Rounds...),
-		Convergence:     c.Seed.Decision,
-		LinkBytesPerSec: c.Plan.LinkBytesPerSec,
-		Integrity:       c.Integrity,
-		Estimate:        c.Plan,
+		MigrationID:           c.MigrationID,
+		VMUUID:                c.Request.VMUUID,
+		VMName:                c.VMName,
+		Phase:                 c.Phase.String(),
+		Error:                 c.Error,
+		StorageBackend:        c.Settings.Storage,
+		NetworkBackend:        c.Settings.Network,
+		SeedRounds:            len(c.Seed.Rounds),
+		Rounds:                append([]RoundStat{}, c.Seed.Rounds...),
+		Convergence:           c.Seed.Decision,
+		GuestWriteBytesPerSec: c.Seed.WriteRate,
+		LinkBytesPerSec:       c.Plan.LinkBytesPerSec,
+		Integrity:             c.Integrity,
+		Estimate:              c.Plan,
 	}
 	switch c.Phase {
 	case PhaseDone:
@@ -97,10 +99,10 @@ func BuildReport(c *Checkpoint) Report {
 	}
 	for _, p := range WorkPhases {
 		s := c.Timings[p.String()]
-		r.Phases = append(r.Phases, PhaseTime{Name: p.String(), Seconds: s})
+		r.Phases = append(r.Phases, PhaseTime{Name: p.String(), Seconds: ms(s)})
 		r.TotalSeconds += s
 	}
-	r.TotalSeconds += c.Timings[PhaseRollingBack.String()]
+	r.TotalSeconds = ms(r.TotalSeconds + c.Timings[PhaseRollingBack.String()])
 	for _, d := range c.Disks {
 		r.BytesToMove += allocated(d.Disk)
 	}
@@ -190,6 +192,9 @@ func (r Report) Text() string {
 	fmt.Fprintf(&b, "  integrity:       %s\n", r.Integrity)
 	return b.String()
 }
+
+// ms rounds seconds to milliseconds (no float noise in JSON).
+func ms(s float64) float64 { return math.Round(s*1000) / 1000 }
 
 func fmtSeconds(s float64) string {
 	return (time.Duration(s * float64(time.Second))).Round(time.Millisecond).String()
