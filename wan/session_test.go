@@ -459,3 +459,44 @@ func TestUnopenedSinkFailsWithSession(t *testing.T) {
 	require.NoError(t, p.src.Close())
 	assert.ErrorIs(t, sink.Wait(ctx), ErrPeerClosed)
 }
+
+func TestChannelsShareTheCapFairly(t *testing.T) {
+	noLeaks(t)
+	pk := newPKI(t)
+	cli := pk.clientConfig(t)
+	cli.RateLimit = 4 << 20
+	cli.Compression = CompressOff
+	p := newPair(t, pk.serverConfig(t), cli, nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	data := make([]byte, 256<<10)
+	rand.New(rand.NewSource(5)).Read(data)
+	var sinks []*BlockSink
+	var wg sync.WaitGroup
+	for _, name := range []string{"a", "b"} {
+		sink, err := p.dst.AcceptBlockChannel(ctx, name, func(context.Context, Block) error { return nil })
+		require.NoError(t, err)
+		sinks = append(sinks, sink)
+		bs, err := p.src.OpenBlockChannel(ctx, name, nil)
+		require.NoError(t, err)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for off := int64(0); ctx.Err() == nil; off += int64(len(data)) {
+				if bs.Write(ctx, off, data) != nil {
+					return
+				}
+			}
+		}()
+	}
+	time.Sleep(2500 * time.Millisecond)
+	a, b := sinks[0].Applied(), sinks[1].Applied()
+	cancel()
+	wg.Wait()
+	t.Logf("applied: a=%d b=%d", a, b)
+	require.Greater(t, a, int64(0))
+	require.Greater(t, b, int64(0))
+	ratio := float64(a) / float64(b)
+	assert.GreaterOrEqual(t, ratio, 0.6, "channel a starved")
+	assert.LessOrEqual(t, ratio, 1.67, "channel b starved")
+}
