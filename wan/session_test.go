@@ -500,3 +500,26 @@ func TestChannelsShareTheCapFairly(t *testing.T) {
 	assert.GreaterOrEqual(t, ratio, 0.6, "channel a starved")
 	assert.LessOrEqual(t, ratio, 1.67, "channel b starved")
 }
+
+func TestListenerRestartLosesSession(t *testing.T) {
+	noLeaks(t)
+	pk := newPKI(t)
+	p, link := linkedPair(t, pk, wanemu.LinkConfig{RTT: 2 * time.Millisecond}, nil)
+	addr := p.l.Addr().String()
+	link.Cut()
+	// The destination agent dies and comes back on the same address.
+	require.NoError(t, p.dst.Close())
+	require.NoError(t, p.l.Close())
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	l2, err := Listen(ctx, addr, pk.serverConfig(t))
+	require.NoError(t, err)
+	defer l2.Close()
+	require.NoError(t, link.Restore())
+	select {
+	case <-p.src.Done():
+	case <-ctx.Done():
+		t.Fatal("dialler did not notice the lost session")
+	}
+	assert.ErrorIs(t, p.src.Err(), ErrSessionLost)
+}
