@@ -47,6 +47,7 @@ func (s *Sim) ZeroVDI(uuid string, off, n int64) error {
 			return fmt.Errorf("zero VDI %s: %w", uuid, werr)
 		}
 	}
+	s.ext().mirrorZero(uuid, off, n)
 	return nil
 }
 

@@ -123,6 +123,10 @@ func (s *Sim) WriteVDI(uuid string, off int64, data []byte) error {
 	if _, err := f.WriteAt(data, off); err != nil {
 		return fmt.Errorf("write VDI %s: %w", uuid, err)
 	}
+	// A storage migration in flight mirrors the write synchronously
+	// (migrate.go); the data lock is still held, so it is ordered with the
+	// migration's bulk copy.
+	s.ext().mirrorWrite(uuid, off, data)
 	return nil
 }
 
@@ -139,6 +143,8 @@ func (s *Sim) NoteWrite(uuid string, off, n int64) error {
 }
 
 func (p *Pool) noteWrite(o *object, st *vdiState, off, n int64) {
+	// Changed-block log for migrate_send's incremental copy (migrate.go).
+	p.sim.ext().trackWrite(o.str("uuid"), o.strMap("other_config")["content_id"], st.Clean, o.int("virtual_size"), off, n)
 	if !st.stale {
 		st.stale = true
 		p.sim.markDirty()

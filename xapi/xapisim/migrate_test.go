@@ -1,0 +1,279 @@
+package xapisim
+
+import (
+	"context"
+	"io"
+	"net"
+	"net/url"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/wanmotion/wanmotion/internal/testutil"
+)
+
+// startMigSim starts a simulator with a small disk and memory.
+func startMigSim(t *testing.T) *Sim {
+	t.Helper()
+	s, err := New(Config{StateDir: t.TempDir(), DiskSize: 32 << 20, FillSize: 8 << 20, MemorySize: 16 << 20,
+		Logger: testutil.Logger(t)})
+	require.NoError(t, err)
+	require.NoError(t, s.Start(context.Background(), "127.0.0.1:0"))
+	t.Cleanup(func() { _ = s.Close() })
+	return s
+}
+
+// migEnv holds the refs a migration test needs.
+type migEnv struct {
+	srcURL, srcSess, dstURL, dstSess string
+	vm, vmUUID, vdi, vdiUUID, vif    string
+	dstHost, dstNet, dstSR           string
+}
+
+func newMigEnv(t *testing.T, s *Sim) migEnv {
+	t.Helper()
+	var e migEnv
+	e.srcURL, e.srcSess = login(t, s, 0)
+	e.dstURL, e.dstSess = login(t, s, 1)
+	e.vm = demoVM(t, e.srcURL, e.srcSess)
+	e.vmUUID = ok(t, e.srcURL, "VM.get_uuid", e.srcSess, e.vm).(string)
+	e.vdi, e.vdiUUID = demoVDI(t, e.srcURL, e.srcSess)
+	e.vif = ok(t, e.srcURL, "VM.get_VIFs", e.srcSess, e.vm).([]any)[0].(string)
+	e.dstHost = ok(t, e.dstURL, "host.get_all", e.dstSess).([]any)[1].(string)
+	e.dstNet = ok(t, e.dstURL, "network.get_by_name_label", e.dstSess, WANNetwork).([]any)[0].(string)
+	e.dstSR = ok(t, e.dstURL, "SR.get_all", e.dstSess).([]any)[0].(string)
+	return e
+}
+
+func (e migEnv) dest(t *testing.T) map[string]any {
+	t.Helper()
+	d := ok(t, e.dstURL, "host.migrate_receive", e.dstSess, e.dstHost, e.dstNet, map[string]any{}).(map[string]any)
+	return d
+}
+
+func (e migEnv) maps() (vdiMap, vifMap map[string]any) {
+	return map[string]any{e.vdi: e.dstSR}, map[string]any{e.vif: e.dstNet}
+}
+
+// waitTask waits for a task and returns its record.
+func waitTask(t *testing.T, url, sess, task string) map[string]any {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		rec := ok(t, url, "task.get_record", sess, task).(map[string]any)
+		if rec["status"] != "pending" {
+			return rec
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("task %s did not finish", task)
+	return nil
+}
+
+func TestMigrateReceive(t *testing.T) {
+	s := startMigSim(t)
+	e := newMigEnv(t, s)
+	d := e.dest(t)
+	keys := []string{}
+	for k := range d {
+		keys = append(keys, k)
+	}
+	assert.ElementsMatch(t, []string{"SM", "host", "xenops", "session_id", "master"}, keys)
+	sess := d["session_id"].(string)
+	assert.NotEqual(t, e.dstSess, sess, "a new session for the migration")
+	assert.Equal(t, e.dstHost, d["host"])
+	var host *Host
+	for _, h := range s.Pools()[1].Hosts() {
+		if h.Ref == e.dstHost {
+			host = h
+		}
+	}
+	require.NotNil(t, host)
+	hu, err := url.Parse(host.URL())
+	require.NoError(t, err)
+	for _, k := range []string{"SM", "xenops"} {
+		u, err := url.Parse(d[k].(string))
+		require.NoError(t, err)
+		assert.Equal(t, "http", u.Scheme)
+		assert.Equal(t, net.JoinHostPort(host.IP(), hu.Port()), u.Host, "PIF IP and the host's port")
+		assert.Equal(t, "/services/"+k, u.Path)
+		assert.Equal(t, sess, u.Query().Get("session_id"))
+	}
+	cu, err := url.Parse(s.Info().Pools[1].URL)
+	require.NoError(t, err)
+	assert.Equal(t, "http://"+cu.Host+"/", d["master"])
+
+	// Errors.
+	_, f := call(t, e.dstURL, "host.migrate_receive", e.dstSess, "OpaqueRef:nope", e.dstNet, map[string]any{})
+	require.NotNil(t, f)
+	assert.Equal(t, []string{"host", "OpaqueRef:nope"}, f.Params)
+	assert.Equal(t, ErrHandleInvalid, f.Code)
+	nw := ok(t, e.dstURL, "network.create", e.dstSess, map[string]any{"name_label": "isolated"}).(string)
+	_, f = call(t, e.dstURL, "host.migrate_receive", e.dstSess, e.dstHost, nw, map[string]any{})
+	require.NotNil(t, f)
+	assert.Equal(t, "HOST_CANNOT_ATTACH_NETWORK", f.Code)
+	assert.Equal(t, []string{e.dstHost, nw}, f.Params)
+	p := s.Pools()[1]
+	p.Lock()
+	var pifRef string
+	for _, o := range p.db.find("PIF", "network", e.dstNet) {
+		if o.str("host") == e.dstHost {
+			o.Fields["IP"] = ""
+			pifRef = o.Ref
+		}
+	}
+	p.Unlock()
+	_, f = call(t, e.dstURL, "host.migrate_receive", e.dstSess, e.dstHost, e.dstNet, map[string]any{})
+	require.NotNil(t, f)
+	assert.Equal(t, "INTERFACE_HAS_NO_IP", f.Code)
+	assert.Equal(t, []string{pifRef}, f.Params)
+	p.Lock()
+	p.db.objs[pifRef].Fields["ip_configuration_mode"] = "None"
+	p.Unlock()
+	_, f = call(t, e.dstURL, "host.migrate_receive", e.dstSess, e.dstHost, e.dstNet, map[string]any{})
+	require.NotNil(t, f)
+	assert.Equal(t, "PIF_HAS_NO_NETWORK_CONFIGURATION", f.Code)
+}
+
+func TestGuestWritesAndVerify(t *testing.T) {
+	s := startMigSim(t)
+	e := newMigEnv(t, s)
+	for _, pattern := range []string{PatternSequential, PatternRandom, PatternHotSet} {
+		t.Run(pattern, func(t *testing.T) {
+			ok(t, e.srcURL, "sim.guest_start", e.srcSess, e.vm, map[string]any{"rate": "4MiB/s", "pattern": pattern, "dirty_rate": "1MiB/s"})
+			require.Eventually(t, func() bool {
+				st := ok(t, e.srcURL, "sim.guest_stats", e.srcSess, e.vm).(map[string]any)
+				return st["writes"] != "0" && st["pages_dirtied"] != "0"
+			}, 10*time.Second, 20*time.Millisecond)
+			v := ok(t, e.srcURL, "sim.guest_verify", e.srcSess, e.vm).(map[string]any)
+			assert.Equal(t, "true", v["ok"])
+			assert.Equal(t, "1", v["disks"])
+			// Paused: no writes.
+			ok(t, e.srcURL, "VM.pause", e.srcSess, e.vm)
+			time.Sleep(50 * time.Millisecond)
+			st1, _ := s.GuestStats(e.vmUUID)
+			time.Sleep(100 * time.Millisecond)
+			st2, _ := s.GuestStats(e.vmUUID)
+			assert.Equal(t, st1.Writes, st2.Writes, "no writes while paused")
+			ok(t, e.srcURL, "VM.unpause", e.srcSess, e.vm)
+			ok(t, e.srcURL, "sim.guest_stop", e.srcSess, e.vm)
+		})
+	}
+	// A write behind the guest's back is caught.
+	require.NoError(t, s.StartGuest(e.vmUUID, GuestConfig{}))
+	require.NoError(t, s.WriteVDI(e.vdiUUID, 12345, []byte("not the guest")))
+	v, err := s.VerifyGuest(e.vmUUID)
+	require.NoError(t, err)
+	assert.False(t, v.OK)
+	assert.Equal(t, int64(12345), v.MismatchOffset)
+	assert.Equal(t, "0", v.Disk)
+	require.NoError(t, s.StopGuest(e.vmUUID))
+}
+
+func TestMigrateSendGo(t *testing.T) {
+	s := startMigSim(t)
+	e := newMigEnv(t, s)
+	require.NoError(t, s.StartGuest(e.vmUUID, GuestConfig{Rate: 2 << 20, Pattern: PatternRandom, DirtyRate: 1 << 20}))
+	vdiMap, vifMap := e.maps()
+	task := ok(t, e.srcURL, "Async.VM.migrate_send", e.srcSess, e.vm, e.dest(t), true, vdiMap, vifMap, map[string]any{"force": "true"}).(string)
+	rec := waitTask(t, e.srcURL, e.srcSess, task)
+	require.Equal(t, "success", rec["status"], "%v", rec["error_info"])
+	destVM := strings.TrimSuffix(strings.TrimPrefix(rec["result"].(string), "<value>"), "</value>")
+	assert.Equal(t, Running, ok(t, e.dstURL, "VM.get_power_state", e.dstSess, destVM))
+	assert.Equal(t, e.dstHost, ok(t, e.dstURL, "VM.get_resident_on", e.dstSess, destVM))
+	_, f := call(t, e.srcURL, "VM.get_record", e.srcSess, e.vm)
+	require.NotNil(t, f, "the VM is gone from the source")
+	_, f = call(t, e.srcURL, "VDI.get_record", e.srcSess, e.vdi)
+	require.NotNil(t, f, "the source disk is gone")
+	// The guest keeps writing at the destination, and nothing was lost.
+	st0, err := s.GuestStats(e.vmUUID)
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		st, _ := s.GuestStats(e.vmUUID)
+		return st.Writes > st0.Writes
+	}, 10*time.Second, 20*time.Millisecond)
+	v, err := s.VerifyGuest(e.vmUUID)
+	require.NoError(t, err)
+	assert.True(t, v.OK, "mismatch at %d", v.MismatchOffset)
+	mr, found := s.LastMigration(e.vmUUID)
+	require.True(t, found)
+	assert.Equal(t, "success", mr.Result)
+	assert.True(t, mr.MemoryVerified)
+	assert.False(t, mr.Incremental)
+	assert.GreaterOrEqual(t, mr.MemoryBytes, int64(16<<20))
+	assert.GreaterOrEqual(t, mr.XenopsBytes, mr.MemoryBytes)
+	assert.GreaterOrEqual(t, mr.SMBytes, int64(8<<20), "the allocated data")
+	assert.Less(t, mr.SMBytes, int64(32<<20), "holes are skipped")
+	oc := ok(t, e.dstURL, "VM.get_other_config", e.dstSess, destVM).(map[string]any)
+	assert.Equal(t, itoa(mr.PauseMS), oc["sim:migration_pause_ms"])
+	sm, xo := s.EndpointBytes()
+	assert.GreaterOrEqual(t, sm, mr.SMBytes)
+	assert.GreaterOrEqual(t, xo, mr.XenopsBytes)
+}
+
+// tcpProxy forwards connections to target and counts the bytes clients send.
+type tcpProxy struct {
+	ln      net.Listener
+	target  string
+	up      atomic.Int64
+	wg      sync.WaitGroup
+	mu      sync.Mutex
+	conns   []net.Conn
+	stopped bool
+}
+
+func newTCPProxy(t *testing.T, target string) *tcpProxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	p := &tcpProxy{ln: ln, target: target}
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			u, err := net.Dial("tcp", target)
+			if err != nil {
+				_ = c.Close()
+				continue
+			}
+			p.mu.Lock()
+			p.conns = append(p.conns, c, u)
+			p.mu.Unlock()
+			p.wg.Add(2)
+			go func() {
+				defer p.wg.Done()
+				n, _ := io.Copy(u, c)
+				p.up.Add(n)
+				_ = u.Close()
+			}()
+			go func() {
+				defer p.wg.Done()
+				_, _ = io.Copy(c, u)
+				_ = c.Close()
+			}()
+		}
+	}()
+	t.Cleanup(p.close)
+	return p
+}
+
+func (p *tcpProxy) close() {
+	_ = p.ln.Close()
+	p.mu.Lock()
+	for _, c := range p.conns {
+		_ = c.Close()
+	}
+	p.mu.Unlock()
+	p.wg.Wait()
+}
+
+func (p *tcpProxy) addr() string { return p.ln.Addr().String() }
