@@ -79,6 +79,11 @@ type Config struct {
 	Username, Password string
 	// NoDemoVM skips creating demo-vm in the first pool.
 	NoDemoVM bool
+	// EtcDir, when set, is the /etc that every host's plugins and hooks
+	// come from (EtcDir/xapi.d/plugins, EtcDir/xapi.d/<hook>), e.g. an
+	// install tree. By default each host has its own
+	// <StateDir>/<host name>/etc (see HostEtcDir).
+	EtcDir string
 	// Logger receives the simulator's logs (default: discard).
 	Logger hclog.Logger
 }
