@@ -510,7 +510,7 @@ func (pl *migPlan) check(ctx context.Context) error {
 
 func (pl *migPlan) failed(err error) error {
 	var f *Fault
-	if errors.As(err, &f) && (f.Code == ErrTaskCancelled || f.Code == "VM_MIGRATE_FAILED" || f.Code == "XAPI_HOOK_FAILED") {
+	if errors.As(err, &f) && (f.Code == ErrTaskCancelled || f.Code == "VM_MIGRATE_FAILED" || f.Code == ErrHookFailed) {
 		return f
 	}
 	return Errorf("VM_MIGRATE_FAILED", pl.vmRef, pl.srcHost, pl.destHost, err.Error())
@@ -725,13 +725,19 @@ func (pl *migPlan) run(rec *MigrationRecord) (string, error) {
 	}
 	progress01(c, 1)
 	if fin.HookError != "" {
-		var f Fault
-		if json.Unmarshal([]byte(fin.HookError), &f) == nil && f.Code != "" {
-			return "", &f
-		}
-		return "", Errorf(ErrInternal, fin.HookError)
+		return "", decodeHookError(fin.HookError)
 	}
 	return destVM, nil
+}
+
+// decodeHookError turns the destination's vm-post-migrate failure back
+// into its Fault (the VM has moved; the call only reports the failure).
+func decodeHookError(s string) error {
+	var f Fault
+	if json.Unmarshal([]byte(s), &f) == nil && f.Code != "" {
+		return &f
+	}
+	return Errorf(ErrInternal, s)
 }
 
 func (s *Sim) hostOf(p *Pool, ref string) *Host {

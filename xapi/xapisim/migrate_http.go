@@ -39,10 +39,13 @@ import (
 // JSON {"error":[code, params...]}.
 
 // migrateHook runs a xenopsd hook (vm-pre-migrate on the source host,
-// vm-post-migrate on the destination). The hook runner (hooks.go, another
-// change) replaces it; until then hooks are a no-op.
-var migrateHook = func(ctx context.Context, s *Sim, h *Host, hook, vmUUID, reason string, domid int64) error {
-	return nil
+// vm-post-migrate on the destination) through the hook runner (hooks.go).
+func migrateHook(ctx context.Context, s *Sim, h *Host, hook, vmUUID, reason string, domid int64) error {
+	d := ""
+	if domid >= 0 {
+		d = strconv.FormatInt(domid, 10)
+	}
+	return s.runHooks(ctx, h.Ref, hook, vmUUID, reason, d)
 }
 
 func init() {

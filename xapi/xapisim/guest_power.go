@@ -77,7 +77,7 @@ func (s *Sim) poolMigrate(c *Call) error {
 		rec.XenopsBytes = xo.sent.Load()
 		e.setRecord(rec)
 		var f *Fault
-		if errors.As(cause, &f) && (f.Code == ErrTaskCancelled || f.Code == "XAPI_HOOK_FAILED") {
+		if errors.As(cause, &f) && (f.Code == ErrTaskCancelled || f.Code == ErrHookFailed) {
 			return f
 		}
 		return Errorf("VM_MIGRATE_FAILED", vmRef, src, target.Ref, cause.Error())
@@ -113,7 +113,7 @@ func (s *Sim) poolMigrate(c *Call) error {
 	rec.Result, rec.Finished = "success", time.Now().UTC()
 	e.setRecord(rec)
 	if fin.HookError != "" {
-		return Errorf("XAPI_HOOK_FAILED", fin.HookError)
+		return decodeHookError(fin.HookError)
 	}
 	return nil
 }
