@@ -350,3 +350,32 @@ func TestServerSurvivesAbruptDisconnect(t *testing.T) {
 	// Every connection ends by itself, without cancelling the server.
 	require.Eventually(t, func() bool { return ts.srv.ActiveConns() == 0 }, 10*time.Second, 10*time.Millisecond)
 }
+
+func TestExportRelease(t *testing.T) {
+	checkNoLeak(t)
+	var mu sync.Mutex
+	opened, released := 0, 0
+	resolve := func(_ context.Context, name string) (*Export, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		opened++
+		return &Export{Name: name, Backend: NewMemBackend(4096), Release: func() {
+			mu.Lock()
+			defer mu.Unlock()
+			released++
+		}}, nil
+	}
+	ts := startServer(t, ServerOptions{Exports: resolve})
+	ctx := context.Background()
+	_, err := QueryExport(ctx, "tcp", ts.addr, DialOptions{Export: "x"}) // INFO
+	require.NoError(t, err)
+	c, err := Dial(ctx, "tcp", ts.addr, DialOptions{Export: "x"}) // GO
+	require.NoError(t, err)
+	require.NoError(t, c.ReadAt(ctx, make([]byte, 10), 0))
+	require.NoError(t, c.Close())
+	require.Eventually(t, func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return opened == 2 && released == 2
+	}, 5*time.Second, 10*time.Millisecond, "every resolved export is released once")
+}

@@ -27,6 +27,17 @@ type Export struct {
 	// MultiConn advertises NBD_FLAG_CAN_MULTI_CONN: the backend's Sync
 	// covers writes made through every connection (true for FileBackend).
 	MultiConn bool
+	// Release, if set, is called once when the server is done with this
+	// *Export for the connection that resolved it: after answering
+	// NBD_OPT_INFO, when the handshake fails, or when transmission ends.
+	// Use it to close a backend opened by the ExportFunc per connection.
+	Release func()
+}
+
+func (e *Export) release() {
+	if e != nil && e.Release != nil {
+		e.Release()
+	}
 }
 
 // ExportFunc resolves the export name a client asked for. Return an error
@@ -163,6 +174,7 @@ func (s *Server) ServeConn(ctx context.Context, conn net.Conn) error {
 	defer stop()
 	defer conn.Close()
 	c := &serverConn{s: s, raw: conn, conn: conn, log: s.log.With("remote", addrString(conn.RemoteAddr()))}
+	defer func() { c.exp.release() }()
 	c.r = bufio.NewReaderSize(conn, 64<<10)
 	c.w = bufio.NewWriterSize(conn, 64<<10)
 	_ = conn.SetDeadline(time.Now().Add(s.opts.HandshakeTimeout))
@@ -419,6 +431,7 @@ func (c *serverConn) metaContext(opt uint32, data []byte) error {
 func (c *serverConn) resolve(ctx context.Context, name string) (uint32, string) {
 	exp, err := c.s.opts.Exports(ctx, name)
 	if err != nil || exp == nil || exp.Backend == nil {
+		exp.release()
 		if err == nil || errors.Is(err, ErrUnknownExport) {
 			c.log.Debug("unknown export requested")
 			return repErrUnknown, "unknown export"
@@ -428,6 +441,7 @@ func (c *serverConn) resolve(ctx context.Context, name string) (uint32, string) 
 	}
 	size, err := exp.Backend.Size()
 	if err != nil || size < 0 {
+		exp.release()
 		c.log.Warn("export size failed", "error", err)
 		return repErrUnknown, "export unavailable"
 	}
@@ -498,6 +512,7 @@ func (c *serverConn) infoGo(ctx context.Context, opt uint32, data []byte) (bool,
 		return false, err
 	}
 	if opt == optInfo {
+		c.exp.release()
 		c.exp = nil
 		return false, nil
 	}
