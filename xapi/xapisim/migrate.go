@@ -499,8 +499,12 @@ func (pl *migPlan) check(ctx context.Context) error {
 	}
 	req["srs"], req["networks"] = append([]string{}, srs...), append([]string{}, nws...)
 	if err := pl.sm.json(ctx, "check", nil, req, nil); err != nil {
+		// The destination's own errors (HANDLE_INVALID of an SR...) are
+		// passed on; a refused session is not the caller's session, so it
+		// is reported as a migration failure (SESSION_INVALID would make
+		// clients log in again).
 		var f *Fault
-		if errors.As(err, &f) {
+		if errors.As(err, &f) && f.Code != ErrSessionInvalid {
 			return f
 		}
 		return pl.failed(err)
@@ -534,8 +538,14 @@ func progress01(c *Call, f float64) {
 		return
 	}
 	c.Pool.mu.Lock()
+	defer c.Pool.mu.Unlock()
+	// Progress only rises (memory rounds restart their own count).
+	if o, err := c.Pool.db.get("task", c.Task); err == nil {
+		if cur, _ := o.Fields["progress"].(float64); cur >= min(f, 0.99) {
+			return
+		}
+	}
 	c.Pool.SetTaskProgress(c.Task, min(f, 0.99))
-	c.Pool.mu.Unlock()
 }
 
 // migrateSend implements VM.migrate_send.
@@ -683,6 +693,7 @@ func (pl *migPlan) run(rec *MigrationRecord) (string, error) {
 			return "", rollback(err)
 		}
 		rec.MirroredWrites += d.mirror.writes.Load()
+		rec.MirrorBytes += d.mirror.bytes.Load()
 	}
 	if e.takeFault("before_start") {
 		return "", rollback(errors.New("injected fault before the destination VM starts"))

@@ -50,6 +50,7 @@ type mirror struct {
 	mu     sync.Mutex
 	err    error
 	writes atomic.Int64
+	bytes  atomic.Int64
 }
 
 func (m *mirror) write(off int64, data []byte) {
@@ -63,6 +64,7 @@ func (m *mirror) write(off int64, data []byte) {
 		return
 	}
 	m.writes.Add(1)
+	m.bytes.Add(int64(len(data)))
 }
 
 func (m *mirror) failed() error {
