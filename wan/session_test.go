@@ -523,3 +523,35 @@ func TestListenerRestartLosesSession(t *testing.T) {
 	}
 	assert.ErrorIs(t, p.src.Err(), ErrSessionLost)
 }
+
+func TestSilentOutageDetectedByIdleTimeout(t *testing.T) {
+	noLeaks(t)
+	pk := newPKI(t)
+	srv, cli := pk.serverConfig(t), pk.clientConfig(t)
+	srv.IdleTimeout, cli.IdleTimeout = 1500*time.Millisecond, 1500*time.Millisecond
+	cli.DialTimeout = 2 * time.Second
+	cli.MinBackoff, cli.MaxBackoff = 20*time.Millisecond, 200*time.Millisecond
+	var link *wanemu.Link
+	p := newPair(t, srv, cli, func(addr string) string {
+		var err error
+		link, err = wanemu.NewLink(context.Background(), wanemu.LinkConfig{Upstream: addr, RTT: 4 * time.Millisecond, Bandwidth: 200e6})
+		require.NoError(t, err)
+		t.Cleanup(func() { _ = link.Close() })
+		return link.Addr()
+	})
+	up, down := testData(21, 8<<20), testData(22, 2<<20)
+	runForward(t, p, up, down, func(stop <-chan struct{}) {
+		select {
+		case <-stop:
+			return
+		case <-time.After(100 * time.Millisecond):
+		}
+		link.Blackhole()
+		time.Sleep(3 * time.Second) // longer than IdleTimeout: streams are declared dead
+		if err := link.Restore(); err != nil {
+			t.Errorf("restore: %v", err)
+		}
+	})
+	assert.Greater(t, p.src.Stats().Reconnects, int64(0), "streams were re-dialled after the silent outage")
+	assert.NoError(t, p.src.Err())
+}

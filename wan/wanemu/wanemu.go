@@ -63,10 +63,11 @@ type Link struct {
 	up    *pacer // client → upstream
 	down  *pacer // upstream → client
 
-	mu     sync.Mutex
-	cut    bool
-	closed bool
-	cuts   int
+	mu        sync.Mutex
+	cut       bool
+	blackhole bool
+	closed    bool
+	cuts      int
 }
 
 var registerOnce sync.Once
@@ -146,12 +147,39 @@ func (l *Link) Cut() {
 	l.log.Debug("link cut")
 }
 
-// Restore accepts connections again on the same address after a Cut.
+// Blackhole makes the link silent without closing anything: connections
+// stay open (and new ones are accepted) but no byte crosses in either
+// direction, like a failed WAN path. Peers only notice through their own
+// timeouts. Restore ends it; data that was in flight is lost and the
+// connections that existed are dropped.
+func (l *Link) Blackhole() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.blackhole || l.closed {
+		return
+	}
+	l.blackhole = true
+	l.cuts++
+	l.up.setHold(true)
+	l.down.setHold(true)
+	l.log.Debug("link blackholed")
+}
+
+// Restore ends a Cut (accepting connections again on the same address) or a
+// Blackhole.
 func (l *Link) Restore() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.closed {
 		return ErrClosed
+	}
+	if l.blackhole {
+		l.blackhole = false
+		l.up.dropAll()
+		l.down.dropAll()
+		l.up.setHold(false)
+		l.down.setHold(false)
+		l.log.Debug("link blackhole ended")
 	}
 	if !l.cut {
 		return nil
@@ -179,7 +207,7 @@ func (l *Link) SetBandwidth(bitsPerSec int64) {
 type Counters struct {
 	Upstream   int64 // client → upstream
 	Downstream int64 // upstream → client
-	Cuts       int
+	Cuts       int   // cuts and blackholes so far
 }
 
 // Counters returns the bytes that crossed the link so far.
@@ -201,6 +229,8 @@ func (l *Link) Close() error {
 	l.proxy.Stop()
 	l.up.dropAll()
 	l.down.dropAll()
+	l.up.setHold(false)
+	l.down.setHold(false)
 	l.up.close()
 	l.down.close()
 	return nil
@@ -215,6 +245,25 @@ type pacer struct {
 	bytes  atomic.Int64
 	closed bool
 	gone   chan struct{} // closed when the link drops its current connections
+	hold   chan struct{} // non-nil while blackholed; closed when released
+}
+
+func (p *pacer) setHold(on bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	switch {
+	case on && p.hold == nil:
+		p.hold = make(chan struct{})
+	case !on && p.hold != nil:
+		close(p.hold)
+		p.hold = nil
+	}
+}
+
+func (p *pacer) held() chan struct{} {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.hold
 }
 
 func newPacer(bitsPerSec int64) *pacer {
@@ -327,6 +376,13 @@ func (t *linkToxic) Pipe(stub *toxics.ToxicStub) {
 					tm.Stop()
 				case <-gone:
 					tm.Stop()
+					return
+				}
+			}
+			if h := t.p.held(); h != nil {
+				select {
+				case <-h:
+				case <-gone:
 					return
 				}
 			}
