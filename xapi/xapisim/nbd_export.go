@@ -15,7 +15,6 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
-	"errors"
 	"fmt"
 	"math/big"
 	"net"
@@ -165,20 +164,11 @@ func (h *Host) nbdMode() string {
 	return ""
 }
 
-// connFiles collects the files opened for one NBD connection, closed when
-// it ends (the nbd package does not close backends).
-type connFiles struct {
-	mu    sync.Mutex
-	files []*nbd.FileBackend
-}
-
-type connFilesKey struct{}
-
 // nbdExports resolves export names for host h: "/<vdi-uuid>?session_id=<ref>",
 // parsed as a URI as xapi-nbd does. The session must be valid in h's pool
 // and the VDI's SR attached to h.
 func (s *Sim) nbdExports(h *Host) nbd.ExportFunc {
-	return func(ctx context.Context, name string) (*nbd.Export, error) {
+	return func(_ context.Context, name string) (*nbd.Export, error) {
 		u, err := url.Parse(name)
 		if err != nil {
 			return nil, fmt.Errorf("%w: export name is not a URI", nbd.ErrUnknownExport)
@@ -211,15 +201,8 @@ func (s *Sim) nbdExports(h *Host) nbd.ExportFunc {
 		if err != nil {
 			return nil, fmt.Errorf("open VDI %s: %w", uuid, err)
 		}
-		if cf, ok := ctx.Value(connFilesKey{}).(*connFiles); ok {
-			cf.mu.Lock()
-			cf.files = append(cf.files, be)
-			cf.mu.Unlock()
-		} else {
-			_ = be.Close()
-			return nil, errors.New("nbd export resolved outside a connection")
-		}
-		return &nbd.Export{Name: name, Description: desc, Backend: be, ReadOnly: true, MultiConn: true}, nil
+		return &nbd.Export{Name: name, Description: desc, Backend: be, ReadOnly: true, MultiConn: true,
+			Release: func() { _ = be.Close() }}, nil
 	}
 }
 
@@ -307,16 +290,9 @@ func (s *Sim) acceptNBD(ctx context.Context, h *Host, ln net.Listener, tlsSrv, p
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			cf := &connFiles{}
-			cctx := context.WithValue(ctx, connFilesKey{}, cf)
-			if err := srv.ServeConn(cctx, conn); err != nil && ctx.Err() == nil {
+			if err := srv.ServeConn(ctx, conn); err != nil && ctx.Err() == nil {
 				s.log.Debug("nbd connection ended", "host", h.Name, "error", err)
 			}
-			cf.mu.Lock()
-			for _, f := range cf.files {
-				_ = f.Close()
-			}
-			cf.mu.Unlock()
 		}()
 	}
 }

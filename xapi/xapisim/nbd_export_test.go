@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -156,6 +157,10 @@ func TestNBDExportGoClient(t *testing.T) {
 	require.NoError(t, err)
 	assert.False(t, bytes.Equal(snapData, live), "the guest write must only change the live VDI")
 
+	// Every connection has ended: the VDI files it opened are closed.
+	require.Eventually(t, func() bool { return openFilesUnder(t, filepath.Dir(path)) == 0 },
+		10*time.Second, 10*time.Millisecond, "VDI files left open by the NBD server")
+
 	rec := nbdInfo(t, url, sess, vdi)[0]
 	t.Run("bad session refused", func(t *testing.T) {
 		bad := copyRec(rec)
@@ -209,6 +214,22 @@ func TestNBDExportGoClient(t *testing.T) {
 		_, err = readExport(t, rec, false)
 		assert.Error(t, err)
 	})
+}
+
+// openFilesUnder counts this process's open descriptors on files in dir.
+func openFilesUnder(t *testing.T, dir string) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skip("no /proc/self/fd")
+	}
+	n := 0
+	for _, e := range ents {
+		if target, err := os.Readlink(filepath.Join("/proc/self/fd", e.Name())); err == nil && strings.HasPrefix(target, dir) {
+			n++
+		}
+	}
+	return n
 }
 
 func copyRec(m map[string]any) map[string]any {
