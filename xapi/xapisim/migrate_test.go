@@ -5,6 +5,9 @@ import (
 	"io"
 	"net"
 	"net/url"
+	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -221,6 +224,7 @@ type tcpProxy struct {
 	ln      net.Listener
 	target  string
 	up      atomic.Int64
+	delay   time.Duration // per chunk forwarded towards the target
 	wg      sync.WaitGroup
 	mu      sync.Mutex
 	conns   []net.Conn
@@ -251,8 +255,22 @@ func newTCPProxy(t *testing.T, target string) *tcpProxy {
 			p.wg.Add(2)
 			go func() {
 				defer p.wg.Done()
-				n, _ := io.Copy(u, c)
-				p.up.Add(n)
+				buf := make([]byte, 32<<10)
+				for {
+					n, err := c.Read(buf)
+					if n > 0 {
+						if p.delay > 0 {
+							time.Sleep(p.delay)
+						}
+						if _, werr := u.Write(buf[:n]); werr != nil {
+							break
+						}
+						p.up.Add(int64(n))
+					}
+					if err != nil {
+						break
+					}
+				}
 				_ = u.Close()
 			}()
 			go func() {
@@ -277,3 +295,238 @@ func (p *tcpProxy) close() {
 }
 
 func (p *tcpProxy) addr() string { return p.ln.Addr().String() }
+
+// addVM creates a running VM with a small disk and a VIF in pool p (for
+// tests that need several VMs).
+func addVM(t *testing.T, p *Pool, name string, diskSize int64) (ref, uuid string) {
+	t.Helper()
+	p.Lock()
+	defer p.Unlock()
+	sr := p.db.all("SR")[0]
+	nw := p.db.find("network", "name_label", WANNetwork)[0]
+	vm := p.db.create("VM", map[string]any{"name_label": name, "memory_static_max": int64(4 << 20),
+		"memory_dynamic_max": int64(4 << 20), "VCPUs_max": int64(1)})
+	vdi, err := p.CreateVDI(sr.Ref, diskSize, map[string]any{"name_label": name + " disk"})
+	require.NoError(t, err)
+	p.db.create("VBD", map[string]any{"VM": vm.Ref, "VDI": vdi, "userdevice": "0", "mode": "RW", "type": "Disk"})
+	p.db.create("VIF", map[string]any{"VM": vm.Ref, "network": nw.Ref, "device": "0", "MAC": randomMAC(), "MTU": int64(1500)})
+	p.setPowerState(vm, Running, p.Coordinator().Ref)
+	return vm.Ref, vm.str("uuid")
+}
+
+// writeHook installs an executable hook script on host.
+func writeHook(t *testing.T, s *Sim, host, hook, script string) string {
+	t.Helper()
+	dir := s.HookDir(host, hook)
+	require.NotEmpty(t, dir)
+	require.NoError(t, os.MkdirAll(dir, 0o755))
+	path := filepath.Join(dir, "10test")
+	require.NoError(t, os.WriteFile(path, []byte("#!/bin/sh\n"+script+"\n"), 0o755))
+	t.Cleanup(func() { _ = os.Remove(path) })
+	return path
+}
+
+func vmMaps(t *testing.T, url, sess, vm, sr, nw string) (vdiMap, vifMap map[string]any) {
+	t.Helper()
+	vdiMap, vifMap = map[string]any{}, map[string]any{}
+	for _, vbd := range ok(t, url, "VM.get_VBDs", sess, vm).([]any) {
+		vdiMap[ok(t, url, "VBD.get_VDI", sess, vbd).(string)] = sr
+	}
+	for _, vif := range ok(t, url, "VM.get_VIFs", sess, vm).([]any) {
+		vifMap[vif.(string)] = nw
+	}
+	return vdiMap, vifMap
+}
+
+func TestTooManyStorageMigrates(t *testing.T) {
+	s := startMigSim(t)
+	e := newMigEnv(t, s)
+	src := s.Pools()[0]
+	// A pre-migrate hook that waits for a file keeps three migrations in flight.
+	release := filepath.Join(t.TempDir(), "go")
+	writeHook(t, s, src.Coordinator().Ref, HookVMPreMigrate, "while [ ! -e "+release+" ]; do sleep 0.05; done")
+	var tasks []string
+	for i := 0; i < MaxStorageMigrates; i++ {
+		ref, _ := addVM(t, src, "vm"+strconv.Itoa(i), 1<<20)
+		vdiMap, vifMap := vmMaps(t, e.srcURL, e.srcSess, ref, e.dstSR, e.dstNet)
+		tasks = append(tasks, ok(t, e.srcURL, "Async.VM.migrate_send", e.srcSess, ref, e.dest(t), true, vdiMap, vifMap, map[string]any{}).(string))
+	}
+	require.Eventually(t, func() bool {
+		ext := s.ext()
+		ext.mu.Lock()
+		defer ext.mu.Unlock()
+		return ext.active[src] == MaxStorageMigrates
+	}, 10*time.Second, 10*time.Millisecond)
+	vdiMap, vifMap := e.maps()
+	_, f := call(t, e.srcURL, "VM.migrate_send", e.srcSess, e.vm, e.dest(t), true, vdiMap, vifMap, map[string]any{})
+	require.NotNil(t, f)
+	assert.Equal(t, []string{"3"}, f.Params)
+	assert.Equal(t, "TOO_MANY_STORAGE_MIGRATES", f.Code)
+	require.NoError(t, os.WriteFile(release, nil, 0o644))
+	for _, task := range tasks {
+		rec := waitTask(t, e.srcURL, e.srcSess, task)
+		assert.Equal(t, "success", rec["status"], "%v", rec["error_info"])
+	}
+	assert.Len(t, ok(t, e.dstURL, "VM.get_by_name_label", e.dstSess, "vm1").([]any), 1)
+}
+
+func TestMigrateHooksAndCancel(t *testing.T) {
+	s := startMigSim(t)
+	e := newMigEnv(t, s)
+	require.NoError(t, s.StartGuest(e.vmUUID, GuestConfig{Rate: 1 << 20}))
+	srcHost := s.Pools()[0].Coordinator().Ref
+	vdiMap, vifMap := e.maps()
+
+	// A failing vm-pre-migrate hook aborts before memory is sent.
+	log := filepath.Join(t.TempDir(), "args")
+	path := writeHook(t, s, srcHost, HookVMPreMigrate, `echo "$@" > `+log+`; echo no; exit 3`)
+	_, f := call(t, e.srcURL, "VM.migrate_send", e.srcSess, e.vm, e.dest(t), true, vdiMap, vifMap, map[string]any{})
+	require.NotNil(t, f)
+	assert.Equal(t, ErrHookFailed, f.Code)
+	args, err := os.ReadFile(log)
+	require.NoError(t, err)
+	assert.Regexp(t, `^-vmuuid `+e.vmUUID+` -reason source -vmdomid \d+`, string(args))
+	mr, _ := s.LastMigration(e.vmUUID)
+	assert.Zero(t, mr.MemoryBytes, "no memory sent")
+	assert.Equal(t, Running, ok(t, e.srcURL, "VM.get_power_state", e.srcSess, e.vm))
+	assert.Empty(t, ok(t, e.dstURL, "VM.get_by_name_label", e.dstSess, DemoVMName))
+
+	// Cancel while the (slow) hook runs: TASK_CANCELLED, VM intact at the source.
+	require.NoError(t, os.WriteFile(path, []byte("#!/bin/sh\nsleep 0.5\n"), 0o755))
+	task := ok(t, e.srcURL, "Async.VM.migrate_send", e.srcSess, e.vm, e.dest(t), true, vdiMap, vifMap, map[string]any{}).(string)
+	time.Sleep(100 * time.Millisecond)
+	ok(t, e.srcURL, "task.cancel", e.srcSess, task)
+	rec := waitTask(t, e.srcURL, e.srcSess, task)
+	assert.Equal(t, "cancelled", rec["status"])
+	assert.Equal(t, []any{ErrTaskCancelled, task}, rec["error_info"])
+	assert.Equal(t, Running, ok(t, e.srcURL, "VM.get_power_state", e.srcSess, e.vm))
+	assert.Empty(t, ok(t, e.dstURL, "VM.get_by_name_label", e.dstSess, DemoVMName))
+	v, err := s.VerifyGuest(e.vmUUID)
+	require.NoError(t, err)
+	assert.True(t, v.OK)
+
+	// The destination's vm-post-migrate hook runs after the VM runs there.
+	require.NoError(t, os.Remove(path))
+	post := filepath.Join(t.TempDir(), "post")
+	writeHook(t, s, e.dstHost, HookVMPostMigrate, `echo "$@" > `+post)
+	ok(t, e.srcURL, "VM.migrate_send", e.srcSess, e.vm, e.dest(t), true, vdiMap, vifMap, map[string]any{})
+	args, err = os.ReadFile(post)
+	require.NoError(t, err)
+	assert.Regexp(t, `^-vmuuid `+e.vmUUID+` -reason destination -vmdomid \d+`, string(args))
+}
+
+func TestMigrateThroughProxy(t *testing.T) {
+	s := startMigSim(t)
+	e := newMigEnv(t, s)
+	require.NoError(t, s.StartGuest(e.vmUUID, GuestConfig{Rate: 4 << 20, Pattern: PatternHotSet}))
+	d := e.dest(t)
+	u, err := url.Parse(d["SM"].(string))
+	require.NoError(t, err)
+	px := newTCPProxy(t, u.Host)
+	for _, k := range []string{"SM", "xenops"} {
+		d[k] = strings.Replace(d[k].(string), u.Host, px.addr(), 1)
+	}
+	smBefore, _ := s.EndpointBytes()
+	vdiMap, vifMap := e.maps()
+	ok(t, e.srcURL, "VM.migrate_send", e.srcSess, e.vm, d, true, vdiMap, vifMap, map[string]any{})
+	mr, found := s.LastMigration(e.vmUUID)
+	require.True(t, found)
+	smAfter, _ := s.EndpointBytes()
+	assert.Greater(t, px.up.Load(), mr.DiskBytes+mr.MemoryBytes, "all the data crossed the proxy")
+	assert.Equal(t, smAfter-smBefore, mr.SMBytes)
+	v, err := s.VerifyGuest(e.vmUUID)
+	require.NoError(t, err)
+	assert.True(t, v.OK)
+}
+
+func TestMirrorCarriesWritesDuringCopy(t *testing.T) {
+	s := startMigSim(t)
+	e := newMigEnv(t, s)
+	require.NoError(t, s.StartGuest(e.vmUUID, GuestConfig{Rate: 8 << 20, BlockSize: 4096, Pattern: PatternSequential}))
+	d := e.dest(t)
+	u, err := url.Parse(d["SM"].(string))
+	require.NoError(t, err)
+	px := newTCPProxy(t, u.Host)
+	px.delay = 2 * time.Millisecond // a slower link keeps the copy open longer
+	d["SM"] = strings.Replace(d["SM"].(string), u.Host, px.addr(), 1)
+	vdiMap, vifMap := e.maps()
+	ok(t, e.srcURL, "VM.migrate_send", e.srcSess, e.vm, d, true, vdiMap, vifMap, map[string]any{})
+	mr, _ := s.LastMigration(e.vmUUID)
+	assert.Positive(t, mr.MirrorBytes, "guest writes during the copy went to the destination synchronously")
+	v, err := s.VerifyGuest(e.vmUUID)
+	require.NoError(t, err)
+	assert.True(t, v.OK, "mismatch at %d", v.MismatchOffset)
+}
+
+func TestPoolMigrateAndSuspendResume(t *testing.T) {
+	s := startMigSim(t)
+	e := newMigEnv(t, s)
+	require.NoError(t, s.StartGuest(e.vmUUID, GuestConfig{Rate: 1 << 20, DirtyRate: 4 << 20}))
+	member := s.Pools()[0].Hosts()[1].Ref
+	_, f := call(t, e.srcURL, "VM.pool_migrate", e.srcSess, e.vm, "OpaqueRef:x", map[string]any{})
+	require.NotNil(t, f)
+	assert.Equal(t, []string{"host", "OpaqueRef:x"}, f.Params)
+	task := ok(t, e.srcURL, "Async.VM.pool_migrate", e.srcSess, e.vm, member, map[string]any{"live": "true"}).(string)
+	rec := waitTask(t, e.srcURL, e.srcSess, task)
+	require.Equal(t, "success", rec["status"], "%v", rec["error_info"])
+	assert.Equal(t, member, ok(t, e.srcURL, "VM.get_resident_on", e.srcSess, e.vm))
+	mr, _ := s.LastMigration(e.vmUUID)
+	assert.Equal(t, "pool_migrate", mr.Kind)
+	assert.True(t, mr.MemoryVerified)
+	assert.GreaterOrEqual(t, mr.XenopsBytes, int64(16<<20))
+	oc := ok(t, e.srcURL, "VM.get_other_config", e.srcSess, e.vm).(map[string]any)
+	assert.Equal(t, itoa(mr.PauseMS), oc["sim:migration_pause_ms"])
+
+	ok(t, e.srcURL, "VM.suspend", e.srcSess, e.vm)
+	assert.Equal(t, Suspended, ok(t, e.srcURL, "VM.get_power_state", e.srcSess, e.vm))
+	svdi := ok(t, e.srcURL, "VM.get_suspend_VDI", e.srcSess, e.vm).(string)
+	assert.Equal(t, "suspend", ok(t, e.srcURL, "VDI.get_type", e.srcSess, svdi))
+	mr, _ = s.LastMigration(e.vmUUID)
+	assert.Equal(t, "suspend", mr.Kind)
+	assert.Positive(t, mr.MemoryBytes)
+	st1, _ := s.GuestStats(e.vmUUID)
+	time.Sleep(100 * time.Millisecond)
+	st2, _ := s.GuestStats(e.vmUUID)
+	assert.Equal(t, st1.Writes, st2.Writes, "no writes while suspended")
+	_, f = call(t, e.srcURL, "VM.suspend", e.srcSess, e.vm)
+	require.NotNil(t, f)
+	assert.Equal(t, ErrVMBadPowerState, f.Code)
+	ok(t, e.srcURL, "VM.resume", e.srcSess, e.vm, false, false)
+	assert.Equal(t, Running, ok(t, e.srcURL, "VM.get_power_state", e.srcSess, e.vm))
+	mr, _ = s.LastMigration(e.vmUUID)
+	assert.Equal(t, "resume", mr.Kind)
+	assert.True(t, mr.MemoryVerified, "the memory image read back is the guest's")
+	_, f = call(t, e.srcURL, "VDI.get_record", e.srcSess, svdi)
+	require.NotNil(t, f, "suspend VDI destroyed")
+	v, err := s.VerifyGuest(e.vmUUID)
+	require.NoError(t, err)
+	assert.True(t, v.OK)
+}
+
+func TestGuestOptions(t *testing.T) {
+	for _, tc := range []struct {
+		in   map[string]string
+		want GuestConfig
+		err  bool
+	}{
+		{map[string]string{"rate": "2MiB/s", "pattern": "random", "dirty_rate": "512KiB"}, GuestConfig{Rate: 2 << 20, Pattern: "random", DirtyRate: 512 << 10}, false},
+		{map[string]string{"block_size": "4096", "seed": "7", "hot_set": "1M"}, GuestConfig{BlockSize: 4096, Seed: 7, HotSet: 1 << 20}, false},
+		{map[string]string{"rate": "fast"}, GuestConfig{}, true},
+		{map[string]string{"colour": "red"}, GuestConfig{}, true},
+	} {
+		got, err := GuestConfigFromMap(tc.in)
+		if tc.err {
+			assert.Error(t, err, "%v", tc.in)
+			continue
+		}
+		require.NoError(t, err)
+		assert.Equal(t, tc.want, got)
+	}
+	for v, want := range map[string]bool{"true": true, "ON": true, "1": true, "False": false, "off": false, "0": false} {
+		got, valid := parseBoolOption(v)
+		assert.True(t, valid, v)
+		assert.Equal(t, want, got, v)
+	}
+	_, valid := parseBoolOption("yes")
+	assert.False(t, valid)
+}
