@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"time"
 )
@@ -17,6 +18,52 @@ type Conn struct {
 	s   *Session
 	ch  *channel
 	wmu sync.Mutex
+	// deadlines, guarded by s.mu
+	rdl, wdl time.Time
+}
+
+var _ net.Conn = (*Conn)(nil)
+
+// Addr names one end of a Conn: the session and the forward target.
+type Addr struct {
+	Session string
+	Target  string
+}
+
+// Network returns "wan".
+func (a Addr) Network() string { return "wan" }
+
+func (a Addr) String() string { return a.Session + "/" + a.Target }
+
+// LocalAddr returns the session and target of the stream.
+func (c *Conn) LocalAddr() net.Addr { return Addr{Session: c.s.ID(), Target: c.ch.name} }
+
+// RemoteAddr returns the session and target of the stream.
+func (c *Conn) RemoteAddr() net.Addr { return Addr{Session: c.s.ID(), Target: c.ch.name} }
+
+// SetDeadline sets both deadlines.
+func (c *Conn) SetDeadline(t time.Time) error {
+	_ = c.SetReadDeadline(t)
+	return c.SetWriteDeadline(t)
+}
+
+// SetReadDeadline makes blocked and future reads fail with
+// os.ErrDeadlineExceeded after t (zero: no deadline).
+func (c *Conn) SetReadDeadline(t time.Time) error {
+	c.s.mu.Lock()
+	defer c.s.mu.Unlock()
+	c.rdl = t
+	c.ch.signal()
+	return nil
+}
+
+// SetWriteDeadline bounds future writes' wait for window space; it applies
+// from the next Write call.
+func (c *Conn) SetWriteDeadline(t time.Time) error {
+	c.s.mu.Lock()
+	defer c.s.mu.Unlock()
+	c.wdl = t
+	return nil
 }
 
 // OpenConn opens a byte stream whose far end the peer connects to target
@@ -68,7 +115,19 @@ func (c *Conn) Target() string { return c.ch.name }
 
 // Write queues p for delivery; it blocks while the channel window is full.
 func (c *Conn) Write(p []byte) (int, error) {
-	return c.WriteContext(context.Background(), p)
+	c.s.mu.Lock()
+	dl := c.wdl
+	c.s.mu.Unlock()
+	if dl.IsZero() {
+		return c.WriteContext(context.Background(), p)
+	}
+	ctx, cancel := context.WithDeadline(context.Background(), dl)
+	defer cancel()
+	n, err := c.WriteContext(ctx, p)
+	if errors.Is(err, context.DeadlineExceeded) {
+		err = os.ErrDeadlineExceeded
+	}
+	return n, err
 }
 
 // WriteContext is Write with a context bounding the wait for window space.
@@ -160,15 +219,32 @@ func (c *Conn) ReadContext(ctx context.Context, p []byte) (int, error) {
 		if s.err != nil {
 			return 0, s.err
 		}
+		var tm *time.Timer
+		var timeout <-chan time.Time
+		if !c.rdl.IsZero() {
+			d := time.Until(c.rdl)
+			if d <= 0 {
+				return 0, os.ErrDeadlineExceeded
+			}
+			tm = time.NewTimer(d)
+			timeout = tm.C
+		}
 		sig := ch.sig
 		s.mu.Unlock()
+		var err error
 		select {
 		case <-sig:
+		case <-timeout:
 		case <-ctx.Done():
-			s.mu.Lock()
-			return 0, ctx.Err()
+			err = ctx.Err()
+		}
+		if tm != nil {
+			tm.Stop()
 		}
 		s.mu.Lock()
+		if err != nil {
+			return 0, err
+		}
 	}
 }
 

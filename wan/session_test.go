@@ -5,9 +5,11 @@ import (
 	"context"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"io"
 	"math/rand"
 	"net"
+	"os"
 	"sync"
 	"testing"
 	"time"
@@ -554,4 +556,49 @@ func TestSilentOutageDetectedByIdleTimeout(t *testing.T) {
 	})
 	assert.Greater(t, p.src.Stats().Reconnects, int64(0), "streams were re-dialled after the silent outage")
 	assert.NoError(t, p.src.Err())
+}
+
+func TestConnDeadlinesAndEcho(t *testing.T) {
+	noLeaks(t)
+	pk := newPKI(t)
+	p := newPair(t, pk.serverConfig(t), pk.clientConfig(t), nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	// The destination side echoes one stream by hand (no ServeForwards).
+	echoDone := make(chan error, 1)
+	go func() {
+		c, target, err := p.dst.AcceptConn(ctx)
+		if err != nil {
+			echoDone <- err
+			return
+		}
+		if target != "echo" {
+			echoDone <- fmt.Errorf("target %q", target)
+			return
+		}
+		_, err = io.Copy(c, c)
+		if err == nil {
+			err = c.CloseWrite()
+		}
+		echoDone <- err
+	}()
+	c, err := p.src.OpenConn(ctx, "echo")
+	require.NoError(t, err)
+	defer c.Close()
+
+	require.NoError(t, c.SetReadDeadline(time.Now().Add(50*time.Millisecond)))
+	_, err = c.Read(make([]byte, 1))
+	require.ErrorIs(t, err, os.ErrDeadlineExceeded, "nothing was sent yet")
+	require.NoError(t, c.SetReadDeadline(time.Time{}))
+
+	msg := []byte("over the wan and back")
+	_, err = c.Write(msg)
+	require.NoError(t, err)
+	require.NoError(t, c.CloseWrite())
+	got, err := io.ReadAll(c)
+	require.NoError(t, err)
+	assert.Equal(t, msg, got)
+	require.NoError(t, <-echoDone)
+	assert.Equal(t, "wan", c.LocalAddr().Network())
+	assert.Contains(t, c.RemoteAddr().String(), "echo")
 }
