@@ -28,6 +28,9 @@
 //	persist.go   state.json save/load (atomic)
 //	content.go   default pools and demo-vm disk content
 //	pool.go      Pool, sessions, tasks (createTask, completeTask, startAsync, TaskCancelled)
+//	nbd_export.go VDI.get_nbd_info, per-host read-only NBD listeners (TLS/plain by network purpose), host certificates
+//	plugins.go   host.call_plugin (argv protocol, output parsing), per-host etc dirs, inventory, local XML-RPC socket
+//	hooks.go     xenopsd hook runner (RunHooks) and the hooks wrapped around VM power operations (an init, after the table)
 //
 // Extension points (for code added to this package):
 //   - API methods: `var _ = addRegistrar(func() { Register(&Method{...}) })`
