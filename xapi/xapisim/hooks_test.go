@@ -9,6 +9,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/wanmotion/wanmotion/internal/testutil"
 )
 
 // installHook writes an executable hook script on every host of pool 0.
@@ -170,4 +172,41 @@ func TestPowerOpsRunHooks(t *testing.T) {
 	require.NotNil(t, f)
 	assert.Equal(t, ErrHookFailed, f.Code)
 	assert.Equal(t, Halted, ok(t, url, "VM.get_power_state", sess, vm))
+}
+
+// TestHookCallsBack runs a vm-pre-start hook that calls the API through
+// the host's local socket while VM.start waits for it: no deadlock, and
+// the VM is still halted at that point.
+func TestHookCallsBack(t *testing.T) {
+	py := testutil.PythonPath(t)
+	s := startSim(t, "")
+	url, sess := login(t, s, 0)
+	vm := demoVM(t, url, sess)
+	ok(t, url, "VM.hard_shutdown", sess, vm)
+	if len(s.XapiSocketPath(s.Pools()[0].Coordinator())) > 107 {
+		t.Skip("state dir too long for a unix socket")
+	}
+	out := filepath.Join(t.TempDir(), "state")
+	installHook(t, s, HookVMPreStart, "10ask", `#!`+py+`
+import http.client, os, socket, sys, xmlrpc.client
+etc = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(sys.argv[0]))))
+inv = dict(l.strip().split('=', 1) for l in open(os.path.join(etc, 'xensource-inventory')))
+class C(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(inv['WANMOTION_SIM_XAPI_SOCKET'].strip("'"))
+class T(xmlrpc.client.Transport):
+    def make_connection(self, host):
+        return C('localhost')
+x = xmlrpc.client.ServerProxy('http://localhost/', transport=T())
+sess = x.session.slave_local_login_with_password('root', 'xenroot')['Value']
+uuid = sys.argv[sys.argv.index('-vmuuid') + 1]
+vm = x.VM.get_by_uuid(sess, uuid)['Value']
+open('`+out+`', 'w').write(x.VM.get_power_state(sess, vm)['Value'])
+`)
+	ok(t, url, "VM.start", sess, vm, false, false)
+	b, err := os.ReadFile(out)
+	require.NoError(t, err)
+	assert.Equal(t, Halted, string(b))
+	assert.Equal(t, Running, ok(t, url, "VM.get_power_state", sess, vm))
 }

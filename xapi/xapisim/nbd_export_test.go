@@ -292,3 +292,27 @@ func TestNBDExportLibnbd(t *testing.T) {
 		}
 	})
 }
+
+// TestNBDCertPersists checks that a host keeps its certificate across a
+// restart on the same state dir.
+func TestNBDCertPersists(t *testing.T) {
+	dir := t.TempDir()
+	certs := func() []string {
+		s, err := New(Config{StateDir: dir, DiskSize: 4 << 20, FillSize: 1 << 20, Logger: testutil.Logger(t)})
+		require.NoError(t, err)
+		require.NoError(t, s.Start(context.Background(), "127.0.0.1:0"))
+		defer func() { require.NoError(t, s.Close()) }()
+		url, sess := login(t, s, 0)
+		var out []string
+		for _, h := range s.Pools()[0].Hosts() {
+			out = append(out, ok(t, url, "host.get_server_certificate", sess, h.Ref).(string))
+			_, err := os.Stat(s.HostCertPath(h))
+			assert.NoError(t, err)
+		}
+		return out
+	}
+	first := certs()
+	require.Len(t, first, 2)
+	assert.NotEqual(t, first[0], first[1], "each host has its own certificate")
+	assert.Equal(t, first, certs())
+}

@@ -1,6 +1,7 @@
 package xapisim
 
 import (
+	"context"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -329,4 +330,20 @@ func FuzzParsePluginOutput(f *testing.F) {
 			assert.NotEmpty(t, fault.Code)
 		}
 	})
+}
+
+// TestCallPluginEtcDir runs a plugin from Config.EtcDir, shared by every host.
+func TestCallPluginEtcDir(t *testing.T) {
+	etc := t.TempDir()
+	s, err := New(Config{StateDir: t.TempDir(), DiskSize: 4 << 20, FillSize: 1 << 20, EtcDir: etc, Logger: testutil.Logger(t)})
+	require.NoError(t, err)
+	require.NoError(t, s.Start(context.Background(), "127.0.0.1:0"))
+	t.Cleanup(func() { _ = s.Close() })
+	url, sess := login(t, s, 1)
+	require.Equal(t, filepath.Join(etc, "xapi.d", "plugins"), s.PluginDir(s.Pools()[1].Coordinator().Ref))
+	require.NoError(t, os.WriteFile(filepath.Join(etc, "xapi.d", "plugins", "hello"),
+		[]byte(respond(wrapStatus(`<member><name>Status</name><value>Success</value></member><member><name>Value</name><value>from etc</value></member>`))), 0o755))
+	for _, h := range s.Pools()[1].Hosts() {
+		assert.Equal(t, "from etc", ok(t, url, "host.call_plugin", sess, h.Ref, "hello", "f", map[string]any{}))
+	}
 }
