@@ -29,6 +29,10 @@ func runSim(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	fillSize := fs.String("fill-size", "", "bytes of data written into demo-vm's disk (default: a quarter of the disk, at most 256MiB)")
 	memSize := fs.String("memory-size", "512MiB", "demo-vm's memory size")
 	logLevel := fs.String("log-level", "info", "log level (trace, debug, info, warn, error)")
+	guestRate := fs.String("guest-rate", "0", "demo-vm's guest disk write rate, e.g. 2MiB/s (0: no disk writes)")
+	guestPattern := fs.String("guest-pattern", "random", "demo-vm's guest write pattern: sequential, random or hot-set")
+	guestBlock := fs.String("guest-block-size", "64KiB", "size of each guest write")
+	guestDirty := fs.String("guest-dirty-rate", "0", "demo-vm's guest memory page-dirty rate, e.g. 8MiB/s")
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "Usage: wanmotion sim --state-dir DIR [flags]\n\nRuns the xapi simulator. The first stdout line is a JSON object with the pools' URLs and credentials.")
 		fs.PrintDefaults()
@@ -55,6 +59,11 @@ func runSim(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if cfg.MemorySize, err = parseByteSize(*memSize); err != nil {
 		return fmt.Errorf("%w: --memory-size: %v", errUsage, err)
 	}
+	var guest xapisim.GuestConfig
+	if guest, err = xapisim.GuestConfigFromMap(map[string]string{"rate": *guestRate, "pattern": *guestPattern,
+		"block_size": *guestBlock, "dirty_rate": *guestDirty}); err != nil {
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
 	cfg.Logger = hclog.New(&hclog.LoggerOptions{Name: "sim", Level: hclog.LevelFromString(*logLevel), Output: stderr})
 	sim, err := xapisim.New(cfg)
 	if err != nil {
@@ -63,6 +72,16 @@ func runSim(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if err := sim.Start(ctx, *listen); err != nil {
 		_ = sim.Close()
 		return err
+	}
+	if guest.Rate > 0 || guest.DirtyRate > 0 {
+		uuid, err := sim.VMUUIDByName(xapisim.DemoVMName)
+		if err == nil {
+			err = sim.StartGuest(uuid, guest)
+		}
+		if err != nil {
+			_ = sim.Close()
+			return fmt.Errorf("start demo-vm's guest: %w", err)
+		}
 	}
 	b, err := json.Marshal(sim.Info())
 	if err != nil {

@@ -130,7 +130,10 @@ func GuestConfigFromMap(m map[string]string) (GuestConfig, error) {
 		case "seed":
 			c.Seed, err = strconv.ParseUint(v, 10, 64)
 		case "pattern":
-			c.Pattern = v
+			c.Pattern = normalizePattern(v)
+			if c.Pattern != PatternSequential && c.Pattern != PatternRandom && c.Pattern != PatternHotSet {
+				err = fmt.Errorf("pattern %q is not sequential, random or hot-set", v)
+			}
 		default:
 			return c, fmt.Errorf("unknown guest option %q", k)
 		}
@@ -185,9 +188,7 @@ func (s *Sim) StartGuest(vmUUID string, cfg GuestConfig) error {
 	if cfg.Pattern == "" {
 		cfg.Pattern = PatternRandom
 	}
-	if cfg.Pattern == "hotset" || cfg.Pattern == "hot_set" {
-		cfg.Pattern = PatternHotSet
-	}
+	cfg.Pattern = normalizePattern(cfg.Pattern)
 	switch cfg.Pattern {
 	case PatternSequential, PatternRandom, PatternHotSet:
 	default:
@@ -527,4 +528,28 @@ func (e *simExt) mem(vmUUID string) *memImage {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return e.mems[vmUUID]
+}
+
+// VMUUIDByName returns the uuid of the (non-snapshot) VM named name in any
+// pool, e.g. DemoVMName.
+func (s *Sim) VMUUIDByName(name string) (string, error) {
+	for _, p := range s.pools {
+		p.mu.Lock()
+		for _, o := range p.db.find("VM", "name_label", name) {
+			if !o.bool("is_a_snapshot") && !o.bool("is_a_template") {
+				p.mu.Unlock()
+				return o.str("uuid"), nil
+			}
+		}
+		p.mu.Unlock()
+	}
+	return "", Errorf(ErrUUIDInvalid, "VM", name)
+}
+
+func normalizePattern(p string) string {
+	switch strings.ToLower(p) {
+	case "hotset", "hot_set", "hot-set":
+		return PatternHotSet
+	}
+	return strings.ToLower(p)
 }

@@ -513,6 +513,8 @@ func TestGuestOptions(t *testing.T) {
 		{map[string]string{"block_size": "4096", "seed": "7", "hot_set": "1M"}, GuestConfig{BlockSize: 4096, Seed: 7, HotSet: 1 << 20}, false},
 		{map[string]string{"rate": "fast"}, GuestConfig{}, true},
 		{map[string]string{"colour": "red"}, GuestConfig{}, true},
+		{map[string]string{"pattern": "zigzag"}, GuestConfig{}, true},
+		{map[string]string{"pattern": "HotSet"}, GuestConfig{Pattern: PatternHotSet}, false},
 	} {
 		got, err := GuestConfigFromMap(tc.in)
 		if tc.err {
