@@ -460,13 +460,14 @@ func (t *linkToxic) Pipe(stub *toxics.ToxicStub) {
 	}
 }
 
-// drain discards a dropped connection's data until its pipeline closes, so
-// the toxics before this one never block.
+// drain ends a dropped connection: closing the output makes toxiproxy close
+// the destination socket, then the input is discarded until the pipeline
+// closes, so the toxics before this one never block.
 func drain(stub *toxics.ToxicStub) {
+	stub.Close()
 	for c := range stub.Input {
 		if c == nil {
 			break
 		}
 	}
-	stub.Close()
 }

@@ -2,6 +2,7 @@ package wanemu
 
 import (
 	"context"
+	"errors"
 	"io"
 	"net"
 	"runtime"
@@ -184,4 +185,37 @@ func TestLinkWindowLimitsOneConnection(t *testing.T) {
 	t.Logf("1 conn %.1f Mbit/s, 4 conns %.1f Mbit/s", one/1e6, four/1e6)
 	assert.Greater(t, four/one, 2.0, "parallel connections must beat one window-limited connection")
 	assert.Less(t, one, 12e6, "one connection is held near window/RTT (5 Mbit/s), far below an unbounded link")
+}
+
+func TestLinkBlackhole(t *testing.T) {
+	up := echoServer(t)
+	l := newLink(t, LinkConfig{Upstream: up, RTT: 4 * time.Millisecond})
+	c, err := net.Dial("tcp", l.Addr())
+	require.NoError(t, err)
+	defer c.Close()
+
+	l.Blackhole()
+	_, err = c.Write([]byte("lost"))
+	require.NoError(t, err, "the connection stays open")
+	_ = c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	_, err = c.Read(make([]byte, 4))
+	var nerr net.Error
+	require.ErrorAs(t, err, &nerr)
+	assert.True(t, nerr.Timeout(), "silence, not a close: %v", err)
+
+	require.NoError(t, l.Restore())
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err = io.ReadAll(c)
+	var ne net.Error
+	assert.False(t, errors.As(err, &ne) && ne.Timeout(), "the old connection is dropped, not left hanging: %v", err)
+	c2, err := net.Dial("tcp", l.Addr())
+	require.NoError(t, err)
+	defer c2.Close()
+	_, err = c2.Write([]byte("back"))
+	require.NoError(t, err)
+	b := make([]byte, 4)
+	_, err = io.ReadFull(c2, b)
+	require.NoError(t, err)
+	assert.Equal(t, "back", string(b))
+	assert.Equal(t, 1, l.Counters().Cuts)
 }
