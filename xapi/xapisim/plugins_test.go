@@ -347,3 +347,34 @@ func TestCallPluginEtcDir(t *testing.T) {
 		assert.Equal(t, "from etc", ok(t, url, "host.call_plugin", sess, h.Ref, "hello", "f", map[string]any{}))
 	}
 }
+
+// TestCallPluginXenAPIPy calls plugins through the official XenAPI.py
+// client: a string result, and a plugin Failure seen as XenAPI.Failure.
+func TestCallPluginXenAPIPy(t *testing.T) {
+	py := testutil.PythonPath(t)
+	testutil.RequirePythonModule(t, "os_xenapi", "python3-os-xenapi")
+	s := startSim(t, "")
+	installPlugin(t, s, "pyplugin", strings.Replace(pythonPlugin, "/usr/bin/python3", py, 1))
+	pi := s.Info().Pools[0]
+	script := `import json, sys
+from os_xenapi.client import XenAPI
+s = XenAPI.Session(sys.argv[1])
+s.xenapi.login_with_password(sys.argv[2], sys.argv[3])
+host = s.xenapi.host.get_all()[1]
+out = {"echo": s.xenapi.host.call_plugin(host, "pyplugin", "echo", {"k": "v w", "e": ""})}
+try:
+    s.xenapi.host.call_plugin(host, "pyplugin", "fail", {"x": "9"})
+except XenAPI.Failure as e:
+    out["fail"] = e.details
+try:
+    s.xenapi.host.call_plugin(host, "missing", "f", {})
+except XenAPI.Failure as e:
+    out["missing"] = e.details
+print(json.dumps(out, sort_keys=True))`
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, py, "-c", script, pi.URL, pi.Username, pi.Password).CombinedOutput()
+	require.NoError(t, err, string(out))
+	assert.JSONEq(t, `{"echo": "e=,k=v w", "fail": ["WANMOTION_INVALID_ARGUMENT", "x", "9"], "missing": ["XENAPI_MISSING_PLUGIN", "missing"]}`,
+		strings.TrimSpace(string(out)))
+}
