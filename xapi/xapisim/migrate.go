@@ -566,6 +566,11 @@ func (s *Sim) migrateSend(c *Call) (any, error) {
 		pl.storage = true
 		e.mu.Unlock()
 	}
+	opRef, err := pl.beginOperation()
+	if err != nil {
+		return nil, err
+	}
+	defer pl.endOperation(opRef)
 	if err := pl.check(c.Ctx); err != nil {
 		return nil, err
 	}
@@ -588,6 +593,40 @@ func (s *Sim) migrateSend(c *Call) (any, error) {
 	s.log.Info("migrate_send done", "vm", pl.vmUUID, "pause_ms", rec.PauseMS, "sm_bytes", rec.SMBytes,
 		"xenops_bytes", rec.XenopsBytes, "incremental", rec.Incremental)
 	return ref, nil
+}
+
+// beginOperation records migrate_send in the VM's current_operations (as
+// xapi does, so clients see it), refusing a VM already busy with another
+// operation.
+func (pl *migPlan) beginOperation() (string, error) {
+	p := pl.c.Pool
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	vm, err := p.db.get("VM", pl.vmRef)
+	if err != nil {
+		return "", err
+	}
+	ops := vm.strMap("current_operations")
+	for ref := range ops {
+		return "", Errorf("OTHER_OPERATION_IN_PROGRESS", "VM", vm.Ref, ref)
+	}
+	op := pl.c.Task
+	if op == "" {
+		op = NewRef()
+	}
+	ops[op] = "migrate_send"
+	p.db.touch(vm)
+	return op, nil
+}
+
+func (pl *migPlan) endOperation(op string) {
+	p := pl.c.Pool
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if vm, err := p.db.get("VM", pl.vmRef); err == nil {
+		delete(vm.strMap("current_operations"), op)
+		p.db.touch(vm)
+	}
 }
 
 // run moves the VM; before the destination VM runs, any failure rolls
@@ -705,7 +744,7 @@ func (pl *migPlan) run(rec *MigrationRecord) (string, error) {
 		return "", rollback(err)
 	}
 	// The VM runs at the destination: from here on, forward only.
-	if !pl.copy {
+	if !pl.copy && pl.state != Halted {
 		c.Pool.mu.Lock()
 		if o, err := c.Pool.db.get("VM", pl.vmRef); err == nil {
 			c.Pool.setPowerState(o, Halted, "")
@@ -763,6 +802,9 @@ func (pl *migPlan) removeSource() {
 	o, err := p.db.get("VM", pl.vmRef)
 	if err != nil {
 		return
+	}
+	if sv, err := p.db.get("VDI", o.str("suspend_VDI")); err == nil && !p.vdiAttached(sv) {
+		p.destroyVDI(sv)
 	}
 	p.destroyVMRecord(o)
 	for _, d := range pl.disks {

@@ -346,8 +346,12 @@ func TestTooManyStorageMigrates(t *testing.T) {
 	release := filepath.Join(t.TempDir(), "go")
 	writeHook(t, s, src.Coordinator().Ref, HookVMPreMigrate, "while [ ! -e "+release+" ]; do sleep 0.05; done")
 	var tasks []string
+	var firstVM string
 	for i := 0; i < MaxStorageMigrates; i++ {
 		ref, _ := addVM(t, src, "vm"+strconv.Itoa(i), 1<<20)
+		if i == 0 {
+			firstVM = ref
+		}
 		vdiMap, vifMap := vmMaps(t, e.srcURL, e.srcSess, ref, e.dstSR, e.dstNet)
 		tasks = append(tasks, ok(t, e.srcURL, "Async.VM.migrate_send", e.srcSess, ref, e.dest(t), true, vdiMap, vifMap, map[string]any{}).(string))
 	}
@@ -357,6 +361,8 @@ func TestTooManyStorageMigrates(t *testing.T) {
 		defer ext.mu.Unlock()
 		return ext.active[src] == MaxStorageMigrates
 	}, 10*time.Second, 10*time.Millisecond)
+	ops := ok(t, e.srcURL, "VM.get_current_operations", e.srcSess, firstVM).(map[string]any)
+	assert.Equal(t, map[string]any{tasks[0]: "migrate_send"}, ops, "the migration shows in current_operations")
 	vdiMap, vifMap := e.maps()
 	_, f := call(t, e.srcURL, "VM.migrate_send", e.srcSess, e.vm, e.dest(t), true, vdiMap, vifMap, map[string]any{})
 	require.NotNil(t, f)
@@ -531,4 +537,38 @@ func TestGuestOptions(t *testing.T) {
 	}
 	_, valid := parseBoolOption("yes")
 	assert.False(t, valid)
+}
+
+func TestMigrateHaltedVMAndCopy(t *testing.T) {
+	s := startMigSim(t)
+	e := newMigEnv(t, s)
+	ref, uuid := addVM(t, s.Pools()[0], "cold", 2<<20)
+	require.NoError(t, s.WriteVDI(func() string {
+		_, _, _, disks, err := s.locateVM(uuid)
+		require.NoError(t, err)
+		return disks[0].vdi
+	}(), 4096, []byte("cold data")))
+	ok(t, e.srcURL, "VM.hard_shutdown", e.srcSess, ref)
+	vdiMap, vifMap := vmMaps(t, e.srcURL, e.srcSess, ref, e.dstSR, e.dstNet)
+
+	// copy=true: the source stays, the destination gets a halted copy.
+	cp := ok(t, e.srcURL, "VM.migrate_send", e.srcSess, ref, e.dest(t), false, vdiMap, vifMap, map[string]any{"copy": "true"}).(string)
+	assert.Equal(t, Halted, ok(t, e.dstURL, "VM.get_power_state", e.dstSess, cp))
+	assert.NotEqual(t, uuid, ok(t, e.dstURL, "VM.get_uuid", e.dstSess, cp), "a copy has its own uuid")
+	assert.Equal(t, Halted, ok(t, e.srcURL, "VM.get_power_state", e.srcSess, ref), "source kept")
+
+	dst := ok(t, e.srcURL, "VM.migrate_send", e.srcSess, ref, e.dest(t), false, vdiMap, vifMap, map[string]any{}).(string)
+	assert.Equal(t, Halted, ok(t, e.dstURL, "VM.get_power_state", e.dstSess, dst))
+	mr, _ := s.LastMigration(uuid)
+	assert.Zero(t, mr.MemoryBytes, "a halted VM has no memory to send")
+	assert.Zero(t, mr.PauseMS)
+	_, f := call(t, e.srcURL, "VM.get_record", e.srcSess, ref)
+	require.NotNil(t, f)
+	vbd := ok(t, e.dstURL, "VM.get_VBDs", e.dstSess, dst).([]any)[0]
+	vdi := ok(t, e.dstURL, "VBD.get_VDI", e.dstSess, vbd).(string)
+	path, err := s.VDIPath(ok(t, e.dstURL, "VDI.get_uuid", e.dstSess, vdi).(string))
+	require.NoError(t, err)
+	b, err := os.ReadFile(path)
+	require.NoError(t, err)
+	assert.Equal(t, "cold data", string(b[4096:4096+9]))
 }
