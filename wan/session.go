@@ -229,10 +229,13 @@ func (s *Session) fail(err error) {
 	s.cond.Broadcast()
 	onClose := s.onClose
 	s.mu.Unlock()
-	if !errors.Is(err, ErrClosed) {
-		s.log.Warn("session ended", "error", err)
-	} else {
+	switch {
+	case errors.Is(err, ErrClosed):
 		s.log.Debug("session closed")
+	case errors.Is(err, ErrPeerClosed):
+		s.log.Info("session closed by peer")
+	default:
+		s.log.Warn("session ended", "error", err)
 	}
 	if onClose != nil {
 		onClose()
@@ -259,8 +262,8 @@ func (s *Session) attach(idx int, conn net.Conn, raw *countConn, dec *zstd.Decod
 	if s.autoWindow {
 		s.cfg.ChannelWindow = max(s.cfg.ChannelWindow, autoChannelWindow(len(s.streams), s.cfg.StreamWindow))
 	}
+	s.wg.Add(2) // under s.mu: fail() cannot have started Close's Wait yet
 	s.mu.Unlock()
-	s.wg.Add(2)
 	go s.writer(st)
 	go s.reader(st, dec)
 	s.log.Debug("stream up", "stream", idx, "remote", conn.RemoteAddr().String())
