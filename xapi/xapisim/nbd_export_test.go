@@ -316,3 +316,39 @@ func TestNBDCertPersists(t *testing.T) {
 	assert.NotEqual(t, first[0], first[1], "each host has its own certificate")
 	assert.Equal(t, first, certs())
 }
+
+// FuzzNBDExportName feeds client-chosen export names to a host's resolver:
+// only a valid "/<uuid>?session_id=<valid session>" opens a VDI.
+func FuzzNBDExportName(f *testing.F) {
+	s, err := New(Config{StateDir: f.TempDir(), DiskSize: 1 << 20, FillSize: 1 << 16})
+	require.NoError(f, err)
+	require.NoError(f, s.Start(context.Background(), "127.0.0.1:0"))
+	f.Cleanup(func() { _ = s.Close() })
+	p := s.Pools()[0]
+	h := p.Coordinator()
+	p.Lock()
+	sess := p.newSession(h.Ref, "root", "fuzz")
+	vdi := p.db.all("VDI")[0].str("uuid")
+	p.Unlock()
+	good := "/" + vdi + "?session_id=" + sess
+	for _, seed := range []string{good, "", "/", "/" + vdi, good + "&session_id=x", "%zz", "/../" + vdi + "?session_id=" + sess,
+		"//" + vdi + "?session_id=" + sess, "/" + vdi + "?session_id=" + sess + "#frag"} {
+		f.Add(seed)
+	}
+	resolve := s.nbdExports(h)
+	f.Fuzz(func(t *testing.T, name string) {
+		exp, err := resolve(context.Background(), name)
+		if err != nil {
+			assert.Nil(t, exp)
+			assert.True(t, errors.Is(err, nbd.ErrPolicy) || errors.Is(err, nbd.ErrUnknownExport), "%v", err)
+			return
+		}
+		require.NotNil(t, exp.Release)
+		defer exp.Release()
+		u, perr := url.Parse(name)
+		require.NoError(t, perr)
+		assert.Equal(t, "/"+vdi, u.Path)
+		assert.Equal(t, sess, u.Query().Get("session_id"))
+		assert.True(t, exp.ReadOnly)
+	})
+}
