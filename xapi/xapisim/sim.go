@@ -30,6 +30,12 @@
 //	pool.go      Pool, sessions, tasks (createTask, completeTask, startAsync, TaskCancelled)
 //	nbd_export.go VDI.get_nbd_info, per-host read-only NBD listeners (TLS/plain by network purpose), host certificates
 //	plugins.go   host.call_plugin (argv protocol, output parsing), per-host etc dirs, inventory, local XML-RPC socket
+//	guest.go     guest workload (StartGuest, VerifyGuest, shadow files), sim.guest_* methods live in migrate.go
+//	guest_mem.go synthetic guest memory (pages, versions, dirty set), per-Sim extension state (simExt)
+//	guest_power.go VM.pool_migrate, VM.suspend/resume with a real memory image
+//	migrate.go   host.migrate_receive, VM.assert_can_migrate/migrate_send (source side), sim.* methods, MigrationRecord
+//	migrate_http.go /services/SM and /services/xenops (destination side of a migration)
+//	migrate_track.go changed-block log since each content_id, write mirror, InjectFault, EndpointBytes
 //	hooks.go     xenopsd hook runner (RunHooks) and the hooks wrapped around VM power operations (an init, after the table)
 //
 // Extension points (for code added to this package):
