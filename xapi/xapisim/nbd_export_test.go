@@ -260,6 +260,26 @@ func TestNBDExportLibnbd(t *testing.T) {
 		out, err := exec.CommandContext(ctx, nbdinfo, "--size", uri).CombinedOutput()
 		require.NoError(t, err, "nbdinfo %s: %s", uri, out)
 		assert.Equal(t, strconv.Itoa(len(want)), string(bytes.TrimSpace(out)))
+		// The allocation map covers the disk and shows its holes.
+		out, err = exec.CommandContext(ctx, nbdinfo, "--map", uri).CombinedOutput()
+		require.NoError(t, err, "nbdinfo --map %s: %s", uri, out)
+		var covered int64
+		holes := 0
+		for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+			f := strings.Fields(line)
+			require.GreaterOrEqual(t, len(f), 3, line)
+			n, err := strconv.ParseInt(f[1], 10, 64)
+			require.NoError(t, err, line)
+			covered += n
+			if f[2] == "3" { // hole, zero
+				holes++
+				off, err := strconv.ParseInt(f[0], 10, 64)
+				require.NoError(t, err)
+				assert.Equal(t, make([]byte, n), want[off:off+n], "a reported hole must read as zeroes")
+			}
+		}
+		assert.Equal(t, int64(len(want)), covered)
+		assert.Positive(t, holes, "the sparse demo disk has holes: %s", out)
 		dst := filepath.Join(t.TempDir(), "copy.img")
 		out, err = exec.CommandContext(ctx, nbdcopy, uri, dst).CombinedOutput()
 		require.NoError(t, err, "nbdcopy %s: %s", uri, out)
