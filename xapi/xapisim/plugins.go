@@ -676,3 +676,42 @@ func (s *Sim) writeInventory(h *Host, etc, sock string, served bool) error {
 	}
 	return nil
 }
+
+// InstallPlugin makes the executable at path the plugin name of every
+// host: a symlink <PluginDir(host)>/<name> → path (replacing an existing
+// entry), so the plugin's argv[0] stays inside the host's etc.
+func (s *Sim) InstallPlugin(name, path string) error {
+	return s.installEverywhere(func(h *Host) string { return s.PluginDir(h.Ref) }, name, path)
+}
+
+// InstallHook makes the executable at path the hook script name of hook
+// (e.g. HookVMPreMigrate, "10wanmotion") on every host, as a symlink.
+func (s *Sim) InstallHook(hook, name, path string) error {
+	return s.installEverywhere(func(h *Host) string { return s.HookDir(h.Ref, hook) }, name, path)
+}
+
+func (s *Sim) installEverywhere(dirOf func(*Host) string, name, path string) error {
+	if name == "" || strings.ContainsRune(name, '/') {
+		return fmt.Errorf("install %q: invalid name", name)
+	}
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return fmt.Errorf("install %s: %w", name, err)
+	}
+	for _, p := range s.pools {
+		for _, h := range p.hosts {
+			dir := dirOf(h)
+			if err := os.MkdirAll(dir, 0o755); err != nil {
+				return fmt.Errorf("install %s on %s: %w", name, h.Name, err)
+			}
+			link := filepath.Join(dir, name)
+			if err := os.Remove(link); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return fmt.Errorf("install %s on %s: %w", name, h.Name, err)
+			}
+			if err := os.Symlink(abs, link); err != nil {
+				return fmt.Errorf("install %s on %s: %w", name, h.Name, err)
+			}
+		}
+	}
+	return nil
+}

@@ -378,3 +378,24 @@ print(json.dumps(out, sort_keys=True))`
 	assert.JSONEq(t, `{"echo": "e=,k=v w", "fail": ["WANMOTION_INVALID_ARGUMENT", "x", "9"], "missing": ["XENAPI_MISSING_PLUGIN", "missing"]}`,
 		strings.TrimSpace(string(out)))
 }
+
+func TestInstallPluginAndHook(t *testing.T) {
+	s := startSim(t, "")
+	url, sess := login(t, s, 1)
+	bin := filepath.Join(t.TempDir(), "tool")
+	require.NoError(t, os.WriteFile(bin, []byte("#!/bin/sh\nprintf '%s' \"$0\" > \"$(dirname \"$0\")/../../argv0-$(basename \"$(dirname \"$0\")\")\"\n"+
+		"cat <<'EOF'\n"+wrapStatus(`<member><name>Status</name><value>Success</value></member><member><name>Value</name><value>ok</value></member>`)+"\nEOF\n"), 0o755))
+	require.NoError(t, s.InstallPlugin("tool", bin))
+	require.NoError(t, s.InstallPlugin("tool", bin), "installing again replaces the link")
+	require.NoError(t, s.InstallHook(HookVMPreMigrate, "10tool", bin))
+	require.Error(t, s.InstallPlugin("../x", bin))
+	h := s.Pools()[1].Hosts()[1]
+	assert.Equal(t, "ok", ok(t, url, "host.call_plugin", sess, h.Ref, "tool", "f", map[string]any{}))
+	b, err := os.ReadFile(filepath.Join(s.HostEtcDir(h.Ref), "argv0-plugins"))
+	require.NoError(t, err)
+	assert.Equal(t, filepath.Join(s.PluginDir(h.Ref), "tool"), string(b), "argv[0] is the link inside the host's etc")
+	require.NoError(t, s.RunHooks(context.Background(), h.Ref, HookVMPreMigrate, "u", "source", ""))
+	b, err = os.ReadFile(filepath.Join(s.HostEtcDir(h.Ref), "argv0-"+HookVMPreMigrate))
+	require.NoError(t, err)
+	assert.Equal(t, filepath.Join(s.HookDir(h.Ref, HookVMPreMigrate), "10tool"), string(b))
+}
