@@ -3,9 +3,17 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
+
+	"github.com/wanmotion/wanmotion/agent"
 )
 
-func runAgent(_ context.Context, _ []string, _, _ io.Writer) error {
-	return errors.New("the site agent is not built yet")
+// runAgent is `wanmotion agent`, the site agent (see agent.Command and docs/agent.md).
+func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	err := agent.Command(ctx, args, stdout, stderr)
+	if errors.Is(err, agent.ErrUsage) {
+		return fmt.Errorf("%w: %w", errUsage, err)
+	}
+	return err
 }
