@@ -217,6 +217,9 @@ func (c *Client) complete(h uint64, cl *call) {
 
 // do sends one request (with payload for WRITE) and waits for its reply.
 func (c *Client) do(ctx context.Context, cl *call, flags uint16, payload []byte) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	select {
 	case c.sem <- struct{}{}:
 	case <-ctx.Done():
