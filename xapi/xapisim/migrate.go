@@ -302,6 +302,50 @@ func newRemote(client *http.Client, raw, session string) (*remote, error) {
 
 // do sends one request; out (if not nil) receives the JSON answer.
 func (r *remote) do(ctx context.Context, method, op string, q url.Values, body []byte, out any) error {
+	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	return r.send(ctx, method, op, q, bytes.NewReader(body), int64(len(body)), out)
+}
+
+// stream sends a body of n bytes read from body. It has no overall time
+// limit but fails when no byte moved for a minute.
+func (r *remote) stream(ctx context.Context, method, op string, q url.Values, body io.Reader, n int64) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var last atomic.Int64
+	last.Store(time.Now().UnixNano())
+	go func() {
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				if time.Since(time.Unix(0, last.Load())) > time.Minute {
+					cancel()
+					return
+				}
+			}
+		}
+	}()
+	return r.send(ctx, method, op, q, progressReader{r: body, last: &last}, n, nil)
+}
+
+type progressReader struct {
+	r    io.Reader
+	last *atomic.Int64
+}
+
+func (p progressReader) Read(b []byte) (int, error) {
+	n, err := p.r.Read(b)
+	if n > 0 {
+		p.last.Store(time.Now().UnixNano())
+	}
+	return n, err
+}
+
+func (r *remote) send(ctx context.Context, method, op string, q url.Values, body io.Reader, length int64, out any) error {
 	u := *r.base
 	u.Path = strings.TrimSuffix(u.Path, "/") + "/" + op
 	vals := u.Query()
@@ -310,14 +354,12 @@ func (r *remote) do(ctx context.Context, method, op string, q url.Values, body [
 	}
 	vals.Set("session_id", r.session)
 	u.RawQuery = vals.Encode()
-	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, method, u.String(), bytes.NewReader(body))
+	req, err := http.NewRequestWithContext(ctx, method, u.String(), io.NopCloser(body))
 	if err != nil {
 		return err
 	}
-	req.ContentLength = int64(len(body))
-	r.sent.Add(int64(len(body)))
+	req.ContentLength = length
+	r.sent.Add(length)
 	resp, err := r.client.Do(req)
 	if err != nil {
 		return fmt.Errorf("%s %s: %w", method, op, err)
@@ -1004,34 +1046,53 @@ func streamMemory(ctx context.Context, c *Call, e *simExt, xo *remote, destVM, v
 	for i := range all {
 		all[i] = int64(i)
 	}
+	// Each round is one streamed request, as xenopsd streams memory over
+	// one connection (no round trip per batch).
 	send := func(idx []int64, round int) error {
-		const batch = 256
-		rb := make([]byte, 0, batch*(8+PageSize))
-		for i := 0; i < len(idx); i += batch {
-			if err := cancelled(c); err != nil {
-				return err
+		pr, pw := io.Pipe()
+		done := make(chan error, 1) // the generator's own failure (nil if none)
+		go func() {
+			const batch = 256
+			rb := make([]byte, 0, batch*(8+PageSize))
+			for i := 0; i < len(idx); i += batch {
+				if err := cancelled(c); err != nil {
+					_ = pw.CloseWithError(err)
+					done <- err
+					return
+				}
+				if round == 1 && i >= len(idx)/2 && i-batch < len(idx)/2 && e.takeFault("memory") {
+					err := errors.New("injected fault: xenops connection lost mid-stream")
+					_ = pw.CloseWithError(err)
+					done <- err
+					return
+				}
+				rb = rb[:0]
+				mem.mu.Lock()
+				for _, pg := range idx[i:min(i+batch, len(idx))] {
+					var hdr [8]byte
+					binary.LittleEndian.PutUint64(hdr[:], uint64(pg))
+					rb = append(rb, hdr[:]...)
+					n := len(rb)
+					rb = rb[:n+PageSize]
+					mem.fillPage(rb[n:], pg, mem.ver[pg])
+				}
+				mem.mu.Unlock()
+				if _, err := pw.Write(rb); err != nil {
+					done <- nil // the request failed; stream reports it
+					return
+				}
+				rec.MemoryBytes += int64(len(rb) / (8 + PageSize) * PageSize)
+				progress01(c, 0.6+0.35*float64(i)/float64(max(1, len(idx)))/float64(round))
 			}
-			if round == 1 && i >= len(idx)/2 && i-batch < len(idx)/2 && e.takeFault("memory") {
-				return errors.New("injected fault: xenops connection lost mid-stream")
-			}
-			rb = rb[:0]
-			mem.mu.Lock()
-			for _, pg := range idx[i:min(i+batch, len(idx))] {
-				var hdr [8]byte
-				binary.LittleEndian.PutUint64(hdr[:], uint64(pg))
-				rb = append(rb, hdr[:]...)
-				n := len(rb)
-				rb = rb[:n+PageSize]
-				mem.fillPage(rb[n:], pg, mem.ver[pg])
-			}
-			mem.mu.Unlock()
-			if err := xo.do(ctx, http.MethodPut, "memory", url.Values{"vm": {destVM}}, rb, nil); err != nil {
-				return err
-			}
-			rec.MemoryBytes += int64(len(rb) / (8 + PageSize) * PageSize)
-			progress01(c, 0.6+0.35*float64(i)/float64(max(1, len(idx)))/float64(round))
+			_ = pw.Close()
+			done <- nil
+		}()
+		err := xo.stream(ctx, http.MethodPut, "memory", url.Values{"vm": {destVM}}, pr, int64(len(idx))*(8+PageSize))
+		_ = pr.CloseWithError(io.ErrClosedPipe) // stops the generator if the request ended early
+		if gerr := <-done; gerr != nil {
+			return gerr
 		}
-		return nil
+		return err
 	}
 	if err := send(all, 1); err != nil {
 		return func() {}, nil, time.Time{}, err

@@ -216,7 +216,7 @@ func (p *Pool) prepareVDI(sr string, size int64, name, desc string, contentIDs [
 	for _, cid := range contentIDs {
 		for _, v := range p.db.find("VDI", "SR", sr) {
 			if cid != "" && v.strMap("other_config")["content_id"] == cid && v.str("type") != "cbt_metadata" &&
-				v.int("virtual_size") == size && !p.vdiAttached(v) {
+				v.int("virtual_size") == size {
 				match = v
 				break
 			}

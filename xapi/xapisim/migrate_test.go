@@ -572,3 +572,58 @@ func TestMigrateHaltedVMAndCopy(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, "cold data", string(b[4096:4096+9]))
 }
+
+func TestMigrateFaultsRollBack(t *testing.T) {
+	s := startMigSim(t)
+	e := newMigEnv(t, s)
+	require.NoError(t, s.StartGuest(e.vmUUID, GuestConfig{Rate: 2 << 20, DirtyRate: 1 << 20}))
+	require.Error(t, s.InjectFault("nowhere"))
+	vdiMap, vifMap := e.maps()
+	for _, point := range FaultPoints {
+		t.Run(point, func(t *testing.T) {
+			dstVDIs := len(ok(t, e.dstURL, "VDI.get_all", e.dstSess).([]any))
+			require.NoError(t, s.InjectFault(point))
+			if point == "mirror" {
+				// The mirror fails on the next guest write during the copy: a
+				// slow link keeps the copy open long enough.
+				d := e.dest(t)
+				u, err := url.Parse(d["SM"].(string))
+				require.NoError(t, err)
+				px := newTCPProxy(t, u.Host)
+				px.delay = 5 * time.Millisecond
+				d["SM"] = strings.Replace(d["SM"].(string), u.Host, px.addr(), 1)
+				_, f := call(t, e.srcURL, "VM.migrate_send", e.srcSess, e.vm, d, true, vdiMap, vifMap, map[string]any{})
+				require.NotNil(t, f)
+				assert.Equal(t, "VM_MIGRATE_FAILED", f.Code)
+			} else {
+				task := ok(t, e.srcURL, "Async.VM.migrate_send", e.srcSess, e.vm, e.dest(t), true, vdiMap, vifMap, map[string]any{}).(string)
+				rec := waitTask(t, e.srcURL, e.srcSess, task)
+				assert.Equal(t, "failure", rec["status"])
+				info := rec["error_info"].([]any)
+				require.Len(t, info, 5)
+				assert.Equal(t, []any{"VM_MIGRATE_FAILED", e.vm}, info[:2])
+				assert.Contains(t, info[4], "injected")
+			}
+			assert.Equal(t, Running, ok(t, e.srcURL, "VM.get_power_state", e.srcSess, e.vm))
+			assert.Empty(t, ok(t, e.srcURL, "VM.get_current_operations", e.srcSess, e.vm))
+			assert.Empty(t, ok(t, e.dstURL, "VM.get_by_name_label", e.dstSess, DemoVMName), "no leftover destination VM")
+			assert.Len(t, ok(t, e.dstURL, "VDI.get_all", e.dstSess).([]any), dstVDIs, "no leftover destination VDI")
+			// The guest goes on at the source, nothing lost.
+			st0, _ := s.GuestStats(e.vmUUID)
+			require.Eventually(t, func() bool {
+				st, _ := s.GuestStats(e.vmUUID)
+				return st.Writes > st0.Writes
+			}, 10*time.Second, 10*time.Millisecond)
+			v, err := s.VerifyGuest(e.vmUUID)
+			require.NoError(t, err)
+			assert.True(t, v.OK, "mismatch at %d", v.MismatchOffset)
+			mr, _ := s.LastMigration(e.vmUUID)
+			assert.Equal(t, "failure", mr.Result)
+		})
+	}
+	// After all that, a clean migration still works.
+	ok(t, e.srcURL, "VM.migrate_send", e.srcSess, e.vm, e.dest(t), true, vdiMap, vifMap, map[string]any{})
+	v, err := s.VerifyGuest(e.vmUUID)
+	require.NoError(t, err)
+	assert.True(t, v.OK)
+}
