@@ -107,6 +107,11 @@ func New(ctx context.Context, cfg Config) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
+	if cfg.StateDir != "" {
+		if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+			return nil, fmt.Errorf("agent: state dir: %w", err)
+		}
+	}
 	var lc net.ListenConfig
 	tcp, err := lc.Listen(ctx, "tcp", cfg.ControlListen)
 	if err != nil {
