@@ -203,6 +203,7 @@ func TestLinkCutMidRound(t *testing.T) {
 		s, err := st.SyncStatus(ctx, p.key())
 		return err == nil && s.BytesCopied > size/8
 	}, 30*time.Second, 20*time.Millisecond, "round did not start")
+	require.Less(t, p.link.Counters().Upstream, int64(size), "the round's data is still crossing the link when it is cut")
 	p.link.Cut()
 	time.Sleep(700 * time.Millisecond)
 	require.NoError(t, p.link.Restore())
