@@ -82,7 +82,7 @@ func NewClient(ctx context.Context, conn net.Conn, opts DialOptions) (*Client, e
 
 func newClient(ctx context.Context, conn net.Conn, addr string, opts DialOptions) (*Client, error) {
 	restore := withHandshakeDeadline(ctx, conn)
-	h, err := openHandshake(ctx, "", addr, conn, opts)
+	h, err := openHandshake(ctx, addr, conn, opts)
 	if err != nil {
 		restore()
 		return nil, err

@@ -376,7 +376,7 @@ func withHandshakeDeadline(ctx context.Context, conn net.Conn) func() {
 }
 
 // openHandshake dials and runs greeting and optional STARTTLS.
-func openHandshake(ctx context.Context, network, addr string, conn net.Conn, opts DialOptions) (*clientHandshake, error) {
+func openHandshake(ctx context.Context, addr string, conn net.Conn, opts DialOptions) (*clientHandshake, error) {
 	cfg, err := tlsConfigFor(opts, addr)
 	if err != nil {
 		return nil, err
@@ -414,7 +414,7 @@ func ListExports(ctx context.Context, network, addr string, opts DialOptions) ([
 	}
 	defer conn.Close()
 	defer withHandshakeDeadline(ctx, conn)()
-	h, err := openHandshake(ctx, network, addr, conn, opts)
+	h, err := openHandshake(ctx, addr, conn, opts)
 	if err != nil {
 		return nil, err
 	}
@@ -436,7 +436,7 @@ func QueryExport(ctx context.Context, network, addr string, opts DialOptions) (E
 	}
 	defer conn.Close()
 	defer withHandshakeDeadline(ctx, conn)()
-	h, err := openHandshake(ctx, network, addr, conn, opts)
+	h, err := openHandshake(ctx, addr, conn, opts)
 	if err != nil {
 		return ExportInfo{}, err
 	}

@@ -27,8 +27,7 @@ const interopSize = 16 << 20
 // interopLayout: 1 MiB data blocks at these offsets, holes elsewhere.
 var interopLayout = []int64{0, 5 << 20, 6 << 20, 12 << 20}
 
-// wantHoles returns the expected allocation map of interopLayout as
-// merged [offset, length, hole] runs.
+// wantMap is the allocation map of interopLayout, adjacent runs merged.
 func wantMap() []Extent {
 	return []Extent{
 		{0, 1 << 20, 0},
@@ -107,7 +106,7 @@ func (s *interopServer) uri(export string) string {
 	return fmt.Sprintf("nbd://127.0.0.1:%s/%s", port(s.ts.addr), export)
 }
 
-// qemuArgs returns qemu-img arguments naming export as an image.
+// qemuImage returns qemu-img arguments naming export as an image.
 func (s *interopServer) qemuImage(export string) []string {
 	if s.pki == nil {
 		return []string{fmt.Sprintf("nbd://127.0.0.1:%s/%s", port(s.ts.addr), export)}
@@ -128,20 +127,16 @@ func newInteropServer(t *testing.T, withTLS bool) *interopServer {
 		src: sparseFile(t, dir, interopSize, 1<<20, interopLayout...),
 		dst: emptyFile(t, dir, interopSize),
 	}
-	var tlsCfg = (*pki)(nil)
+	var tlsCfg *tls.Config
 	if withTLS {
 		s.pki = newPKI(t)
-		tlsCfg = s.pki
+		tlsCfg = s.pki.serverTLS()
 	}
 	exps := []*Export{
 		{Name: "src", Description: "sparse source", Backend: fileBackend(t, s.src, true), MultiConn: true},
 		{Name: "dst", Backend: fileBackend(t, s.dst, false), MultiConn: true},
 	}
-	if tlsCfg != nil {
-		s.ts = startStatic(t, tlsCfg.serverTLS(), true, exps...)
-	} else {
-		s.ts = startStatic(t, nil, false, exps...)
-	}
+	s.ts = startStatic(t, tlsCfg, withTLS, exps...)
 	return s
 }
 

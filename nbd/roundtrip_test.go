@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"sync"
@@ -27,20 +28,14 @@ func TestClientServerRoundTrip(t *testing.T) {
 			checkNoLeak(t)
 			const size = 8 << 20
 			mem := NewMemBackend(size)
-			var p *pki
 			var opts DialOptions
-			var srvTLS = (*pki)(nil)
+			var srvTLS *tls.Config
 			if tc.tls {
-				p = newPKI(t)
-				srvTLS = p
+				p := newPKI(t)
+				srvTLS = p.serverTLS()
 				opts.TLS = p.clientTLS()
 			}
-			var ts *testServer
-			if srvTLS != nil {
-				ts = startStatic(t, srvTLS.serverTLS(), true, &Export{Name: "disk", Backend: mem, MultiConn: true})
-			} else {
-				ts = startStatic(t, nil, false, &Export{Name: "disk", Backend: mem, MultiConn: true})
-			}
+			ts := startStatic(t, srvTLS, tc.tls, &Export{Name: "disk", Backend: mem, MultiConn: true})
 			opts.Export = "disk"
 			opts.DisableStructuredReplies = !tc.structured
 			opts.RequestSize = 256 << 10 // force splitting and pipelining

@@ -43,7 +43,8 @@ func (e *Export) release() {
 // ExportFunc resolves the export name a client asked for. Return an error
 // wrapping ErrUnknownExport to answer NBD_REP_ERR_UNKNOWN; any other error
 // (ErrPolicy for instance) answers NBD_REP_ERR_POLICY. The name is whatever
-// the client sent, e.g. "/<vdi-uuid>?session_id=<ref>".
+// the client sent, e.g. "/<vdi-uuid>?session_id=<ref>". The server never
+// logs names, but it logs refusal errors: keep secrets out of them.
 type ExportFunc func(ctx context.Context, name string) (*Export, error)
 
 // ListFunc returns the exports NBD_OPT_LIST shows (Name and Description).
