@@ -28,7 +28,8 @@ type DialOptions struct {
 	// VDI.get_nbd_info returns), instead of CA and host name checks.
 	PinnedCertPEM []byte
 	// ServerName overrides the name the server certificate is checked
-	// against (default: the host part of the address).
+	// against (default: the host part of the address; "localhost" for unix
+	// sockets).
 	ServerName string
 	// DisableStructuredReplies keeps to simple replies; block status then
 	// is unavailable.
