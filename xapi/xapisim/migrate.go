@@ -193,10 +193,6 @@ func registerMigrate() {
 			sm, xo := c.Sim.EndpointBytes()
 			return map[string]string{"SM": itoa(sm), "xenops": itoa(xo)}, nil
 		}})
-	for _, n := range []string{"sim.guest_start", "sim.guest_stop", "sim.guest_stats", "sim.guest_verify",
-		"sim.last_migration", "sim.inject_fault", "sim.endpoint_bytes"} {
-		methods[n].NoAsync = false
-	}
 }
 
 // vmUUID resolves argument i (a VM ref of the call's pool, or a uuid).
@@ -235,7 +231,8 @@ func hostMigrateReceive(c *Call) (any, error) {
 	}
 	ip := pif.str("IP")
 	if ip == "" {
-		for _, v6 := range pif.Fields["IPv6"].([]string) {
+		v6s, _ := pif.Fields["IPv6"].([]string)
+		for _, v6 := range v6s {
 			if a, _, _ := strings.Cut(v6, "/"); a != "" && !strings.HasPrefix(strings.ToLower(a), "fe80") {
 				ip = a
 				break
@@ -531,15 +528,14 @@ func (s *Sim) planMigration(c *Call) (*migPlan, error) {
 
 // check asks the destination whether the SRs, networks and host exist.
 func (pl *migPlan) check(ctx context.Context) error {
-	req := map[string]any{"host": pl.destHost, "srs": []string{}, "networks": []string{}}
-	var srs, nws []string
+	srs, nws := []string{}, []string{}
 	for _, d := range pl.disks {
 		srs = append(srs, d.sr)
 	}
 	for _, v := range pl.vifs {
 		nws = append(nws, v.Network)
 	}
-	req["srs"], req["networks"] = append([]string{}, srs...), append([]string{}, nws...)
+	req := map[string]any{"host": pl.destHost, "srs": srs, "networks": nws}
 	if err := pl.sm.json(ctx, "check", nil, req, nil); err != nil {
 		// The destination's own errors (HANDLE_INVALID of an SR...) are
 		// passed on; a refused session is not the caller's session, so it

@@ -3,6 +3,7 @@ package xapisim
 import (
 	"context"
 	"encoding/json"
+	neturl "net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -104,6 +105,11 @@ b.xenapi.VDI.remove_from_other_config(replica, "content_id")
 b.xenapi.VDI.add_to_other_config(replica, "content_id", cid)
 time.sleep(0.3)  # the guest writes on
 dest, vdis, vifs, host, sr = maps(a, b, vm)
+# Through a plain TCP forwarder (started by the Go test) in front of the destination host.
+for k in ("SM", "xenops"):
+    u = urlsplit(dest[k])
+    dest[k] = dest[k].replace(u.netloc, sys.argv[2], 1)
+out["proxied_sm"] = dest["SM"]
 sm_before = b.xenapi.sim.endpoint_bytes()
 task = a.xenapi.Async.VM.migrate_send(vm, dest, True, vdis, vifs, {"force": "false", "copy": "false", "compress": "OFF"})
 rec, progress = wait(a, task)
@@ -155,7 +161,10 @@ func TestMigrateInteropPythonXenAPI(t *testing.T) {
 	require.NoError(t, os.WriteFile(script, []byte(migrateScript), 0o644))
 	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, testutil.PythonPath(t), script, string(info))
+	target, err := neturl.Parse(s.Pools()[1].Hosts()[1].URL())
+	require.NoError(t, err)
+	px := newTCPProxy(t, target.Host)
+	cmd := exec.CommandContext(ctx, testutil.PythonPath(t), script, string(info), px.addr())
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
 	outb, err := cmd.Output()
@@ -184,6 +193,7 @@ func TestMigrateInteropPythonXenAPI(t *testing.T) {
 		Fault        migOut              `json:"fault"`
 		ImportStatus int                 `json:"import_status"`
 		Incr         migOut              `json:"incr"`
+		ProxiedSM    string              `json:"proxied_sm"`
 		Full         migOut              `json:"full"`
 		Errors       map[string][]string `json:"errors"`
 	}
@@ -215,6 +225,9 @@ func TestMigrateInteropPythonXenAPI(t *testing.T) {
 	assert.Less(t, sm, int64(disk/4), "only the difference crossed the SM URL")
 	assert.Greater(t, sm, int64(0))
 	assert.Equal(t, sm, num(out.Incr.EPAfter, "SM")-num(out.Incr.EPBefore, "SM"), "the destination received what was sent")
+	assert.Contains(t, out.ProxiedSM, px.addr())
+	assert.Greater(t, px.up.Load(), sm+num(out.Incr.Last, "xenops_bytes")-1, "the migration's bytes crossed the proxy")
+	assert.Greater(t, px.up.Load(), num(out.Incr.Last, "disk_bytes"), "more than the disk delta crossed the proxy")
 	assert.GreaterOrEqual(t, num(out.Incr.Last, "xenops_bytes"), int64(16<<20), "memory streamed")
 	assert.Equal(t, "true", out.Incr.Last["memory_verified"])
 	assert.Equal(t, Running, out.Incr.Power)
