@@ -343,3 +343,46 @@ func TestNotStarted(t *testing.T) {
 	require.Error(t, err)
 	require.True(t, errors.Is(err, contract.ErrInvalidArgument))
 }
+
+func TestHeartbeatsThenIdleStop(t *testing.T) {
+	l := newInProc(t)
+	fx := newFixture(t, 1<<20)
+	stateDir := t.TempDir()
+	cfg := Config{Launcher: l, StateDir: stateDir, StorageConfig: fx.config(t), IdleTimeout: 400 * time.Millisecond, Logger: testutil.Logger(t)}
+	c, err := New(cfg)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	spec := engine.AgentSpec{MigrationID: "mig-idle", StorageBackend: "filecopy"}
+	require.NoError(t, c.Start(ctx, spec))
+
+	// The client's heartbeats keep the agents alive well past their idle timeout.
+	time.Sleep(1500 * time.Millisecond)
+	require.NoError(t, c.Start(ctx, spec))
+	assert.Equal(t, 2, l.count(), "agents were still alive: re-attached, not relaunched")
+
+	// Once the controller is gone, the agents stop by themselves.
+	require.NoError(t, c.Close())
+	l.mu.Lock()
+	var done []chan struct{}
+	for _, r := range l.agents {
+		done = append(done, r.done)
+	}
+	l.mu.Unlock()
+	require.Len(t, done, 2)
+	for _, d := range done {
+		select {
+		case <-d:
+		case <-time.After(15 * time.Second):
+			t.Fatal("agent did not stop after its controller went away")
+		}
+	}
+
+	// A new controller finds them gone and launches new ones.
+	c2, err := New(cfg)
+	require.NoError(t, err)
+	defer c2.Close()
+	require.NoError(t, c2.Start(ctx, spec))
+	assert.Equal(t, 4, l.count())
+	require.NoError(t, c2.Stop(ctx, spec.MigrationID))
+}
