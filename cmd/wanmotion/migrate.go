@@ -366,7 +366,7 @@ func (m *migration) run(ctx context.Context) error {
 	tty := !f.asJSON && isTerminal(m.stderr)
 	view := newProgressView(m.stderr, tty, nil)
 	eng, cleanup, err := buildEngine(ctx, engineOpts{Source: p.src, Dest: p.dst, Store: store, PluginDir: f.pluginDir,
-		Logger: log, Observe: view.Observe, DryRun: f.dryRun, Simulator: isSimulator(ctx, p.dst)})
+		Logger: log, Observe: view.Observe, DryRun: f.dryRun, Simulator: isSimulator(ctx, p.dst), StateDir: f.stateDir})
 	if err != nil {
 		return err
 	}

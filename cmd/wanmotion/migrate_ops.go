@@ -249,7 +249,7 @@ func (m *migration) resume(ctx context.Context, o *opFlags, id string) error {
 	log := newCLILogger(o.logLevel, m.stderr)
 	view := newProgressView(m.stderr, !o.asJSON && isTerminal(m.stderr), nil)
 	eng, cleanup, err := buildEngine(ctx, engineOpts{Source: p.src, Dest: p.dst, Store: store, PluginDir: ci.PluginDir,
-		Logger: log, Observe: view.Observe, Simulator: isSimulator(ctx, p.dst)})
+		Logger: log, Observe: view.Observe, Simulator: isSimulator(ctx, p.dst), StateDir: o.stateDir})
 	if err != nil {
 		return err
 	}

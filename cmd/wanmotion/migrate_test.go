@@ -12,6 +12,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/wanmotion/wanmotion/engine"
+	"github.com/wanmotion/wanmotion/xapi"
 )
 
 func TestParseMigrateFlags(t *testing.T) {
@@ -122,32 +123,47 @@ func TestMigrateDryRun(t *testing.T) {
 
 func TestMigrateJSONOnFailure(t *testing.T) {
 	e := newCLIEnv(t)
-	// Without site agents the live path fails before the engine starts:
-	// still exactly one JSON object, result failed, the documented fields.
+	ctx := context.Background()
+	// A halted VM cannot move live: the engine fails in Plan and rolls back.
+	c, err := xapi.New(xapi.Config{URL: e.a, Username: "root", Password: "xenroot"})
+	require.NoError(t, err)
+	require.NoError(t, c.Login(ctx))
+	defer c.Close(ctx)
+	vms, err := c.VMGetByNameLabel(ctx, "demo-vm")
+	require.NoError(t, err)
+	_, err = c.Call(ctx, "VM.hard_shutdown", string(vms[0]))
+	require.NoError(t, err)
+
 	out, _, err := run(t, runMigrate, "--vm", "demo-vm", "--from", e.a, "--to", e.b, "--plugin-dir", e.pluginDir,
 		"--state-dir", e.stateDir, "--json")
 	require.Error(t, err)
+	var ec interface{ ExitCode() int }
+	require.ErrorAs(t, err, &ec)
+	assert.Equal(t, exitFailed, ec.ExitCode())
 	v := oneJSONObject(t, out)
 	for _, k := range []string{"migration_id", "vm_uuid", "result", "phases", "seed_rounds", "bytes_to_move",
 		"bytes_on_wire", "residual_bytes", "guest_pause_ms", "integrity"} {
 		assert.Contains(t, v, k)
 	}
 	assert.Equal(t, "failed", v["result"])
+	assert.Equal(t, "rolled_back", v["phase"])
 	assert.Equal(t, "skipped", v["integrity"])
 	assert.NotEmpty(t, v["vm_uuid"])
-	assert.Contains(t, v["error"], "site agents are not available")
+	assert.Contains(t, v["error"], "Halted")
 	phases := v["phases"].([]any)
 	require.Len(t, phases, 7)
 	for i, name := range []string{"plan", "prepare", "seed", "handoff", "switch", "verify", "cleanup"} {
 		assert.Equal(t, name, phases[i].(map[string]any)["name"])
 	}
 
-	// Wrong password: also one JSON object, and the password is not in it.
+	// Failing before the engine starts (wrong password): also one JSON
+	// object of the same shape, and no password in it.
 	t.Setenv(EnvToPassword, "not-the-password")
 	out, _, err = run(t, runMigrate, "--vm", "demo-vm", "--from", e.a, "--to", e.b, "--json")
 	require.Error(t, err)
 	v = oneJSONObject(t, out)
 	assert.Equal(t, "failed", v["result"])
+	assert.Len(t, v["phases"], 7)
 	assert.NotContains(t, out, "not-the-password")
 	assert.NotContains(t, out, "xenroot")
 }

@@ -29,6 +29,7 @@ type progressView struct {
 	rateAt     time.Time
 	rateBytes  int64
 	rate       float64 // bytes/s on the wire, smoothed
+	wire       int64   // most bytes on the wire seen
 	plainEvery time.Duration
 }
 
@@ -44,6 +45,9 @@ func (v *progressView) Observe(p engine.Progress) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	now := v.now()
+	// Bytes on the wire are cumulative; updates outside Seed carry none.
+	p.BytesOnWire = max(p.BytesOnWire, v.wire)
+	v.wire = p.BytesOnWire
 	v.updateRate(now, p.BytesOnWire)
 	changed := !v.started || p.Phase != v.phase || (p.Phase == engine.PhaseSeed && p.Round != v.round)
 	v.started = true

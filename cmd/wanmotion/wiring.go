@@ -7,9 +7,12 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
+	"path/filepath"
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/wanmotion/wanmotion/agent/agentclient"
 	"github.com/wanmotion/wanmotion/engine"
 	"github.com/wanmotion/wanmotion/engine/xapiadapt"
 	"github.com/wanmotion/wanmotion/plugins/contract"
@@ -17,8 +20,8 @@ import (
 	"github.com/wanmotion/wanmotion/xapi"
 )
 
-// errNoAgents: this build cannot run the data path.
-var errNoAgents = errors.New("site agents are not available in this build")
+// errNoAgents: the data path cannot run (dry-run engines; no state dir).
+var errNoAgents = errors.New("site agents are not available")
 
 // pluginCatalog implements engine.Catalog from the backend binaries found
 // on disk (plugins/host discovery; the binaries are not launched).
@@ -43,6 +46,13 @@ func (c pluginCatalog) Installed(context.Context) (engine.Installed, error) {
 	return inst, nil
 }
 
+// agentExec overrides the executable the local agents run (tests run
+// agents from the test binary); empty means this process's executable.
+var agentExec struct {
+	binary string
+	args   []string
+}
+
 // engineOpts are what buildEngine needs.
 type engineOpts struct {
 	Source, Dest *xapi.Client
@@ -54,6 +64,14 @@ type engineOpts struct {
 	DryRun bool
 	// Simulator enables the simulator-only pause meter and integrity check.
 	Simulator bool
+	// StateDir holds the agent client's state (certificates, agent
+	// addresses) and the local agents' directories.
+	StateDir string
+	// AgentBinary is the wanmotion executable the local agents run
+	// (default: this process's executable).
+	AgentBinary string
+	// AgentArgs go before "agent" on the agents' command line (tests).
+	AgentArgs []string
 }
 
 // buildEngine returns the engine for one CLI invocation and a cleanup
@@ -102,10 +120,82 @@ type dataPathDeps struct {
 	Throttle engine.GuestThrottle
 }
 
-// dataPath builds the agents, storage, network and gateway drivers.
-// This build has none (the agent client is not part of it yet).
-func dataPath(_ context.Context, _ engineOpts, _ hclog.Logger) (dataPathDeps, func(), error) {
-	return dataPathDeps{}, nil, errNoAgents
+// dataPath builds the agents, storage, network and gateway drivers: an
+// agentclient.Client whose LocalLauncher runs `wanmotion agent` (this
+// binary) on this machine for both sites, with their state under
+// <state-dir>/agents-run. Backends get the controller's xapi sessions.
+func dataPath(_ context.Context, o engineOpts, log hclog.Logger) (dataPathDeps, func(), error) {
+	if o.StateDir == "" {
+		return dataPathDeps{}, nil, fmt.Errorf("%w: no state directory", errNoAgents)
+	}
+	bin, args := o.AgentBinary, o.AgentArgs
+	if bin == "" {
+		bin, args = agentExec.binary, agentExec.args
+	}
+	launcher := &agentclient.LocalLauncher{Binary: bin, Args: args, Dir: filepath.Join(o.StateDir, "agents-run")}
+	pluginDir := host.InstallDir(o.PluginDir)
+	if abs, err := filepath.Abs(pluginDir); err == nil {
+		pluginDir = abs
+	}
+	c, err := agentclient.New(agentclient.Config{
+		Launcher: launcher, StateDir: o.StateDir, PluginDir: pluginDir,
+		AgentStateDir: filepath.Join(o.StateDir, "agents-state"),
+		SourceXAPI:    xapiAccess(o.Source, o.Store, contract.RoleSource),
+		DestXAPI:      xapiAccess(o.Dest, o.Store, contract.RoleDestination),
+		UUIDOf: func(ctx context.Context, site contract.Role, ref string) (string, error) {
+			if site == contract.RoleSource {
+				return uuidOf(ctx, o.Source, ref)
+			}
+			return uuidOf(ctx, o.Dest, ref)
+		},
+		Logger: log,
+	})
+	if err != nil {
+		return dataPathDeps{}, nil, err
+	}
+	return dataPathDeps{Storage: c.Storage(), Network: c.Network(), Gateway: c.Gateway(), Agents: c},
+		func() { _ = c.Close() }, nil
+}
+
+// xapiAccess gives the backends of one site the controller's session and
+// the uuid of the host the migration uses there (from the checkpoint).
+func xapiAccess(c *xapi.Client, store engine.Store, role contract.Role) agentclient.XAPIFunc {
+	return func(ctx context.Context, migrationID string) (contract.XAPIAccess, error) {
+		acc := contract.XAPIAccess{URL: c.URL(), Session: contract.Secret(string(c.Session()))}
+		cp, err := store.Load(ctx, migrationID)
+		if err != nil {
+			return acc, err
+		}
+		hostRef := cp.SourceHost
+		if role == contract.RoleDestination {
+			hostRef = cp.DestHost
+		}
+		if hostRef != "" {
+			h, err := c.HostGetRecord(ctx, xapi.HostRef(hostRef))
+			if err != nil {
+				return acc, fmt.Errorf("host %s: %w", hostRef, err)
+			}
+			acc.HostUUID = h.UUID
+		}
+		return acc, nil
+	}
+}
+
+// uuidOf resolves a VDI, SR or network ref to its uuid.
+func uuidOf(ctx context.Context, c *xapi.Client, ref string) (string, error) {
+	var errs []error
+	for _, cls := range []string{"VDI", "SR", "network"} {
+		var u string
+		err := c.CallInto(ctx, &u, cls+".get_uuid", ref)
+		if err == nil {
+			return u, nil
+		}
+		if !xapi.IsCode(err, xapi.CodeHandleInvalid) {
+			return "", err
+		}
+		errs = append(errs, err)
+	}
+	return "", fmt.Errorf("uuid of %s: %w", ref, errors.Join(errs...))
 }
 
 // unavailable* stand in for the data-path dependencies of a dry-run
