@@ -28,6 +28,10 @@ type Config struct {
 	// ReconnectTimeoutSec is how long a round keeps reconnecting to the
 	// peer after a cut before it fails with unavailable (default 300).
 	ReconnectTimeoutSec int64 `msgpack:"reconnect_timeout_s"`
+	// StallTimeoutSec: when no request to the peer completes for this long
+	// while some are in flight, the connections are dropped and made again
+	// (a silent WAN path; default 60).
+	StallTimeoutSec int64 `msgpack:"stall_timeout_s"`
 	// SourceAccess selects how the snapshot is read: "auto" (xapi's NBD
 	// export from VDI.get_nbd_info, else a dom0 attach), "nbd" or "dom0".
 	SourceAccess string `msgpack:"source_access"`
@@ -55,6 +59,9 @@ func (c *Config) setDefaults() error {
 	if c.ReconnectTimeoutSec == 0 {
 		c.ReconnectTimeoutSec = 300
 	}
+	if c.StallTimeoutSec == 0 {
+		c.StallTimeoutSec = 60
+	}
 	if c.SourceAccess == "" {
 		c.SourceAccess = "auto"
 	}
@@ -65,7 +72,7 @@ func (c *Config) setDefaults() error {
 		return fmt.Errorf("config: in_flight %d outside 1..1024: %w", c.InFlight, contract.ErrInvalidArgument)
 	case c.ChunkSize < blockSize || c.ChunkSize > 32<<20 || c.ChunkSize%blockSize != 0:
 		return fmt.Errorf("config: chunk_size %d must be a multiple of 64 KiB up to 32 MiB: %w", c.ChunkSize, contract.ErrInvalidArgument)
-	case c.CheckpointBytes < 0 || c.RateLimit < 0 || c.ReconnectTimeoutSec < 0:
+	case c.CheckpointBytes < 0 || c.RateLimit < 0 || c.ReconnectTimeoutSec < 0 || c.StallTimeoutSec < 0:
 		return fmt.Errorf("config: negative checkpoint_bytes, rate_limit or reconnect_timeout_s: %w", contract.ErrInvalidArgument)
 	}
 	switch c.SourceAccess {

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -28,6 +29,7 @@ type peerConfig struct {
 	conns, inFlight      int
 	chunk                int64
 	timeout              time.Duration
+	stall                time.Duration
 }
 
 // peer is the connection pool to the receiver's data export; it redials
@@ -37,6 +39,10 @@ type peer struct {
 	onWire     *atomic.Int64
 	log        hclog.Logger
 	reconnects atomic.Int64
+	active     atomic.Int64 // requests in flight through do
+	progress   atomic.Int64 // requests completed through do
+	stop       chan struct{}
+	watching   sync.WaitGroup
 
 	mu   sync.Mutex
 	pool *nbd.Pool
@@ -47,7 +53,46 @@ func newPeer(cfg peerConfig, onWire *atomic.Int64, log hclog.Logger) *peer {
 	if cfg.conns < 1 {
 		cfg.conns = 1
 	}
-	return &peer{cfg: cfg, onWire: onWire, log: log}
+	p := &peer{cfg: cfg, onWire: onWire, log: log, stop: make(chan struct{})}
+	if cfg.stall > 0 {
+		p.watching.Add(1)
+		go p.watch()
+	}
+	return p
+}
+
+// watch drops the connections when requests are in flight but none
+// completes for the stall timeout (a WAN path that went silent without
+// closing anything); the requests are then sent again on new ones.
+func (p *peer) watch() {
+	defer p.watching.Done()
+	t := time.NewTicker(max(p.cfg.stall/4, 10*time.Millisecond))
+	defer t.Stop()
+	last, since := p.progress.Load(), time.Now()
+	for {
+		select {
+		case <-p.stop:
+			return
+		case <-t.C:
+		}
+		cur := p.progress.Load()
+		if cur != last || p.active.Load() == 0 {
+			last, since = cur, time.Now()
+			continue
+		}
+		if time.Since(since) < p.cfg.stall {
+			continue
+		}
+		p.log.Warn("no reply from the receiver, reconnecting", "stalled_for", time.Since(since).Round(time.Millisecond))
+		if p.mu.TryLock() { // a reconnect in progress holds it
+			if p.pool != nil {
+				_ = p.pool.Close()
+				p.pool = nil
+			}
+			p.mu.Unlock()
+		}
+		since = time.Now()
+	}
 }
 
 // wireConn counts the bytes we send.
@@ -63,6 +108,8 @@ func (c *wireConn) Write(p []byte) (int, error) {
 }
 
 func (p *peer) dialOne(ctx context.Context, export string, perConn int) (*nbd.Client, error) {
+	ctx, cancel := context.WithTimeout(ctx, handshakeTimeout)
+	defer cancel()
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, p.cfg.network, p.cfg.addr)
 	if err != nil {
@@ -75,7 +122,7 @@ func (p *peer) dialOne(ctx context.Context, export string, perConn int) (*nbd.Cl
 		nbd.DialOptions{Export: export, MaxInFlight: perConn, RequestSize: int(p.cfg.chunk), Logger: p.log.Named("nbd")})
 	if err != nil {
 		_ = conn.Close()
-		return nil, fmt.Errorf("peer %s: %w", p.cfg.addr, err)
+		return nil, redact(fmt.Errorf("peer %s: %w", p.cfg.addr, err), p.cfg.token)
 	}
 	return c, nil
 }
@@ -162,16 +209,22 @@ func (p *peer) get(ctx context.Context) (*nbd.Pool, int, error) {
 }
 
 // fail drops pool generation gen (its connections broke).
-func (p *peer) fail(gen int) {
+func (p *peer) fail(gen int, cause error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.gen == gen && p.pool != nil {
+		p.log.Warn("connection to the receiver broke, redoing the requests in flight", "error", cause)
 		_ = p.pool.Close()
 		p.pool = nil
 	}
 }
 
+// handshakeTimeout bounds connecting to the receiver (TCP + NBD options).
+const handshakeTimeout = 30 * time.Second
+
 func (p *peer) close() {
+	close(p.stop)
+	p.watching.Wait()
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.pool != nil {
@@ -195,8 +248,11 @@ func (p *peer) do(ctx context.Context, fn func(ctx context.Context, pool *nbd.Po
 		if err != nil {
 			return err
 		}
+		p.active.Add(1)
 		err = fn(ctx, pool)
+		p.active.Add(-1)
 		if err == nil {
+			p.progress.Add(1)
 			return nil
 		}
 		if ctx.Err() != nil {
@@ -205,8 +261,7 @@ func (p *peer) do(ctx context.Context, fn func(ctx context.Context, pool *nbd.Po
 		if !transient(err) {
 			return fmt.Errorf("receiver refused a request: %v: %w", err, classifyNBD(err))
 		}
-		p.log.Warn("connection to the receiver broke, redoing the requests in flight", "error", err)
-		p.fail(gen)
+		p.fail(gen, err)
 	}
 }
 
@@ -629,4 +684,21 @@ func (c *copier) verify(ctx context.Context, size int64) (int64, error) {
 		return repaired, c.peer.flush(ctx)
 	}
 	return 0, nil
+}
+
+// redactedError hides a secret in an error's text, keeping its chain.
+type redactedError struct {
+	msg string
+	err error
+}
+
+func (e *redactedError) Error() string { return e.msg }
+func (e *redactedError) Unwrap() error { return e.err }
+
+// redact replaces secret in err's message (export names carry the token).
+func redact(err error, secret string) error {
+	if err == nil || secret == "" || !strings.Contains(err.Error(), secret) {
+		return err
+	}
+	return &redactedError{msg: strings.ReplaceAll(err.Error(), secret, "[token]"), err: err}
 }

@@ -174,7 +174,7 @@ func (b *Backend) runRound(ctx context.Context, h *handle, req contract.SyncRoun
 	size := src.Size()
 	peer := newPeer(peerConfig{network: st.PeerNetwork, addr: st.PeerAddress, token: st.PeerToken, round: req.Round,
 		snapshot: snapUUID, conns: st.Connections, inFlight: cfg.InFlight, chunk: cfg.ChunkSize,
-		timeout: time.Duration(cfg.ReconnectTimeoutSec) * time.Second}, &h.onWire, h.log)
+		timeout: time.Duration(cfg.ReconnectTimeoutSec) * time.Second, stall: time.Duration(cfg.StallTimeoutSec) * time.Second}, &h.onWire, h.log)
 	defer peer.close()
 	if err := peer.checkSize(ctx, size); err != nil {
 		return info, err

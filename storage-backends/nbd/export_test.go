@@ -1,0 +1,7 @@
+package nbdstore
+
+import "github.com/wanmotion/wanmotion/nbd"
+
+type nbdExtent = nbd.Extent
+
+const nbdHoleZero = nbd.ExtentHole | nbd.ExtentZero
