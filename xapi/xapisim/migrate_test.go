@@ -448,12 +448,12 @@ func TestMigrateThroughProxy(t *testing.T) {
 func TestMirrorCarriesWritesDuringCopy(t *testing.T) {
 	s := startMigSim(t)
 	e := newMigEnv(t, s)
-	require.NoError(t, s.StartGuest(e.vmUUID, GuestConfig{Rate: 8 << 20, BlockSize: 4096, Pattern: PatternSequential}))
+	require.NoError(t, s.StartGuest(e.vmUUID, GuestConfig{Rate: 2 << 20, BlockSize: 16 << 10, Pattern: PatternSequential}))
 	d := e.dest(t)
 	u, err := url.Parse(d["SM"].(string))
 	require.NoError(t, err)
 	px := newTCPProxy(t, u.Host)
-	px.delay = 2 * time.Millisecond // a slower link keeps the copy open longer
+	px.delay = time.Millisecond // a slower link keeps the copy open longer
 	d["SM"] = strings.Replace(d["SM"].(string), u.Host, px.addr(), 1)
 	vdiMap, vifMap := e.maps()
 	ok(t, e.srcURL, "VM.migrate_send", e.srcSess, e.vm, d, true, vdiMap, vifMap, map[string]any{})
