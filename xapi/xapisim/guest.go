@@ -86,8 +86,9 @@ type guest struct {
 	shadows map[string]*os.File // by VBD userdevice
 	stats   GuestStats
 
-	stop chan struct{}
-	done chan struct{}
+	stop     chan struct{}
+	stopOnce sync.Once
+	done     chan struct{}
 }
 
 // ParseByteRate parses a rate like "2MiB/s", "512KiB", "100000" (bytes per
@@ -201,7 +202,10 @@ func (s *Sim) StartGuest(vmUUID string, cfg GuestConfig) error {
 	if cfg.Seed == 0 {
 		cfg.Seed = 1
 	}
-	_ = s.StopGuest(vmUUID)
+	e := s.ext()
+	e.lifecycle.Lock()
+	defer e.lifecycle.Unlock()
+	_ = s.stopGuest(vmUUID)
 	pool, ref, _, disks, err := s.locateVM(vmUUID)
 	if err != nil {
 		return err
@@ -219,7 +223,6 @@ func (s *Sim) StartGuest(vmUUID string, cfg GuestConfig) error {
 	if err != nil {
 		return err
 	}
-	e := s.ext()
 	g := &guest{e: e, vm: vmUUID, cfg: cfg, dir: filepath.Join(s.cfg.StateDir, "guest", vmUUID),
 		rng: rand.New(rand.NewPCG(cfg.Seed, 0x67756573)), shadows: map[string]*os.File{},
 		stop: make(chan struct{}), done: make(chan struct{})}
@@ -268,6 +271,13 @@ func (s *Sim) snapshotToShadow(d guestDisk, path string) (*os.File, error) {
 // StopGuest stops the VM's guest workload (its shadow files are removed).
 func (s *Sim) StopGuest(vmUUID string) error {
 	e := s.ext()
+	e.lifecycle.Lock()
+	defer e.lifecycle.Unlock()
+	return s.stopGuest(vmUUID)
+}
+
+func (s *Sim) stopGuest(vmUUID string) error {
+	e := s.ext()
 	e.mu.Lock()
 	g, ok := e.guests[vmUUID]
 	delete(e.guests, vmUUID)
@@ -281,11 +291,7 @@ func (s *Sim) StopGuest(vmUUID string) error {
 }
 
 func (g *guest) stopWriter() {
-	select {
-	case <-g.stop:
-	default:
-		close(g.stop)
-	}
+	g.stopOnce.Do(func() { close(g.stop) })
 	<-g.done
 	g.mu.Lock()
 	g.closeShadows()

@@ -19,6 +19,9 @@ const PageSize = 4096
 type simExt struct {
 	s *Sim
 
+	// lifecycle serialises guest starts and stops (taken before mu).
+	lifecycle sync.Mutex
+
 	mu      sync.Mutex           // guards the maps below; never held while taking a pool lock
 	guests  map[string]*guest    // by VM uuid
 	mems    map[string]*memImage // by VM uuid
@@ -47,6 +50,8 @@ func init() {
 	RegisterStartHook(func(_ context.Context, s *Sim) (func(), error) {
 		return func() {
 			e := s.ext()
+			e.lifecycle.Lock()
+			defer e.lifecycle.Unlock()
 			e.mu.Lock()
 			gs := make([]*guest, 0, len(e.guests))
 			for _, g := range e.guests {
