@@ -165,6 +165,15 @@ func TestForwardHTTP(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, "dest saw /migrate/vm memory stream", string(body))
 
+	require.NoError(t, p.c.Gateway().SetRateLimit(ctx, p.id, 5e6))
+	detail, err := p.c.Gateway().Detail(ctx, p.id)
+	require.NoError(t, err)
+	for _, role := range roles {
+		assert.Equal(t, int64(5e6), detail[role].RateLimit, role)
+		assert.Equal(t, 1, detail[role].Sessions, role)
+		assert.Positive(t, detail[role].BytesOnWire, role)
+	}
+
 	// A target the controller did not allow at the destination is refused
 	// there, even if the source agent is asked to forward it.
 	other := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("secret")) }))
@@ -385,4 +394,9 @@ func TestHeartbeatsThenIdleStop(t *testing.T) {
 	require.NoError(t, c2.Start(ctx, spec))
 	assert.Equal(t, 4, l.count())
 	require.NoError(t, c2.Stop(ctx, spec.MigrationID))
+}
+
+func TestAgentEnvDropsCredentials(t *testing.T) {
+	got := agentEnv([]string{"PATH=/bin", "WANMOTION_FROM_PASSWORD=x", "WANMOTION_PLUGIN_DIR=/p", "WANMOTION_SESSION=s", "DB_PASSWORD=y", "HOME=/root"})
+	assert.Equal(t, []string{"PATH=/bin", "WANMOTION_PLUGIN_DIR=/p", "HOME=/root"}, got)
 }

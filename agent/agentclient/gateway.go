@@ -39,6 +39,13 @@ func (g *Gateway) Start(ctx context.Context, spec engine.GatewaySpec) error {
 	if err != nil {
 		return fmt.Errorf("gateway dial from the source to %s: %w", dial, err)
 	}
+	if spec.BandwidthBytesPerSec > 0 {
+		// The cap applies to what each side sends: cap the way back too.
+		if _, err := callRole[agent.SetRateLimitRequest, agent.Empty](ctx, c, spec.MigrationID, contract.RoleDestination, agent.MethodGatewaySetRateLimit,
+			agent.SetRateLimitRequest{BytesPerSec: spec.BandwidthBytesPerSec}); err != nil {
+			return fmt.Errorf("gateway rate limit at the destination: %w", err)
+		}
+	}
 	return nil
 }
 

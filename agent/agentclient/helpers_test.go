@@ -52,11 +52,18 @@ func TestMain(m *testing.M) {
 	if _, err := os.Stat(goBin); err != nil {
 		goBin = "go"
 	}
-	cmd := exec.Command(goBin, "build", "-buildvcs=false", "-o", filepath.Join(dir, "wanmotion-storage-filecopy"),
-		"github.com/wanmotion/wanmotion/docs/example-backend/filecopy")
+	cmd := exec.Command(goBin, "build", "-buildvcs=false", "-o", dir+string(filepath.Separator),
+		"github.com/wanmotion/wanmotion/docs/example-backend/filecopy", "github.com/wanmotion/wanmotion/docs/example-backend/noop")
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := cmd.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "build filecopy backend:", err)
+	err = cmd.Run()
+	if err == nil {
+		err = os.Rename(filepath.Join(dir, "filecopy"), filepath.Join(dir, "wanmotion-storage-filecopy"))
+	}
+	if err == nil {
+		err = os.Rename(filepath.Join(dir, "noop"), filepath.Join(dir, "wanmotion-network-noop"))
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "build example backends:", err)
 		os.RemoveAll(dir)
 		os.Exit(1)
 	}

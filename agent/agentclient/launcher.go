@@ -81,7 +81,10 @@ type LocalLauncher struct {
 	// Dir holds one directory per agent, <Dir>/<migration>-<role>, with
 	// tls/, state/ (when the spec names no state dir), agent.log and agent.pid.
 	Dir string
-	// Env is the agents' environment (default: this process's).
+	// Env is the agents' environment (default: this process's, without
+	// WANMOTION_* variables other than WANMOTION_PLUGIN_DIR and without
+	// anything named *PASSWORD*: agents never need credentials from
+	// their environment).
 	Env []string
 	// StartTimeout bounds the wait for the first stdout line (default 30s).
 	StartTimeout time.Duration
@@ -125,6 +128,9 @@ func (l *LocalLauncher) Launch(ctx context.Context, spec AgentLaunchSpec) (strin
 	args := append(append(append([]string(nil), l.Args...), "agent"), spec.Args(tlsDir)...)
 	cmd := exec.Command(bin, args...)
 	cmd.Env = l.Env
+	if cmd.Env == nil {
+		cmd.Env = agentEnv(os.Environ())
+	}
 	cmd.Stderr = logf
 	cmd.SysProcAttr = detached()
 	out, err := cmd.StdoutPipe()
@@ -224,3 +230,17 @@ func alive(pid int) bool {
 }
 
 func detached() *syscall.SysProcAttr { return &syscall.SysProcAttr{Setsid: true} }
+
+// agentEnv filters credentials out of the controller's environment.
+func agentEnv(env []string) []string {
+	out := make([]string, 0, len(env))
+	for _, kv := range env {
+		name, _, _ := strings.Cut(kv, "=")
+		upper := strings.ToUpper(name)
+		if strings.Contains(upper, "PASSWORD") || (strings.HasPrefix(upper, "WANMOTION_") && upper != "WANMOTION_PLUGIN_DIR") {
+			continue
+		}
+		out = append(out, kv)
+	}
+	return out
+}

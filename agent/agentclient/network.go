@@ -117,7 +117,10 @@ func (n *Network) Recover(ctx context.Context, spec engine.NetSpec) ([]byte, err
 		if err != nil {
 			return nil, fmt.Errorf("recover network at the destination: %w", err)
 		}
-		st.Dest, st.DestEndpoint = &resp.Handle, resp.Endpoint
+		st.Dest = &resp.Handle
+		if ep := resp.Endpoint; ep.Network != "" || ep.Address != "" || ep.Token != "" || len(ep.Params) > 0 {
+			st.DestEndpoint = resp.Endpoint
+		}
 	}
 	if st.Source != nil {
 		x, err := c.xapi(ctx, contract.RoleSource, spec.MigrationID)

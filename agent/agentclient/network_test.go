@@ -1,0 +1,83 @@
+package agentclient
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/wanmotion/wanmotion/agent"
+	"github.com/wanmotion/wanmotion/engine"
+	"github.com/wanmotion/wanmotion/internal/testutil"
+	"github.com/wanmotion/wanmotion/plugins/contract"
+)
+
+// TestNetworkLifecycle drives the example noop network backend in both
+// agents through the engine.NetworkBackend view.
+func TestNetworkLifecycle(t *testing.T) {
+	l := newInProc(t)
+	stateDir := t.TempDir()
+	cfg := Config{Launcher: l, StateDir: stateDir, UUIDOf: uuidOf, Logger: testutil.Logger(t)}
+	c, err := New(cfg)
+	require.NoError(t, err)
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	const id = "mig-net"
+	spec := engine.AgentSpec{MigrationID: id, NetworkBackend: "noop"}
+	require.NoError(t, c.Start(ctx, spec))
+	require.NoError(t, c.Gateway().Start(ctx, engine.GatewaySpec{MigrationID: id}))
+
+	ns := engine.NetSpec{MigrationID: id, Backend: "noop", VMUUID: "vm-1", VMName: "vm",
+		VIFs:   []engine.VIF{{Ref: "OpaqueRef:vif0", Device: "0", MAC: "52:54:00:12:34:56", NetworkRef: "OpaqueRef:net-a"}},
+		VIFMap: map[string]string{"OpaqueRef:vif0": "OpaqueRef:net-b"}}
+	net := c.Network()
+	st, err := net.Prepare(ctx, ns)
+	require.NoError(t, err)
+	require.NotEmpty(t, st)
+	ns.State = st
+
+	status := func(role contract.Role) contract.NetStatus {
+		t.Helper()
+		ds, err := decodeNet(ns.State)
+		require.NoError(t, err)
+		h := ds.Dest
+		if role == contract.RoleSource {
+			h = ds.Source
+		}
+		require.NotNil(t, h)
+		s, err := callRole[contract.NetStatusRequest, contract.NetStatus](ctx, c, id, role, agent.MethodNetworkStatus, contract.NetStatusRequest{Handle: h.ID})
+		require.NoError(t, err)
+		return s
+	}
+	assert.Equal(t, contract.StatePrepared, status(contract.RoleDestination).State)
+	assert.Equal(t, contract.StatePrepared, status(contract.RoleSource).State)
+
+	// A restarted controller recovers both handles from the state.
+	c2, err := New(cfg)
+	require.NoError(t, err)
+	defer c2.Close()
+	require.NoError(t, c2.Start(ctx, spec))
+	assert.Equal(t, 2, l.count())
+	st, err = c2.Network().Recover(ctx, ns)
+	require.NoError(t, err)
+	ns.State = st
+
+	st, err = c2.Network().Activate(ctx, ns)
+	require.NoError(t, err)
+	ns.State = st
+	assert.Equal(t, contract.StateActive, status(contract.RoleDestination).State)
+	st, err = c2.Network().Release(ctx, ns)
+	require.NoError(t, err)
+	ns.State = st
+	assert.Equal(t, contract.StateReleased, status(contract.RoleSource).State)
+
+	require.NoError(t, c2.Network().Cleanup(ctx, ns))
+	ds, err := decodeNet(ns.State)
+	require.NoError(t, err)
+	_, err = callRole[contract.NetStatusRequest, contract.NetStatus](ctx, c2, id, contract.RoleDestination, agent.MethodNetworkStatus, contract.NetStatusRequest{Handle: ds.Dest.ID})
+	require.ErrorIs(t, err, contract.ErrNotFound)
+	require.NoError(t, c2.Stop(ctx, id))
+}
