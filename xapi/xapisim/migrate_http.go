@@ -438,10 +438,11 @@ func (s *Sim) receivePages(vmRef string, r io.Reader) error {
 			}
 			return fmt.Errorf("memory stream: %w", err)
 		}
-		i := int64(binary.LittleEndian.Uint64(rec))
-		if (i+1)*PageSize > st.Size() {
-			return fmt.Errorf("memory stream: page %d outside the image", i)
+		u := binary.LittleEndian.Uint64(rec)
+		if u >= uint64(st.Size()/PageSize) {
+			return fmt.Errorf("memory stream: page %d outside the image", u)
 		}
+		i := int64(u)
 		if _, err := f.WriteAt(rec[8:], i*PageSize); err != nil {
 			return fmt.Errorf("memory image: %w", err)
 		}
