@@ -108,7 +108,7 @@ func (s *Sim) serveSM(h *Host, w http.ResponseWriter, r *http.Request) {
 			Networks []string `json:"networks"`
 			Host     string   `json:"host"`
 		}
-		if err := json.NewDecoder(body).Decode(&req); err != nil {
+		if err := json.NewDecoder(io.LimitReader(body, maxRequestBody)).Decode(&req); err != nil {
 			writeFault(w, http.StatusBadRequest, err)
 			return
 		}
@@ -143,7 +143,7 @@ func (s *Sim) serveSM(h *Host, w http.ResponseWriter, r *http.Request) {
 			Desc       string   `json:"name_description"`
 			ContentIDs []string `json:"content_ids"`
 		}
-		if err := json.NewDecoder(body).Decode(&req); err != nil {
+		if err := json.NewDecoder(io.LimitReader(body, maxRequestBody)).Decode(&req); err != nil {
 			writeFault(w, http.StatusBadRequest, err)
 			return
 		}
@@ -302,7 +302,7 @@ func (s *Sim) serveXenops(h *Host, w http.ResponseWriter, r *http.Request) {
 	switch op {
 	case "import":
 		var req importReq
-		if err := json.NewDecoder(body).Decode(&req); err != nil {
+		if err := json.NewDecoder(io.LimitReader(body, maxRequestBody)).Decode(&req); err != nil {
 			writeFault(w, http.StatusBadRequest, err)
 			return
 		}
@@ -343,7 +343,7 @@ func (s *Sim) serveXenops(h *Host, w http.ResponseWriter, r *http.Request) {
 			Host  string `json:"host"`
 			Move  bool   `json:"move"`
 		}
-		if err := json.NewDecoder(body).Decode(&req); err != nil {
+		if err := json.NewDecoder(io.LimitReader(body, maxRequestBody)).Decode(&req); err != nil {
 			writeFault(w, http.StatusBadRequest, err)
 			return
 		}
@@ -366,7 +366,7 @@ func (s *Sim) serveXenops(h *Host, w http.ResponseWriter, r *http.Request) {
 			Digest      string            `json:"digest"`
 			OtherConfig map[string]string `json:"other_config"`
 		}
-		if err := json.NewDecoder(body).Decode(&req); err != nil {
+		if err := json.NewDecoder(io.LimitReader(body, maxRequestBody)).Decode(&req); err != nil {
 			writeFault(w, http.StatusBadRequest, err)
 			return
 		}
