@@ -48,6 +48,12 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
+	// xapi runs the binary as /etc/xapi.d/plugins/wanmotion with one
+	// methodCall argument (hostplugin.go); that is not a subcommand.
+	if code, ok := hostPluginEntry(ctx, args, stdout, stderr); ok {
+		return code
+	}
+
 	cmds := commands()
 	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
 		usage(stderr, cmds)

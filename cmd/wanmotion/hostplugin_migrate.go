@@ -1,0 +1,515 @@
+package main
+
+// Plugin functions migrate, plan, status and cancel.
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/wanmotion/wanmotion/engine"
+	"github.com/wanmotion/wanmotion/engine/xapiadapt"
+	"github.com/wanmotion/wanmotion/hostplugin"
+	"github.com/wanmotion/wanmotion/xapi"
+)
+
+// Arguments of migrate and plan (host.call_plugin's args map).
+const (
+	argVM             = "vm"
+	argDestURL        = "dest_url"
+	argDestUser       = "dest_user"
+	argDestPassword   = "dest_password"
+	argNetworkMap     = "network_map"     // comma-separated SRC=DST
+	argDestThumbprint = "dest_thumbprint" // comma-separated
+	argDestInsecure   = "dest_insecure"
+	argSkipAssert     = "skip_assert"
+	argTask           = "task"
+	argID             = "id"
+)
+
+// migrateArgFlags maps single-valued arguments onto `wanmotion migrate`
+// flags; the plugin validates them with the CLI's own parser.
+var migrateArgFlags = map[string]string{
+	argVM: "vm", argDestURL: "to", argDestUser: "to-user", "dest_sr": "dest-sr", "dest_host": "dest-host",
+	"storage": "storage", "network": "network", "bandwidth": "bandwidth", "compression": "compression",
+	"rtt": "rtt", "streams": "streams", "downtime_target": "downtime-target", "policy": "policy",
+	argID: "id", "gateway_listen": "gateway-listen", "gateway_advertise": "gateway-advertise", "dest_ca_file": "ca-file",
+}
+
+func migrateArgNames() []string {
+	names := []string{argDestPassword, argNetworkMap, argDestThumbprint, argDestInsecure, argSkipAssert}
+	for k := range migrateArgFlags {
+		names = append(names, k)
+	}
+	sort.Strings(names)
+	return names
+}
+
+// sourcePlaceholder stands for this pool in the CLI parser (which wants a
+// --from URL); the plugin always talks to its own pool.
+const sourcePlaceholder = "http://wanmotion-source.invalid"
+
+func parseBool(name, v string) (bool, error) {
+	switch strings.ToLower(strings.TrimSpace(v)) {
+	case "", "false", "0", "no":
+		return false, nil
+	case "true", "1", "yes":
+		return true, nil
+	}
+	return false, invalidArg("%s %q: want true or false", name, v)
+}
+
+// migrateArgs checks migrate/plan arguments and turns them into the CLI's
+// flags and overrides. The password is not part of them.
+func migrateArgs(args map[string]string) (*migrateFlags, engine.Overrides, error) {
+	var o engine.Overrides
+	allowed := migrateArgNames()
+	for k := range args {
+		if !contains(allowed, k) {
+			return nil, o, invalidArg("unknown argument %q (arguments: %s)", k, strings.Join(allowed, ", "))
+		}
+	}
+	for _, req := range []string{argVM, argDestURL, argDestPassword} {
+		if strings.TrimSpace(args[req]) == "" {
+			return nil, o, invalidArg("%s is required", req)
+		}
+	}
+	cli := []string{"--from", sourcePlaceholder}
+	keys := make([]string, 0, len(args))
+	for k := range args {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		v := args[k]
+		if fl, ok := migrateArgFlags[k]; ok {
+			cli = append(cli, "--"+fl+"="+v)
+		}
+	}
+	for _, m := range splitList(args[argNetworkMap]) {
+		cli = append(cli, "--network-map="+m)
+	}
+	for _, tp := range splitList(args[argDestThumbprint]) {
+		cli = append(cli, "--thumbprint="+tp)
+	}
+	for _, b := range []struct{ arg, flag string }{{argDestInsecure, "insecure"}, {argSkipAssert, "skip-assert"}} {
+		on, err := parseBool(b.arg, args[b.arg])
+		if err != nil {
+			return nil, o, err
+		}
+		if on {
+			cli = append(cli, "--"+b.flag)
+		}
+	}
+	f, o, err := parseMigrateFlags(cli, io.Discard)
+	if err != nil {
+		msg := strings.NewReplacer("--from and --to are the same pool", "dest_url is this pool", "--to", argDestURL).Replace(err.Error())
+		return nil, o, perr(hostplugin.CodeInvalidArgument, fmt.Errorf("%w: %s", hostplugin.ErrInvalidArgument, msg))
+	}
+	return f, o, nil
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// connectDest logs in to the destination pool.
+func connectDest(ctx context.Context, f *migrateFlags, password string, p *pluginCall) (*xapi.Client, error) {
+	c, err := connect(ctx, f.to, f.toUser, password, f.tls, p.log)
+	if err != nil {
+		if errors.Is(err, errUsage) {
+			return nil, perr(hostplugin.CodeInvalidArgument, err)
+		}
+		if xapi.IsCode(err, "SESSION_AUTHENTICATION_FAILED") {
+			return nil, perr(hostplugin.CodeInvalidArgument, fmt.Errorf("destination pool: %w", err))
+		}
+		return nil, perr(hostplugin.CodeUnavailable, fmt.Errorf("destination pool: %w", err))
+	}
+	return c, nil
+}
+
+// checkBackends refuses backends named in the arguments that are not
+// installed on this host.
+func (p *pluginCall) checkBackends(o engine.Overrides) error {
+	inst, err := installedBackends(p.cfg.PluginDir)
+	if err != nil {
+		return err
+	}
+	var st, nw string
+	if o.Storage != nil {
+		st = *o.Storage
+	}
+	if o.Network != nil {
+		nw = *o.Network
+	}
+	return checkBackendNames(inst, o.Storage != nil, st, o.Network != nil, nw)
+}
+
+// migrationRecord is <state>/plugin/<id>.json: what status and cancel
+// need to find a migration started on this host (no secrets).
+type migrationRecord struct {
+	MigrationID string    `json:"migration_id"`
+	Task        string    `json:"task"`
+	VMUUID      string    `json:"vm_uuid"`
+	DestURL     string    `json:"dest_url"`
+	PID         int       `json:"pid"`
+	Log         string    `json:"log"`
+	Started     time.Time `json:"started"`
+}
+
+func recordDir(cfg hostplugin.Config) string     { return filepath.Join(cfg.StateDir, "plugin") }
+func checkpointDir(cfg hostplugin.Config) string { return filepath.Join(cfg.StateDir, "migrations") }
+
+func saveRecord(cfg hostplugin.Config, r migrationRecord) error {
+	if err := os.MkdirAll(recordDir(cfg), 0o700); err != nil {
+		return err
+	}
+	b, _ := json.MarshalIndent(r, "", "  ")
+	return os.WriteFile(filepath.Join(recordDir(cfg), r.MigrationID+".json"), append(b, '\n'), 0o600)
+}
+
+func loadRecord(cfg hostplugin.Config, id string) (migrationRecord, error) {
+	var r migrationRecord
+	b, err := os.ReadFile(filepath.Join(recordDir(cfg), id+".json"))
+	if err != nil {
+		return r, err
+	}
+	err = json.Unmarshal(b, &r)
+	return r, err
+}
+
+// findRecord returns the record of task (ok false when this host has none).
+func findRecord(cfg hostplugin.Config, task string) (migrationRecord, bool) {
+	ents, _ := os.ReadDir(recordDir(cfg))
+	for _, e := range ents {
+		id, ok := strings.CutSuffix(e.Name(), ".json")
+		if !ok {
+			continue
+		}
+		if r, err := loadRecord(cfg, id); err == nil && r.Task == task {
+			return r, true
+		}
+	}
+	return migrationRecord{}, false
+}
+
+// pluginJob is what the detached controller reads on its stdin. It holds
+// the caller's session and the destination password, so it never touches
+// the disk.
+type pluginJob struct {
+	ID           string            `json:"id"`
+	Task         string            `json:"task"`
+	VMUUID       string            `json:"vm_uuid"`
+	Args         map[string]string `json:"args"` // without dest_password
+	DestPassword string            `json:"dest_password"`
+	Session      string            `json:"session"`
+	Env          hostplugin.Env    `json:"env"`
+	Config       hostplugin.Config `json:"config"`
+}
+
+func (p *pluginCall) migrate(ctx context.Context) (string, error) {
+	f, o, err := migrateArgs(p.call.Args)
+	if err != nil {
+		return "", err
+	}
+	if err := p.checkBackends(o); err != nil {
+		return "", err
+	}
+	src, closeSrc, err := p.pool()
+	if err != nil {
+		return "", err
+	}
+	defer closeSrc()
+	vm, err := xapiadapt.NewPool(src, p.log).FindVM(ctx, f.vm)
+	if err != nil {
+		return "", fmt.Errorf("vm: %w", err)
+	}
+	dst, err := connectDest(ctx, f, p.call.Args[argDestPassword], p)
+	if err != nil {
+		return "", err
+	}
+	_ = dst.Close(context.WithoutCancel(ctx))
+
+	id := f.id
+	if id == "" {
+		id = engine.NewMigrationID()
+	}
+	if _, err := loadRecord(p.cfg, id); err == nil {
+		return "", invalidArg("id %q: a migration with this id was already started on this host", id)
+	}
+	task, err := src.TaskCreate(ctx, engine.TaskLabel, "wanmotion WAN migration "+id)
+	if err != nil {
+		return "", fmt.Errorf("task.create: %w", err)
+	}
+	if err := src.TaskRemoveFromOtherConfig(ctx, task, "applies_to"); err == nil {
+		err = src.TaskAddToOtherConfig(ctx, task, "applies_to", vm.Ref)
+		if err != nil {
+			p.log.Warn("cannot set applies_to on the task", "error", err)
+		}
+	}
+	job := pluginJob{ID: id, Task: string(task), VMUUID: vm.UUID, Args: map[string]string{}, DestPassword: p.call.Args[argDestPassword],
+		Session: p.call.Session, Env: p.env, Config: p.cfg}
+	for k, v := range p.call.Args {
+		if k != argDestPassword {
+			job.Args[k] = v
+		}
+	}
+	rec, err := p.startWorker(job)
+	if err != nil {
+		failTask(context.WithoutCancel(ctx), src, string(task), err)
+		return "", err
+	}
+	p.log.Info("migration started", "migration_id", id, "task", string(task), "vm_uuid", vm.UUID, "pid", rec.PID)
+	return string(task), nil
+}
+
+// workerMarker is argv[1] of the detached controller (see hostPluginEntry).
+const workerMarker = "__wanmotion-plugin-controller"
+
+// startWorker starts the detached controller (own session, stdin the job,
+// stdout and stderr its log) and returns at once.
+func (p *pluginCall) startWorker(job pluginJob) (migrationRecord, error) {
+	rec := migrationRecord{MigrationID: job.ID, Task: job.Task, VMUUID: job.VMUUID, DestURL: job.Args[argDestURL], Started: time.Now().UTC()}
+	dir := recordDir(p.cfg)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return rec, perr(hostplugin.CodeInternal, fmt.Errorf("state dir: %w", err))
+	}
+	rec.Log = filepath.Join(dir, job.ID+".log")
+	logf, err := os.OpenFile(rec.Log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return rec, perr(hostplugin.CodeInternal, err)
+	}
+	defer logf.Close()
+	body, err := json.Marshal(job)
+	if err != nil {
+		return rec, perr(hostplugin.CodeInternal, err)
+	}
+	cmd := exec.Command(p.binary, workerMarker, job.ID)
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
+	cmd.Dir = "/"
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		return rec, perr(hostplugin.CodeInternal, err)
+	}
+	if err := cmd.Start(); err != nil {
+		return rec, perr(hostplugin.CodeInternal, fmt.Errorf("start the controller: %w", err))
+	}
+	rec.PID = cmd.Process.Pid
+	_, werr := in.Write(body)
+	cerr := in.Close()
+	_ = cmd.Process.Release()
+	if werr != nil || cerr != nil {
+		return rec, perr(hostplugin.CodeInternal, fmt.Errorf("hand the job to the controller: %w", errors.Join(werr, cerr)))
+	}
+	if err := saveRecord(p.cfg, rec); err != nil {
+		return rec, perr(hostplugin.CodeInternal, err)
+	}
+	return rec, nil
+}
+
+// failTask ends a task that no engine will finish.
+func failTask(ctx context.Context, c *xapi.Client, task string, cause error) {
+	ref := xapi.TaskRef(task)
+	rec, err := c.TaskGetRecord(ctx, ref)
+	if err != nil || rec.Status != xapi.TaskStatusPending {
+		return
+	}
+	if rec.CancelRequested() || errors.Is(cause, engine.ErrCancelled) {
+		_ = c.TaskSetErrorInfo(ctx, ref, []string{"TASK_CANCELLED", task})
+		_ = c.TaskSetStatus(ctx, ref, xapi.TaskStatusCancelled)
+		return
+	}
+	code, params := errorDescription(cause)
+	_ = c.TaskSetErrorInfo(ctx, ref, append([]string{code}, params...))
+	_ = c.TaskSetStatus(ctx, ref, xapi.TaskStatusFailure)
+}
+
+func (p *pluginCall) plan(ctx context.Context) (string, error) {
+	f, o, err := migrateArgs(p.call.Args)
+	if err != nil {
+		return "", err
+	}
+	if err := p.checkBackends(o); err != nil {
+		return "", err
+	}
+	src, closeSrc, err := p.pool()
+	if err != nil {
+		return "", err
+	}
+	defer closeSrc()
+	dst, err := connectDest(ctx, f, p.call.Args[argDestPassword], p)
+	if err != nil {
+		return "", err
+	}
+	defer func() { _ = dst.Close(context.WithoutCancel(ctx)) }()
+	m := &migration{f: f, overrides: o, stdout: io.Discard, stderr: io.Discard}
+	req, err := m.request(ctx, xapiadapt.NewPool(src, p.log), xapiadapt.NewPool(dst, p.log))
+	if err != nil {
+		return "", err
+	}
+	eng, cleanup, err := buildEngine(ctx, engineOpts{Source: src, Dest: dst, Store: engine.NewMemStore(), PluginDir: p.cfg.PluginDir,
+		Logger: p.log, DryRun: true})
+	if err != nil {
+		return "", err
+	}
+	defer cleanup()
+	plan, err := eng.Plan(ctx, req)
+	if err != nil {
+		return "", err
+	}
+	return jsonString(planJSON(plan))
+}
+
+// pluginStatus is status's and cancel's result.
+type pluginStatus struct {
+	MigrationID       string   `json:"migration_id,omitempty"`
+	Task              string   `json:"task"`
+	Label             string   `json:"label"`
+	Status            string   `json:"status"`
+	Progress          float64  `json:"progress"`
+	ErrorInfo         []string `json:"error_info"`
+	Result            string   `json:"result"`
+	CancelRequested   bool     `json:"cancel_requested"`
+	VMUUID            string   `json:"vm_uuid,omitempty"`
+	DestURL           string   `json:"dest_url,omitempty"`
+	Phase             string   `json:"phase,omitempty"`
+	ControllerRunning bool     `json:"controller_running"`
+	Log               string   `json:"log,omitempty"`
+}
+
+// target resolves the task / id arguments of status and cancel.
+func (p *pluginCall) target() (string, migrationRecord, bool, error) {
+	if err := p.checkArgs(argTask, argID); err != nil {
+		return "", migrationRecord{}, false, err
+	}
+	task, id := strings.TrimSpace(p.call.Args[argTask]), strings.TrimSpace(p.call.Args[argID])
+	switch {
+	case task == "" && id == "":
+		return "", migrationRecord{}, false, invalidArg("give task (a task ref) or id (a migration id)")
+	case task != "" && id != "":
+		return "", migrationRecord{}, false, invalidArg("give task or id, not both")
+	case id != "":
+		if !engine.ValidMigrationID(id) {
+			return "", migrationRecord{}, false, invalidArg("id %q: not a migration id", id)
+		}
+		r, err := loadRecord(p.cfg, id)
+		if err != nil {
+			return "", r, false, perr(hostplugin.CodeNotFound, fmt.Errorf("no migration %q was started on this host", id))
+		}
+		return r.Task, r, true, nil
+	}
+	if !strings.HasPrefix(task, "OpaqueRef:") {
+		return "", migrationRecord{}, false, invalidArg("task %q: not a task ref", task)
+	}
+	r, ok := findRecord(p.cfg, task)
+	return task, r, ok, nil
+}
+
+func (p *pluginCall) taskStatus(ctx context.Context, c *xapi.Client, task string, r migrationRecord, ok bool) (pluginStatus, error) {
+	rec, err := c.TaskGetRecord(ctx, xapi.TaskRef(task))
+	if xapi.IsCode(err, xapi.CodeHandleInvalid) {
+		return pluginStatus{}, perr(hostplugin.CodeNotFound, fmt.Errorf("task %s: %w", task, err))
+	}
+	if err != nil {
+		return pluginStatus{}, err
+	}
+	s := pluginStatus{Task: task, Label: rec.NameLabel, Status: string(rec.Status), Progress: rec.Progress,
+		ErrorInfo: append([]string{}, rec.ErrorInfo...), Result: rec.Result, CancelRequested: rec.CancelRequested()}
+	if id, found := strings.CutPrefix(rec.NameDescription, "wanmotion WAN migration "); found {
+		s.MigrationID = id
+	}
+	if ok {
+		s.MigrationID, s.VMUUID, s.DestURL, s.Log = r.MigrationID, r.VMUUID, r.DestURL, r.Log
+		s.ControllerRunning = processRunning(r.PID, r.MigrationID)
+	}
+	if s.MigrationID != "" && engine.ValidMigrationID(s.MigrationID) {
+		if st, err := engine.NewFileStore(checkpointDir(p.cfg)); err == nil {
+			if cp, err := st.Load(ctx, s.MigrationID); err == nil {
+				s.Phase = cp.Phase.String()
+			}
+		}
+	}
+	return s, nil
+}
+
+// processRunning reports whether pid is the controller of id.
+func processRunning(pid int, id string) bool {
+	if pid <= 0 {
+		return false
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil || !strings.Contains(string(b), workerMarker) || !strings.Contains(string(b), id) {
+		return false
+	}
+	st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	if i := strings.LastIndexByte(string(st), ')'); i >= 0 && i+2 < len(st) {
+		return st[i+2] != 'Z'
+	}
+	return true
+}
+
+func (p *pluginCall) status(ctx context.Context) (string, error) {
+	task, r, ok, err := p.target()
+	if err != nil {
+		return "", err
+	}
+	c, closeFn, err := p.pool()
+	if err != nil {
+		return "", err
+	}
+	defer closeFn()
+	s, err := p.taskStatus(ctx, c, task, r, ok)
+	if err != nil {
+		return "", err
+	}
+	return jsonString(s)
+}
+
+// cancel calls task.cancel on a pending migration task (the engine sees it
+// in current_operations and rolls back if before handoff). A finished task
+// is reported as it is, with cancel_requested false.
+func (p *pluginCall) cancel(ctx context.Context) (string, error) {
+	task, r, ok, err := p.target()
+	if err != nil {
+		return "", err
+	}
+	c, closeFn, err := p.pool()
+	if err != nil {
+		return "", err
+	}
+	defer closeFn()
+	s, err := p.taskStatus(ctx, c, task, r, ok)
+	if err != nil {
+		return "", err
+	}
+	if s.Status == string(xapi.TaskStatusPending) && !s.CancelRequested {
+		if err := c.TaskCancel(ctx, xapi.TaskRef(task)); err != nil && !xapi.IsCode(err, "OPERATION_NOT_ALLOWED") {
+			return "", fmt.Errorf("task.cancel: %w", err)
+		}
+		if s, err = p.taskStatus(ctx, c, task, r, ok); err != nil {
+			return "", err
+		}
+		p.log.Info("cancel requested", "task", task, "migration_id", s.MigrationID)
+	}
+	return jsonString(s)
+}

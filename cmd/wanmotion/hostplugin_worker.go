@@ -1,0 +1,116 @@
+package main
+
+// The detached controller the plugin's migrate starts: it reads its job on
+// stdin, adopts the plugin's xapi task (engine Request.TaskRef) and runs
+// the migration with the engine; the task carries its progress and outcome
+// (XenCenter shows it). When anything fails before the engine can finish
+// the task itself, the task is failed here with error_info [code, message].
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/wanmotion/wanmotion/engine"
+	"github.com/wanmotion/wanmotion/engine/xapiadapt"
+	"github.com/wanmotion/wanmotion/xapi"
+)
+
+// runPluginWorker is the controller's main; its stderr is the log file.
+func runPluginWorker(ctx context.Context, id string, stdin io.Reader, stderr io.Writer) int {
+	var job pluginJob
+	if err := json.NewDecoder(io.LimitReader(stdin, 1<<20)).Decode(&job); err != nil || job.ID != id || job.Task == "" {
+		fmt.Fprintf(stderr, "wanmotion controller %s: no valid job on stdin: %v\n", id, err)
+		return 1
+	}
+	log := hclog.New(&hclog.LoggerOptions{Name: "wanmotion-controller", Level: hclog.LevelFromString(job.Config.LogLevel),
+		Output: stderr}).With("migration_id", job.ID)
+	log.Info("controller started", "task", job.Task, "vm_uuid", job.VMUUID)
+	src, release, err := workerSource(ctx, job, log)
+	if err != nil {
+		log.Error("cannot reach this pool; the task stays pending", "error", err)
+		return 1
+	}
+	defer release()
+	err = runJob(ctx, job, src, stderr, log)
+	failTask(context.WithoutCancel(ctx), src, job.Task, err)
+	if err != nil {
+		log.Error("migration failed", "error", err)
+		return 1
+	}
+	log.Info("migration done")
+	return 0
+}
+
+// workerSource is the controller's client of its own pool: a session of
+// its own (local superuser over the socket) on a real host, else the
+// caller's session, borrowed (the caller must keep it open while the
+// migration runs).
+func workerSource(ctx context.Context, job pluginJob, log hclog.Logger) (*xapi.Client, func(), error) {
+	if c, err := job.Env.LocalLogin(ctx, log); err == nil {
+		return c, func() { _ = c.Close(context.WithoutCancel(ctx)) }, nil
+	} else if !job.Env.Sim {
+		log.Warn("no local session; using the caller's session", "error", err)
+	}
+	c, err := job.Env.Client(job.Session, log)
+	if err != nil {
+		return nil, nil, err
+	}
+	return c, func() { c.Forget(); _ = c.Close(context.WithoutCancel(ctx)) }, nil
+}
+
+func runJob(ctx context.Context, job pluginJob, src *xapi.Client, stderr io.Writer, log hclog.Logger) error {
+	if rec, err := src.TaskGetRecord(ctx, xapi.TaskRef(job.Task)); err == nil && rec.CancelRequested() {
+		return fmt.Errorf("%w before it started", engine.ErrCancelled)
+	}
+	args := map[string]string{argDestPassword: job.DestPassword}
+	for k, v := range job.Args {
+		args[k] = v
+	}
+	f, o, err := migrateArgs(args)
+	if err != nil {
+		return err
+	}
+	f.id = job.ID
+	pc := &pluginCall{env: job.Env, cfg: job.Config, log: log}
+	dst, err := connectDest(ctx, f, job.DestPassword, pc)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = dst.Close(context.WithoutCancel(ctx)) }()
+	m := &migration{f: f, overrides: o, stdout: io.Discard, stderr: stderr}
+	req, err := m.request(ctx, xapiadapt.NewPool(src, log), xapiadapt.NewPool(dst, log))
+	if err != nil {
+		return err
+	}
+	req.MigrationID, req.TaskRef = job.ID, job.Task
+	dir := checkpointDir(job.Config)
+	store, err := engine.NewFileStore(dir)
+	if err != nil {
+		return err
+	}
+	from := job.Env.PoolURL
+	if from == "" {
+		from = "unix://" + job.Env.Socket
+	}
+	if err := saveConnInfo(dir, job.ID, connInfo{From: from, To: f.to, ToUser: f.toUser, Insecure: f.tls.insecure,
+		CAFile: f.tls.caFile, Thumbprints: f.tls.thumbprints, PluginDir: job.Config.PluginDir}); err != nil {
+		log.Warn("cannot save the connection details", "error", err)
+	}
+	eng, cleanup, err := buildEngine(ctx, engineOpts{Source: src, Dest: dst, Store: store, PluginDir: job.Config.PluginDir,
+		Logger: log, Simulator: isSimulator(ctx, dst)})
+	if err != nil {
+		return fmt.Errorf("build the engine: %w", err)
+	}
+	defer cleanup()
+	rep, err := runWithSignals(ctx, eng, job.ID, stderr, func(rctx context.Context) (engine.Report, error) {
+		return eng.Run(rctx, req)
+	})
+	if rep.MigrationID != "" {
+		_ = writeReport(stderr, rep)
+	}
+	return err
+}

@@ -1,0 +1,122 @@
+package hostplugin
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/wanmotion/wanmotion/plugins/host"
+)
+
+// Defaults of the host configuration.
+const (
+	DefaultConfigPath = "/etc/wanmotion/wanmotion.conf"
+	DefaultStateDir   = "/var/lib/wanmotion"
+	ConfigFileName    = "wanmotion.conf"
+)
+
+// ErrConfig is wrapped by configuration file errors.
+var ErrConfig = errors.New("wanmotion.conf")
+
+// Config is the host configuration (wanmotion.conf): `key = value` lines,
+// '#' comments. Unknown keys are errors (a typo must not be ignored).
+type Config struct {
+	// Path is the file read ("" when none was found: all defaults).
+	Path string
+	// StateDir holds migrations started through the plugin (checkpoints,
+	// controller logs) and the agents it starts (state_dir).
+	StateDir string
+	// PluginDir is the backend install directory (plugin_dir).
+	PluginDir string
+	// LogLevel of the detached controller and agents (log_level).
+	LogLevel string
+	// AgentListen is the control listen address of agents started through
+	// agent-start when the caller names none (agent_listen).
+	AgentListen string
+}
+
+// ConfigCandidates are the files tried, in order: <etc>/wanmotion/
+// wanmotion.conf (etc of the plugin or hook; /etc on a host), then
+// wanmotion.conf next to the binary.
+func ConfigCandidates(etcDir, binary string) []string {
+	var out []string
+	if etcDir != "" {
+		out = append(out, filepath.Join(etcDir, "wanmotion", ConfigFileName))
+	}
+	if binary != "" {
+		out = append(out, filepath.Join(filepath.Dir(binary), ConfigFileName))
+	}
+	return out
+}
+
+// LoadConfig reads the first existing candidate; none is all defaults.
+func LoadConfig(candidates []string) (Config, error) {
+	for _, p := range candidates {
+		c, err := ReadConfig(p)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		return c, err
+	}
+	return withDefaults(Config{}), nil
+}
+
+func withDefaults(c Config) Config {
+	if c.StateDir == "" {
+		c.StateDir = DefaultStateDir
+	}
+	if c.PluginDir == "" {
+		c.PluginDir = host.InstallDir("")
+	}
+	if c.LogLevel == "" {
+		c.LogLevel = "info"
+	}
+	if c.AgentListen == "" {
+		c.AgentListen = "0.0.0.0:0"
+	}
+	return c
+}
+
+// ReadConfig reads one configuration file.
+func ReadConfig(path string) (Config, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return Config{}, err
+	}
+	defer f.Close()
+	c := Config{Path: path}
+	sc := bufio.NewScanner(f)
+	for n := 1; sc.Scan(); n++ {
+		line := strings.TrimSpace(sc.Text())
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		k, v, ok := strings.Cut(line, "=")
+		if !ok {
+			return c, fmt.Errorf("%w: %s line %d: want key = value", ErrConfig, path, n)
+		}
+		k, v = strings.TrimSpace(k), strings.TrimSpace(v)
+		switch k {
+		case "state_dir":
+			c.StateDir = v
+		case "plugin_dir":
+			c.PluginDir = v
+		case "log_level":
+			c.LogLevel = v
+		case "agent_listen":
+			c.AgentListen = v
+		default:
+			return c, fmt.Errorf("%w: %s line %d: unknown key %q", ErrConfig, path, n, k)
+		}
+		if (k == "state_dir" || k == "plugin_dir") && v != "" && !filepath.IsAbs(v) {
+			return c, fmt.Errorf("%w: %s line %d: %s must be an absolute path", ErrConfig, path, n, k)
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return c, fmt.Errorf("%w: %s: %v", ErrConfig, path, err)
+	}
+	return withDefaults(c), nil
+}
