@@ -151,6 +151,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 		}
 		reasonMu.Unlock()
 	}
+	a.touch() // the idle clock starts now
 	a.wg.Add(2)
 	go func() {
 		defer a.wg.Done()
@@ -182,6 +183,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 	<-a.ctx.Done()
 	a.wg.Wait()
 	a.cleanup()
+	a.log.Info("agent stopped")
 	close(a.done)
 	reasonMu.Lock()
 	defer reasonMu.Unlock()
@@ -209,7 +211,6 @@ func (a *Agent) cleanup() {
 	a.gw.stop()
 	a.storage.close()
 	a.network.close()
-	a.log.Info("agent stopped")
 }
 
 func (a *Agent) acceptLoop() {
@@ -230,6 +231,7 @@ func (a *Agent) acceptLoop() {
 		}
 		a.conns[c] = struct{}{}
 		a.connMu.Unlock()
+		a.touch() // a connecting controller counts as activity
 		a.wg.Add(1)
 		go func() {
 			defer a.wg.Done()

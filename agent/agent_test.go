@@ -122,6 +122,42 @@ func TestMutualTLS(t *testing.T) {
 	})
 }
 
+func TestControllerCA(t *testing.T) {
+	// With controller-ca.pem the agent trusts the controller certificates of
+	// that CA only.
+	b, err := NewBundle("mig-1")
+	require.NoError(t, err)
+	ctl, err := NewBundle("controllers")
+	require.NoError(t, err)
+	m := b.Destination
+	m.ControllerCACert = ctl.CACert
+	dir := filepath.Join(t.TempDir(), "tls")
+	require.NoError(t, m.WriteDir(dir))
+	m, err = ReadDir(dir)
+	require.NoError(t, err)
+	require.Equal(t, ctl.CACert, m.ControllerCACert)
+	a, err := New(context.Background(), Config{MigrationID: "mig-1", Role: contract.RoleDestination, TLS: m, Logger: testutil.Logger(t)})
+	require.NoError(t, err)
+	errc := make(chan error, 1)
+	go func() { errc <- a.Serve(context.Background()) }()
+	defer func() { _ = a.Stop(context.Background()); <-errc }()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	// The controller identity comes from the other CA; the agent is still
+	// verified against the migration's CA.
+	own, err := b.Controller.ClientTLS(contract.RoleDestination)
+	require.NoError(t, err)
+	other := own.Clone()
+	pair, err := tls.X509KeyPair(ctl.Controller.Cert, ctl.Controller.Key)
+	require.NoError(t, err)
+	other.Certificates = []tls.Certificate{pair}
+	_, err = hello(ctx, dial(t, a.Addr(), other), contract.RoleDestination)
+	require.NoError(t, err)
+	_, err = hello(ctx, dial(t, a.Addr(), own), contract.RoleDestination)
+	require.ErrorIs(t, err, ErrAgentUnreachable, "a controller certificate of the migration CA is no longer enough")
+}
+
 func TestIdleTimeoutStopsAgent(t *testing.T) {
 	b, err := NewBundle("mig-1")
 	require.NoError(t, err)

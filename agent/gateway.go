@@ -170,7 +170,10 @@ func (g *gateway) dial(ctx context.Context, req GatewayDialRequest) (GatewayDial
 		return GatewayDialResponse{}, err
 	}
 	g.mu.Lock()
-	if g.cur != nil && g.cur.Err() == nil && g.dialAddr == req.Addr {
+	// Keep a live session to the same address; one without any connected
+	// stream (e.g. the destination agent restarted and the loss is not
+	// noticed yet) is replaced.
+	if g.cur != nil && g.cur.Err() == nil && g.dialAddr == req.Addr && g.cur.Stats().Connected > 0 {
 		id := g.cur.ID()
 		g.mu.Unlock()
 		return GatewayDialResponse{SessionID: id, Existing: true}, nil

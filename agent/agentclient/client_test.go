@@ -357,7 +357,7 @@ func TestHeartbeatsThenIdleStop(t *testing.T) {
 	l := newInProc(t)
 	fx := newFixture(t, 1<<20)
 	stateDir := t.TempDir()
-	cfg := Config{Launcher: l, StateDir: stateDir, StorageConfig: fx.config(t), IdleTimeout: 400 * time.Millisecond, Logger: testutil.Logger(t)}
+	cfg := Config{Launcher: l, StateDir: stateDir, StorageConfig: fx.config(t), IdleTimeout: 600 * time.Millisecond, Logger: testutil.Logger(t)}
 	c, err := New(cfg)
 	require.NoError(t, err)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -366,7 +366,7 @@ func TestHeartbeatsThenIdleStop(t *testing.T) {
 	require.NoError(t, c.Start(ctx, spec))
 
 	// The client's heartbeats keep the agents alive well past their idle timeout.
-	time.Sleep(1500 * time.Millisecond)
+	time.Sleep(2 * time.Second)
 	require.NoError(t, c.Start(ctx, spec))
 	assert.Equal(t, 2, l.count(), "agents were still alive: re-attached, not relaunched")
 
