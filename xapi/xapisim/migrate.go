@@ -297,6 +297,10 @@ func newRemote(client *http.Client, raw, session string) (*remote, error) {
 	return &remote{client: client, base: u, session: session}, nil
 }
 
+// errNoAnswer marks a request whose outcome is unknown (connection lost
+// before the answer), as opposed to one the destination refused.
+var errNoAnswer = errors.New("no answer from the destination")
+
 // do sends one request; out (if not nil) receives the JSON answer.
 func (r *remote) do(ctx context.Context, method, op string, q url.Values, body []byte, out any) error {
 	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
@@ -359,12 +363,12 @@ func (r *remote) send(ctx context.Context, method, op string, q url.Values, body
 	r.sent.Add(length)
 	resp, err := r.client.Do(req)
 	if err != nil {
-		return fmt.Errorf("%s %s: %w", method, op, err)
+		return fmt.Errorf("%s %s: %w: %w", method, op, errNoAnswer, err)
 	}
 	defer func() { _ = resp.Body.Close() }()
 	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 	if err != nil {
-		return fmt.Errorf("%s %s: %w", method, op, err)
+		return fmt.Errorf("%s %s: %w: %w", method, op, errNoAnswer, err)
 	}
 	if resp.StatusCode/100 != 2 {
 		var f struct {
@@ -778,8 +782,18 @@ func (pl *migPlan) run(rec *MigrationRecord) (string, error) {
 	var fin struct {
 		HookError string `json:"hook_error"`
 	}
-	if err := pl.xo.json(ctx, "finish", url.Values{"vm": {destVM}}, map[string]any{"state": final, "host": pl.destHost}, &fin); err != nil {
-		return "", rollback(err)
+	err := pl.xo.json(ctx, "finish", url.Values{"vm": {destVM}}, map[string]any{"state": final, "host": pl.destHost}, &fin)
+	if err == nil && e.takeFault("finish_answer") {
+		err = fmt.Errorf("finish: %w: injected fault: answer lost", errNoAnswer)
+	}
+	if err != nil {
+		// Without an answer the destination may already run the VM: ask
+		// (the guest stays paused meanwhile) before resuming here, so the
+		// VM never runs in two places.
+		if !errors.Is(err, errNoAnswer) || !pl.destStarted(ctx, destVM, final) {
+			return "", rollback(err)
+		}
+		s.log.Warn("finish answer lost but the destination runs the VM; going on", "vm", pl.vmUUID, "error", err)
 	}
 	// The VM runs at the destination: from here on, forward only.
 	if !pl.copy && pl.state != Halted {
@@ -826,6 +840,27 @@ func decodeHookError(s string) error {
 		return &f
 	}
 	return Errorf(ErrInternal, s)
+}
+
+// finishResolveTime bounds how long a source whose finish request got no
+// answer keeps asking the destination whether the VM runs there.
+var finishResolveTime = 2 * time.Minute
+
+// destStarted asks the destination (retrying while it is unreachable, up
+// to finishResolveTime) whether the imported VM reached state final.
+func (pl *migPlan) destStarted(ctx context.Context, destVM, final string) bool {
+	deadline := time.Now().Add(finishResolveTime)
+	for {
+		var st struct{ State string }
+		err := pl.xo.json(context.WithoutCancel(ctx), "status", url.Values{"vm": {destVM}}, map[string]string{}, &st)
+		if err == nil {
+			return st.State == final && final != Halted
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
 }
 
 func (s *Sim) hostOf(p *Pool, ref string) *Host {

@@ -33,6 +33,7 @@ import (
 //	PUT  /services/xenops/memory?vm=REF                         pages: [u64 index][4096 bytes]...
 //	POST /services/xenops/finish?vm=REF {state, host, move}     the VM runs here; vm-post-migrate hook
 //	POST /services/xenops/verify?vm=REF {digest, other_config}  memory image check; annotations
+//	POST /services/xenops/status?vm=REF                         -> {state}: after a finish without answer
 //	POST /services/xenops/abort?vm=REF                          cleanup of a failed migration
 //
 // Every request carries session_id (a session of this pool); errors are
@@ -386,11 +387,24 @@ func (s *Sim) serveXenops(h *Host, w http.ResponseWriter, r *http.Request) {
 		}
 		p.mu.Unlock()
 		writeJSON(w, map[string]bool{"ok": ok})
+	case "status":
+		state := "absent"
+		p.mu.Lock()
+		if o, err := p.db.get("VM", vmRef); err == nil {
+			state = o.str("power_state")
+		}
+		p.mu.Unlock()
+		writeJSON(w, map[string]string{"state": state})
 	case "abort":
 		_ = os.Remove(s.memPath(vmRef))
 		if r.URL.Query().Get("keep") != "true" {
 			p.mu.Lock()
-			if o, err := p.db.get("VM", vmRef); err == nil && o.str("power_state") == Halted {
+			// Until the source confirms (verify), it owns the VM: a VM
+			// started here by a finish whose answer was lost goes too.
+			if o, err := p.db.get("VM", vmRef); err == nil {
+				if o.str("power_state") != Halted {
+					p.setPowerState(o, Halted, "")
+				}
 				p.destroyVMRecord(o)
 			}
 			p.mu.Unlock()

@@ -621,8 +621,13 @@ func TestMigrateFaultsRollBack(t *testing.T) {
 			assert.Equal(t, "failure", mr.Result)
 		})
 	}
-	// After all that, a clean migration still works.
-	ok(t, e.srcURL, "VM.migrate_send", e.srcSess, e.vm, e.dest(t), true, vdiMap, vifMap, map[string]any{})
+	// The answer to "the VM runs at the destination" is lost: the source
+	// asks, learns it does, and goes forward (the VM is in one place).
+	require.NoError(t, s.InjectFault(FaultFinishAnswer))
+	dst := ok(t, e.srcURL, "VM.migrate_send", e.srcSess, e.vm, e.dest(t), true, vdiMap, vifMap, map[string]any{}).(string)
+	assert.Equal(t, Running, ok(t, e.dstURL, "VM.get_power_state", e.dstSess, dst))
+	_, f := call(t, e.srcURL, "VM.get_record", e.srcSess, e.vm)
+	require.NotNil(t, f, "the VM left the source")
 	v, err := s.VerifyGuest(e.vmUUID)
 	require.NoError(t, err)
 	assert.True(t, v.OK)

@@ -106,13 +106,18 @@ func (e *simExt) mirrorNote(vdiUUID string, counter *int64) {
 	}
 }
 
-// FaultPoints are the places InjectFault can break a migration.
+// FaultPoints are the places InjectFault can break a migration before
+// the destination VM runs (each makes it roll back).
 var FaultPoints = []string{"sm_copy", "mirror", "memory", "before_start"}
+
+// FaultFinishAnswer loses the answer to the destination's "VM runs now"
+// (the VM did start there): the source must find out and go forward.
+const FaultFinishAnswer = "finish_answer"
 
 // InjectFault arms a one-shot failure at point (see FaultPoints): the next
 // migration that reaches it fails there as if the destination had gone.
 func (s *Sim) InjectFault(point string) error {
-	ok := false
+	ok := point == FaultFinishAnswer
 	for _, f := range FaultPoints {
 		ok = ok || f == point
 	}
