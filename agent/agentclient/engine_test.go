@@ -325,6 +325,71 @@ func (c *replicaCheck) Check(_ context.Context, req engine.IntegrityRequest) (bo
 	return bytes.Equal(want, got), nil
 }
 
+type e2e struct {
+	e     *engine.Engine
+	w     *world
+	link  *wanemu.Link
+	l     *inProcLauncher
+	check *replicaCheck
+	req   engine.Request
+}
+
+func newE2E(t *testing.T, ctx context.Context, size, linkBits int64) *e2e {
+	t.Helper()
+	xapi := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		_, _ = fmt.Fprintf(w, "xenops got %q on %s", b, r.URL.Path)
+	}))
+	t.Cleanup(xapi.Close)
+	x := &e2e{w: newWorld(t, size, xapi.Listener.Addr().String()), l: newInProc(t)}
+	listen := freeAddr(t)
+	var err error
+	x.link, err = wanemu.NewLink(ctx, wanemu.LinkConfig{Upstream: listen, RTT: 10 * time.Millisecond, Bandwidth: linkBits})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = x.link.Close() })
+	advertise := x.link.Addr()
+
+	agentState := t.TempDir()
+	fcfg := (&fixture{srcDir: x.w.dir}).config(t)
+	c, err := New(Config{Launcher: x.l, StateDir: t.TempDir(), AgentStateDir: agentState, StorageConfig: fcfg, UUIDOf: uuidOf, Logger: testutil.Logger(t)})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = c.Close() })
+	x.check = &replicaCheck{w: x.w, stateDir: agentState}
+	x.e, err = engine.New(engine.Deps{Source: srcPool{x.w}, Dest: dstPool{x.w}, Tasks: tasks{x.w}, Storage: c.Storage(), Network: c.Network(),
+		Gateway: c.Gateway(), Agents: c, Catalog: catalog{}, Store: engine.NewMemStore(), Integrity: x.check,
+		Logger: testutil.Logger(t), PollInterval: 20 * time.Millisecond})
+	require.NoError(t, err)
+	x.req = engine.Request{MigrationID: "mig-e2e", VMUUID: vmUUID,
+		Overrides: engine.Overrides{GatewayListen: &listen, GatewayAdvertise: &advertise},
+		Link:      engine.Link{BandwidthBytesPerSec: 1 << 20, RTT: 10 * time.Millisecond}}
+	return x
+}
+
+func (x *e2e) checkMoved(t *testing.T, rep engine.Report) {
+	t.Helper()
+	assert.Equal(t, engine.ResultSuccess, rep.Result)
+	assert.GreaterOrEqual(t, rep.SeedRounds, 2)
+	assert.True(t, x.check.checked)
+	assert.Equal(t, engine.IntegrityOK, rep.Integrity)
+	assert.Positive(t, rep.BytesOnWire)
+	x.w.mu.Lock()
+	assert.False(t, x.w.vmAtSource)
+	assert.Contains(t, x.w.xapiReply, `xenops got "memory pages" on /services/xenops`, "xapi's stream went through the gateway")
+	assert.True(t, x.w.replicaGone)
+	assert.NotEmpty(t, x.w.replicaCID)
+	assert.Empty(t, x.w.snapshots, "snapshots destroyed")
+	x.w.mu.Unlock()
+	x.l.mu.Lock()
+	defer x.l.mu.Unlock()
+	for name, r := range x.l.agents {
+		select {
+		case <-r.done:
+		case <-time.After(10 * time.Second):
+			t.Errorf("agent %s still runs after the migration", name)
+		}
+	}
+}
+
 // TestEngineEndToEnd runs the real engine on the fake pools with this
 // client as Agents, StorageBackend and Gateway: agents in-process, the
 // filecopy backend as real subprocesses, all data through a WAN gateway
@@ -333,57 +398,35 @@ func TestEngineEndToEnd(t *testing.T) {
 	const size = 4 << 20
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	xapi := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		b, _ := io.ReadAll(r.Body)
-		_, _ = fmt.Fprintf(w, "xenops got %q on %s", b, r.URL.Path)
-	}))
-	defer xapi.Close()
-	w := newWorld(t, size, xapi.Listener.Addr().String())
-
-	listen := freeAddr(t)
-	link, err := wanemu.NewLink(ctx, wanemu.LinkConfig{Upstream: listen, RTT: 10 * time.Millisecond, Bandwidth: 200e6})
+	x := newE2E(t, ctx, size, 200e6)
+	rep, err := x.e.Run(ctx, x.req)
 	require.NoError(t, err)
-	defer link.Close()
-	advertise := link.Addr()
+	x.checkMoved(t, rep)
+	assert.Greater(t, x.link.Counters().Upstream, int64(size/2), "the seed crossed the emulated link")
+	assert.Equal(t, 2, x.l.count())
+}
 
-	l := newInProc(t)
-	agentState := t.TempDir()
-	fcfg := (&fixture{srcDir: w.dir}).config(t)
-	c, err := New(Config{Launcher: l, StateDir: t.TempDir(), AgentStateDir: agentState, StorageConfig: fcfg, UUIDOf: uuidOf, Logger: testutil.Logger(t)})
-	require.NoError(t, err)
-	defer c.Close()
-	check := &replicaCheck{w: w, stateDir: agentState}
-	e, err := engine.New(engine.Deps{Source: srcPool{w}, Dest: dstPool{w}, Tasks: tasks{w}, Storage: c.Storage(), Network: c.Network(),
-		Gateway: c.Gateway(), Agents: c, Catalog: catalog{}, Store: engine.NewMemStore(), Integrity: check,
-		Logger: testutil.Logger(t), PollInterval: 20 * time.Millisecond})
-	require.NoError(t, err)
-
-	rep, err := e.Run(ctx, engine.Request{MigrationID: "mig-e2e", VMUUID: vmUUID,
-		Overrides: engine.Overrides{GatewayListen: &listen, GatewayAdvertise: &advertise},
-		Link:      engine.Link{BandwidthBytesPerSec: 1 << 20, RTT: 10 * time.Millisecond}})
-	require.NoError(t, err)
-	assert.Equal(t, engine.ResultSuccess, rep.Result)
-	assert.GreaterOrEqual(t, rep.SeedRounds, 2)
-	assert.True(t, check.checked)
-	assert.Equal(t, engine.IntegrityOK, rep.Integrity)
-	assert.Positive(t, rep.BytesOnWire)
-	assert.Greater(t, link.Counters().Upstream, int64(size/2), "the seed crossed the emulated link")
-
-	w.mu.Lock()
-	assert.False(t, w.vmAtSource)
-	assert.Contains(t, w.xapiReply, `xenops got "memory pages" on /services/xenops`, "xapi's stream went through the gateway")
-	assert.True(t, w.replicaGone)
-	assert.NotEmpty(t, w.replicaCID)
-	assert.Empty(t, w.snapshots, "snapshots destroyed")
-	w.mu.Unlock()
-	assert.Equal(t, 2, l.count())
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	for name, r := range l.agents {
-		select {
-		case <-r.done:
-		case <-time.After(10 * time.Second):
-			t.Errorf("agent %s still runs after the migration", name)
+// TestEngineSourceAgentLostMidSeed stops the source agent while round 0
+// runs: the engine's retry re-attaches (Agents.Start launches a new source
+// agent, the gateway is re-dialled, handles recovered) and the migration
+// completes with a correct replica.
+func TestEngineSourceAgentLostMidSeed(t *testing.T) {
+	const size = 8 << 20
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	x := newE2E(t, ctx, size, 20e6) // ~3.5 s for round 0
+	go func() {
+		// Wait until round 0's data is crossing, then take the source agent away.
+		for ctx.Err() == nil {
+			if x.link.Counters().Upstream > size/8 {
+				_ = x.l.Stop(ctx, AgentLaunchSpec{MigrationID: "mig-e2e", Role: "source"})
+				return
+			}
+			time.Sleep(10 * time.Millisecond)
 		}
-	}
+	}()
+	rep, err := x.e.Run(ctx, x.req)
+	require.NoError(t, err)
+	x.checkMoved(t, rep)
+	assert.Equal(t, 3, x.l.count(), "one new source agent was launched")
 }
