@@ -96,7 +96,9 @@ func poolConfig() map[string]string {
 	return map[string]string{"wanmotion:storage": "filecopy", "wanmotion:network": "none", "wanmotion:config": `{"streams": 2}`}
 }
 
-func (s srcPool) PoolOtherConfig(context.Context) (map[string]string, error) { return poolConfig(), nil }
+func (s srcPool) PoolOtherConfig(context.Context) (map[string]string, error) {
+	return poolConfig(), nil
+}
 
 func (s srcPool) EnableCBT(context.Context, string) error {
 	s.w.mu.Lock()
@@ -212,10 +214,14 @@ func (d dstPool) VMByUUID(_ context.Context, uuid string) (engine.VMRecord, erro
 	return engine.VMRecord{Ref: "OpaqueRef:dstvm", UUID: vmUUID, PowerState: "Running", ResidentOn: "OpaqueRef:h2"}, nil
 }
 
-func (d dstPool) PoolOtherConfig(context.Context) (map[string]string, error) { return poolConfig(), nil }
-func (d dstPool) PoolMaster(context.Context) (string, error)                  { return "OpaqueRef:h2", nil }
-func (d dstPool) DefaultSR(context.Context) (string, error)                   { return "OpaqueRef:dsr", nil }
-func (d dstPool) ManagementNetwork(context.Context, string) (string, error)   { return "OpaqueRef:mnet", nil }
+func (d dstPool) PoolOtherConfig(context.Context) (map[string]string, error) {
+	return poolConfig(), nil
+}
+func (d dstPool) PoolMaster(context.Context) (string, error) { return "OpaqueRef:h2", nil }
+func (d dstPool) DefaultSR(context.Context) (string, error)  { return "OpaqueRef:dsr", nil }
+func (d dstPool) ManagementNetwork(context.Context, string) (string, error) {
+	return "OpaqueRef:mnet", nil
+}
 
 func (d dstPool) CreateVDI(context.Context, engine.VDISpec) (string, string, error) {
 	return "OpaqueRef:replica", "replica-1", nil
