@@ -265,9 +265,11 @@ func (p *peer) do(ctx context.Context, fn func(ctx context.Context, pool *nbd.Po
 	}
 }
 
-// flush asks the receiver to make every acknowledged write durable.
+// flush asks the receiver to make every acknowledged write durable. The
+// export is multi-conn, so one FLUSH covers the writes completed on every
+// connection (and our receiver's flush is an fsync of the whole device).
 func (p *peer) flush(ctx context.Context) error {
-	return p.do(ctx, func(ctx context.Context, pool *nbd.Pool) error { return pool.Flush(ctx) })
+	return p.do(ctx, func(ctx context.Context, pool *nbd.Pool) error { return pool.Clients()[0].Flush(ctx) })
 }
 
 // checkSize checks the replica can hold size bytes.
@@ -483,6 +485,8 @@ type copier struct {
 
 	cpMu       sync.Mutex
 	sinceFlush int64
+	flushing   bool
+	cpWG       sync.WaitGroup
 }
 
 func (c *copier) run(ctx context.Context, jobs []job, workers int) error {
@@ -512,6 +516,7 @@ feed:
 	}
 	close(ch)
 	wg.Wait()
+	c.cpWG.Wait()
 	if cause := context.Cause(ctx); cause != nil {
 		return cause
 	}
@@ -625,16 +630,24 @@ func (c *copier) maybeCheckpoint(ctx context.Context, n int64) error {
 		return nil
 	}
 	c.cpMu.Lock()
+	defer c.cpMu.Unlock()
 	c.sinceFlush += n
-	due := c.sinceFlush >= c.checkpoint
-	if due {
-		c.sinceFlush = 0
-	}
-	c.cpMu.Unlock()
-	if !due {
+	if c.sinceFlush < c.checkpoint || c.flushing {
 		return nil
 	}
-	return c.peer.flush(ctx)
+	// In the background: the copy goes on while the receiver syncs.
+	c.sinceFlush, c.flushing = 0, true
+	c.cpWG.Add(1)
+	go func() {
+		defer c.cpWG.Done()
+		if err := c.peer.flush(ctx); err != nil && ctx.Err() == nil {
+			c.log.Debug("checkpoint flush failed; the next one or the round's end covers it", "error", err)
+		}
+		c.cpMu.Lock()
+		c.flushing = false
+		c.cpMu.Unlock()
+	}()
+	return nil
 }
 
 // verify compares SHA-256 of every 64 KiB block of the snapshot with the

@@ -47,7 +47,7 @@ type simFixture struct {
 	log      hclog.Logger
 }
 
-func startSim(t *testing.T) *xapisim.Sim {
+func startSim(t testing.TB) *xapisim.Sim {
 	t.Helper()
 	s, err := xapisim.New(xapisim.Config{StateDir: t.TempDir(), Pools: 2, HostsPerPool: 1, NoDemoVM: true,
 		Logger: testutil.Logger(t).Named("sim")})
@@ -57,7 +57,7 @@ func startSim(t *testing.T) *xapisim.Sim {
 	return s
 }
 
-func newPoolSite(t *testing.T, info xapisim.PoolInfo) poolSite {
+func newPoolSite(t testing.TB, info xapisim.PoolInfo) poolSite {
 	t.Helper()
 	ctx := context.Background()
 	x, err := xapi.New(xapi.Config{URL: info.URL, Username: info.Username, Password: info.Password})
@@ -83,7 +83,7 @@ func newPoolSite(t *testing.T, info xapisim.PoolInfo) poolSite {
 	return site
 }
 
-func newSimFixture(t *testing.T) *simFixture {
+func newSimFixture(t testing.TB) *simFixture {
 	t.Helper()
 	s := startSim(t)
 	info := s.Info()
