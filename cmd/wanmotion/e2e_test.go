@@ -7,6 +7,7 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -14,13 +15,15 @@ import (
 	"github.com/wanmotion/wanmotion/xapi/xapisim"
 )
 
-// envRunAsCLI makes the test binary behave as the wanmotion binary (the
-// local agents the migrate command launches run from it).
-const envRunAsCLI = "WANMOTION_TEST_RUN_AS_CLI"
+// argRunAsCLI, as the first argument, makes the test binary behave as the
+// wanmotion binary (the local agents the migrate command launches run
+// from it). An argument, not an environment variable: the launcher passes
+// agents a filtered environment.
+const argRunAsCLI = "--wanmotion-test-run-as-cli"
 
 func TestMain(m *testing.M) {
-	if os.Getenv(envRunAsCLI) == "1" {
-		os.Exit(realMain(os.Args[1:], os.Stdout, os.Stderr))
+	if len(os.Args) > 1 && os.Args[1] == argRunAsCLI {
+		os.Exit(realMain(os.Args[2:], os.Stdout, os.Stderr))
 	}
 	// Agents launched by accident must not re-run the tests.
 	agentExec.binary = "/nonexistent/wanmotion-test-agent"
@@ -49,9 +52,11 @@ func TestMigrateEndToEnd(t *testing.T) {
 	plugins := nbdBackend(t)
 	exe, err := os.Executable()
 	require.NoError(t, err)
-	agentExec.binary = exe
-	t.Cleanup(func() { agentExec.binary = "/nonexistent/wanmotion-test-agent" })
-	t.Setenv(envRunAsCLI, "1")
+	// a loaded machine starts race binaries slowly
+	agentExec.binary, agentExec.args, agentExec.startTimeout = exe, []string{argRunAsCLI}, 2*time.Minute
+	t.Cleanup(func() {
+		agentExec.binary, agentExec.args, agentExec.startTimeout = "/nonexistent/wanmotion-test-agent", nil, 0
+	})
 
 	out, _, err := run(t, runMigrate, "--vm", "demo-vm", "--from", e.a, "--to", e.b, "--plugin-dir", plugins, "--dry-run", "--json")
 	require.NoError(t, err)
@@ -59,6 +64,16 @@ func TestMigrateEndToEnd(t *testing.T) {
 	require.NoError(t, e.sim.StartGuest(vmUUID, xapisim.GuestConfig{Rate: 1 << 20, DirtyRate: 1 << 20}))
 	t.Cleanup(func() { _ = e.sim.StopGuest(vmUUID) })
 
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		logs, _ := filepath.Glob(filepath.Join(e.stateDir, "agents-run", "*", "agent.log"))
+		for _, l := range logs {
+			b, _ := os.ReadFile(l)
+			t.Logf("%s:\n%s", l, b)
+		}
+	})
 	out, stderr, err := run(t, runMigrate, "--vm", "demo-vm", "--from", e.a, "--to", e.b, "--plugin-dir", plugins,
 		"--state-dir", e.stateDir, "--bandwidth", "400Mbit", "--json")
 	require.NoError(t, err, "stderr: %s", stderr)

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 
@@ -49,8 +50,9 @@ func (c pluginCatalog) Installed(context.Context) (engine.Installed, error) {
 // agentExec overrides the executable the local agents run (tests run
 // agents from the test binary); empty means this process's executable.
 var agentExec struct {
-	binary string
-	args   []string
+	binary       string
+	args         []string
+	startTimeout time.Duration
 }
 
 // engineOpts are what buildEngine needs.
@@ -132,7 +134,8 @@ func dataPath(_ context.Context, o engineOpts, log hclog.Logger) (dataPathDeps, 
 	if bin == "" {
 		bin, args = agentExec.binary, agentExec.args
 	}
-	launcher := &agentclient.LocalLauncher{Binary: bin, Args: args, Dir: filepath.Join(o.StateDir, "agents-run")}
+	launcher := &agentclient.LocalLauncher{Binary: bin, Args: args, Dir: filepath.Join(o.StateDir, "agents-run"),
+		StartTimeout: agentExec.startTimeout}
 	pluginDir := host.InstallDir(o.PluginDir)
 	if abs, err := filepath.Abs(pluginDir); err == nil {
 		pluginDir = abs
