@@ -332,6 +332,8 @@ func (c *replicaCheck) Check(_ context.Context, req engine.IntegrityRequest) (bo
 }
 
 type e2e struct {
+	cfg   Config
+	store engine.Store
 	e     *engine.Engine
 	w     *world
 	link  *wanemu.Link
@@ -357,18 +359,28 @@ func newE2E(t *testing.T, ctx context.Context, size, linkBits int64) *e2e {
 
 	agentState := t.TempDir()
 	fcfg := (&fixture{srcDir: x.w.dir}).config(t)
-	c, err := New(Config{Launcher: x.l, StateDir: t.TempDir(), AgentStateDir: agentState, StorageConfig: fcfg, UUIDOf: uuidOf, Logger: testutil.Logger(t)})
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = c.Close() })
+	x.cfg = Config{Launcher: x.l, StateDir: t.TempDir(), AgentStateDir: agentState, StorageConfig: fcfg, UUIDOf: uuidOf, Logger: testutil.Logger(t)}
+	x.store = engine.NewMemStore()
 	x.check = &replicaCheck{w: x.w, stateDir: agentState}
-	x.e, err = engine.New(engine.Deps{Source: srcPool{x.w}, Dest: dstPool{x.w}, Tasks: tasks{x.w}, Storage: c.Storage(), Network: c.Network(),
-		Gateway: c.Gateway(), Agents: c, Catalog: catalog{}, Store: engine.NewMemStore(), Integrity: x.check,
-		Logger: testutil.Logger(t), PollInterval: 20 * time.Millisecond})
-	require.NoError(t, err)
+	x.e = x.controller(t)
 	x.req = engine.Request{MigrationID: "mig-e2e", VMUUID: vmUUID,
 		Overrides: engine.Overrides{GatewayListen: &listen, GatewayAdvertise: &advertise},
 		Link:      engine.Link{BandwidthBytesPerSec: 1 << 20, RTT: 10 * time.Millisecond}}
 	return x
+}
+
+// controller is a fresh client and engine on the same state (what a
+// restarted controller process builds).
+func (x *e2e) controller(t *testing.T) *engine.Engine {
+	t.Helper()
+	c, err := New(x.cfg)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = c.Close() })
+	e, err := engine.New(engine.Deps{Source: srcPool{x.w}, Dest: dstPool{x.w}, Tasks: tasks{x.w}, Storage: c.Storage(), Network: c.Network(),
+		Gateway: c.Gateway(), Agents: c, Catalog: catalog{}, Store: x.store, Integrity: x.check,
+		Logger: testutil.Logger(t), PollInterval: 20 * time.Millisecond})
+	require.NoError(t, err)
+	return e
 }
 
 func (x *e2e) checkMoved(t *testing.T, rep engine.Report) {
@@ -435,4 +447,33 @@ func TestEngineSourceAgentLostMidSeed(t *testing.T) {
 	require.NoError(t, err)
 	x.checkMoved(t, rep)
 	assert.Equal(t, 3, x.l.count(), "one new source agent was launched")
+}
+
+// TestEngineControllerRestartMidSeed stops the controller while round 0
+// runs and resumes with a new client and engine on the same state: the
+// client re-attaches to the running agents (no new launch) and the
+// migration completes.
+func TestEngineControllerRestartMidSeed(t *testing.T) {
+	const size = 8 << 20
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	x := newE2E(t, ctx, size, 20e6)
+	rctx, stop := context.WithCancel(ctx)
+	go func() {
+		for rctx.Err() == nil {
+			if x.link.Counters().Upstream > size/8 {
+				stop() // the controller "crashes" mid-round
+				return
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}()
+	_, err := x.e.Run(rctx, x.req)
+	require.ErrorIs(t, err, engine.ErrInterrupted)
+	stop()
+
+	rep, err := x.controller(t).Resume(ctx, x.req.MigrationID)
+	require.NoError(t, err)
+	x.checkMoved(t, rep)
+	assert.Equal(t, 2, x.l.count(), "the resumed controller re-attached to the running agents")
 }
