@@ -128,3 +128,25 @@ func TestParseByteSize(t *testing.T) {
 	_, err := parseByteSize("-1")
 	assert.Error(t, err)
 }
+
+func TestSimCommandGuest(t *testing.T) {
+	args := []string{"--listen", "127.0.0.1:0", "--state-dir", t.TempDir(), "--disk-size", "8MiB", "--fill-size", "1MiB",
+		"--memory-size", "16MiB", "--guest-rate", "2MiB/s", "--guest-pattern", "hot-set", "--guest-dirty-rate", "1MiB/s"}
+	info, stop := startSimCmd(t, args...)
+	a := info.Pools[0]
+	sess := simValue(t, simRPC(t, a.URL, "session.login_with_password", a.Username, a.Password))
+	body := simRPC(t, a.URL, "VM.get_by_name_label", sess, "demo-vm")
+	vm := simValue(t, strings.Replace(body, "<value><array><data>", "", 1))
+	require.Eventually(t, func() bool {
+		st := simRPC(t, a.URL, "sim.guest_stats", sess, vm)
+		return strings.Contains(st, "<name>pattern</name><value>hot-set</value>") &&
+			!strings.Contains(st, "<name>writes</name><value>0</value>")
+	}, 10*time.Second, 20*time.Millisecond)
+	assert.Contains(t, simRPC(t, a.URL, "sim.guest_verify", sess, vm), "<name>ok</name><value>true</value>")
+	require.NoError(t, stop())
+
+	err := runSim(context.Background(), []string{"--state-dir", t.TempDir(), "--guest-pattern", "zigzag"}, io.Discard, io.Discard)
+	require.ErrorIs(t, err, errUsage)
+	err = runSim(context.Background(), []string{"--state-dir", t.TempDir(), "--guest-rate", "fast"}, io.Discard, io.Discard)
+	require.ErrorIs(t, err, errUsage)
+}
