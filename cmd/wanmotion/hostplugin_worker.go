@@ -100,7 +100,7 @@ func runJob(ctx context.Context, job pluginJob, src *xapi.Client, stderr io.Writ
 		CAFile: f.tls.caFile, Thumbprints: f.tls.thumbprints, PluginDir: job.Config.PluginDir}); err != nil {
 		log.Warn("cannot save the connection details", "error", err)
 	}
-	eng, cleanup, err := buildEngine(ctx, engineOpts{Source: src, Dest: dst, Store: store, PluginDir: job.Config.PluginDir,
+	eng, cleanup, err := buildEngine(ctx, engineOpts{Source: src, Dest: dst, Store: store, PluginDir: job.Config.PluginDir, StateDir: dir,
 		Logger: log, Simulator: isSimulator(ctx, dst)})
 	if err != nil {
 		return fmt.Errorf("build the engine: %w", err)

@@ -1,0 +1,385 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/wanmotion/wanmotion/engine"
+	"github.com/wanmotion/wanmotion/hostplugin"
+	"github.com/wanmotion/wanmotion/internal/testutil"
+	"github.com/wanmotion/wanmotion/xapi"
+	"github.com/wanmotion/wanmotion/xapi/xapisim"
+)
+
+// buildWanmotion builds this command into a fresh directory (the host
+// plugin, hooks and controllers run the real binary) and writes a
+// wanmotion.conf next to it.
+func buildWanmotion(t *testing.T, conf string) string {
+	t.Helper()
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "wanmotion")
+	gobin := filepath.Join(runtime.GOROOT(), "bin", "go")
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, gobin, "build", "-buildvcs=false", "-ldflags", "-X main.version=9.9.9-test", "-o", bin, ".").CombinedOutput()
+	require.NoError(t, err, "go build: %s", out)
+	if conf != "" {
+		require.NoError(t, os.WriteFile(filepath.Join(dir, hostplugin.ConfigFileName), []byte(conf), 0o644))
+	}
+	return bin
+}
+
+// pluginEnv is the simulator with the built binary installed as the
+// wanmotion host plugin on every host.
+type pluginEnv struct {
+	sim       *xapisim.Sim
+	info      xapisim.Info
+	bin       string
+	stateDir  string
+	pluginDir string
+	src       *xapi.Client
+	coord     xapi.HostRef
+}
+
+func newPluginEnv(t *testing.T) pluginEnv {
+	t.Helper()
+	e := pluginEnv{stateDir: t.TempDir(), pluginDir: fakeBackends(t, "storage-nbd", "network-l2tunnel")}
+	e.bin = buildWanmotion(t, fmt.Sprintf("state_dir = %s\nplugin_dir = %s\nlog_level = debug\nagent_listen = 127.0.0.1:0\n", e.stateDir, e.pluginDir))
+	s, err := xapisim.New(xapisim.Config{StateDir: t.TempDir(), Pools: 2, DiskSize: 16 << 20, FillSize: 4 << 20,
+		MemorySize: 8 << 20, Logger: testutil.Logger(t)})
+	require.NoError(t, err)
+	require.NoError(t, s.Start(context.Background(), "127.0.0.1:0"))
+	t.Cleanup(func() { _ = s.Close() })
+	require.NoError(t, s.InstallPlugin(hostplugin.PluginName, e.bin))
+	e.sim, e.info = s, s.Info()
+	pi := e.info.Pools[0]
+	c, err := xapi.New(xapi.Config{URL: pi.URL, Username: pi.Username, Password: pi.Password, Logger: testutil.Logger(t)})
+	require.NoError(t, err)
+	ctx := context.Background()
+	require.NoError(t, c.Login(ctx))
+	t.Cleanup(func() { _ = c.Close(context.Background()) })
+	pools, err := c.PoolGetAll(ctx)
+	require.NoError(t, err)
+	e.coord, err = c.PoolGetMaster(ctx, pools[0])
+	require.NoError(t, err)
+	e.src = c
+	t.Cleanup(func() {
+		if t.Failed() {
+			logs, _ := filepath.Glob(filepath.Join(e.stateDir, "plugin", "*.log"))
+			for _, l := range logs {
+				b, _ := os.ReadFile(l)
+				t.Logf("%s:\n%s", l, b)
+			}
+		}
+	})
+	return e
+}
+
+func (e pluginEnv) call(t *testing.T, fn string, args map[string]string) (string, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	return e.src.HostCallPlugin(ctx, e.coord, hostplugin.PluginName, fn, args)
+}
+
+func requireAPIError(t *testing.T, err error, code string) *xapi.APIError {
+	t.Helper()
+	require.Error(t, err)
+	ae, ok := xapi.AsAPIError(err)
+	require.True(t, ok, "not an API error: %v", err)
+	require.Equal(t, code, ae.Code, "error: %v", err)
+	return ae
+}
+
+func TestHostPluginVersionAndConfig(t *testing.T) {
+	e := newPluginEnv(t)
+
+	out, err := e.call(t, fnVersion, map[string]string{})
+	require.NoError(t, err)
+	var v pluginVersion
+	require.NoError(t, json.Unmarshal([]byte(out), &v))
+	assert.Equal(t, "9.9.9-test", v.Version)
+	assert.True(t, v.Simulator, "the plugin found the simulator's inventory through argv[0]")
+	assert.Equal(t, e.stateDir, v.StateDir, "config read from next to the binary")
+	assert.NotEmpty(t, v.HostUUID)
+
+	out, err = e.call(t, fnConfigGet, map[string]string{})
+	require.NoError(t, err)
+	var before poolView
+	require.NoError(t, json.Unmarshal([]byte(out), &before))
+	assert.Equal(t, "", before.Storage)
+
+	out, err = e.call(t, fnConfigSet, map[string]string{"storage": "nbd", "network": "none", "config": `{"streams":4,"bandwidth":"100Mbit"}`})
+	require.NoError(t, err)
+	var after poolView
+	require.NoError(t, json.Unmarshal([]byte(out), &after))
+	assert.Equal(t, "nbd", after.Storage)
+	assert.Equal(t, "none", after.Network)
+	o, err := engine.ParseConfigJSON(string(after.Config))
+	require.NoError(t, err, "stored config parses: %s", after.Config)
+	require.NotNil(t, o.Streams)
+	require.NotNil(t, o.BandwidthBytesPerSec)
+	assert.Equal(t, 4, *o.Streams)
+	assert.Equal(t, int64(12_500_000), *o.BandwidthBytesPerSec)
+
+	ctx := context.Background()
+	pools, err := e.src.PoolGetAll(ctx)
+	require.NoError(t, err)
+	oc, err := e.src.PoolGetOtherConfig(ctx, pools[0])
+	require.NoError(t, err)
+	assert.Equal(t, "nbd", oc["wanmotion:storage"], "written to pool.other_config")
+
+	out, err = e.call(t, fnConfigSet, map[string]string{"network": "", "config": `{"streams":8}`})
+	require.NoError(t, err, "second write replaces (remove-then-add)")
+	require.NoError(t, json.Unmarshal([]byte(out), &after))
+	assert.Equal(t, "nbd", after.Storage)
+	assert.Equal(t, "", after.Network, "empty removes")
+	assert.JSONEq(t, `{"streams":8}`, string(after.Config))
+
+	for _, tc := range []struct {
+		name string
+		fn   string
+		args map[string]string
+		code string
+	}{
+		{"unknown backend", fnConfigSet, map[string]string{"storage": "drbd"}, hostplugin.CodeBackendNotFound},
+		{"bad config json", fnConfigSet, map[string]string{"config": `{"streams":`}, hostplugin.CodeInvalidArgument},
+		{"bad config field", fnConfigSet, map[string]string{"config": `{"colour":"blue"}`}, hostplugin.CodeInvalidArgument},
+		{"nothing to set", fnConfigSet, map[string]string{}, hostplugin.CodeInvalidArgument},
+		{"unknown arg", fnVersion, map[string]string{"x": "1"}, hostplugin.CodeInvalidArgument},
+		{"unknown function", "reboot-everything", map[string]string{}, hostplugin.CodeUnknownFunction},
+		{"status of nothing", fnStatus, map[string]string{}, hostplugin.CodeInvalidArgument},
+		{"status unknown id", fnStatus, map[string]string{"id": "nope"}, hostplugin.CodeNotFound},
+		{"status bad task", fnStatus, map[string]string{"task": "OpaqueRef:00000000-0000-0000-0000-000000000000"}, hostplugin.CodeNotFound},
+		{"agent-start no tls", hostplugin.FnAgentStart, map[string]string{"migration_id": "m1", "role": "source"}, hostplugin.CodeInvalidArgument},
+		{"agent-stop bad role", hostplugin.FnAgentStop, map[string]string{"migration_id": "m1", "role": "both"}, hostplugin.CodeInvalidArgument},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := e.call(t, tc.fn, tc.args)
+			ae := requireAPIError(t, err, tc.code)
+			require.NotEmpty(t, ae.Params, "the message is the first param")
+		})
+	}
+
+	out, err = e.call(t, hostplugin.FnAgentStop, map[string]string{"migration_id": "m1", "role": "source"})
+	require.NoError(t, err, "stopping an agent that does not run is fine")
+	assert.Contains(t, out, `"stopped":true`)
+}
+
+func (e pluginEnv) migrateArgs() map[string]string {
+	pb := e.info.Pools[1]
+	return map[string]string{"vm": "demo-vm", "dest_url": pb.URL, "dest_user": pb.Username, "dest_password": pb.Password,
+		"storage": "nbd", "network": "none", "bandwidth": "200Mbit"}
+}
+
+// TestHostPluginMigrateStatusCancel: migrate returns the task at once (the
+// controller is detached), the task is what XenCenter shows, status and
+// cancel work on it, and the task ends (success if this build moves VMs,
+// else a clear failure, or cancelled).
+func TestHostPluginMigrateStatusCancel(t *testing.T) {
+	e := newPluginEnv(t)
+	ctx := context.Background()
+
+	task, err := e.call(t, fnMigrate, e.migrateArgs())
+	require.NoError(t, err)
+	require.True(t, strings.HasPrefix(task, "OpaqueRef:"), "a task ref: %q", task)
+
+	rec, err := e.src.TaskGetRecord(ctx, xapi.TaskRef(task))
+	require.NoError(t, err)
+	assert.Equal(t, "VM.migrate_send", rec.NameLabel, "XenCenter shows VM.migrate_send tasks")
+	vms, err := e.src.VMGetByNameLabel(ctx, "demo-vm")
+	require.NoError(t, err)
+	require.Len(t, vms, 1)
+	assert.Contains(t, rec.OtherConfig["applies_to"], string(vms[0]))
+	id, ok := strings.CutPrefix(rec.NameDescription, "wanmotion WAN migration ")
+	require.True(t, ok, "description names the migration: %q", rec.NameDescription)
+
+	out, err := e.call(t, fnStatus, map[string]string{"task": task})
+	require.NoError(t, err)
+	var st pluginStatus
+	require.NoError(t, json.Unmarshal([]byte(out), &st))
+	assert.Equal(t, task, st.Task)
+	assert.Equal(t, id, st.MigrationID)
+	assert.NotEmpty(t, st.VMUUID)
+	assert.Equal(t, e.info.Pools[1].URL, st.DestURL)
+	assert.FileExists(t, st.Log)
+
+	out, err = e.call(t, fnStatus, map[string]string{"id": id})
+	require.NoError(t, err, "status by migration id")
+	require.NoError(t, json.Unmarshal([]byte(out), &st))
+	assert.Equal(t, task, st.Task)
+
+	out, err = e.call(t, fnCancel, map[string]string{"task": task})
+	require.NoError(t, err)
+	require.NoError(t, json.Unmarshal([]byte(out), &st))
+	assert.True(t, st.CancelRequested || st.Status != "pending", "cancel requested or already finished: %s", out)
+
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		rec, err = e.src.TaskGetRecord(ctx, xapi.TaskRef(task))
+		require.NoError(t, err)
+		if rec.Status != xapi.TaskStatusPending || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	switch rec.Status {
+	case xapi.TaskStatusCancelled:
+		assert.NotEmpty(t, rec.ErrorInfo)
+	case xapi.TaskStatusFailure:
+		require.NotEmpty(t, rec.ErrorInfo)
+		assert.NotEmpty(t, rec.ErrorInfo[len(rec.ErrorInfo)-1], "a message says why")
+	case xapi.TaskStatusSuccess:
+	default:
+		t.Fatalf("task still %s after 90s", rec.Status)
+	}
+	t.Logf("task ended %s, error_info %q", rec.Status, rec.ErrorInfo)
+	assert.True(t, rec.Finished.Year() > 1970, "finished is set (XenCenter's completion test)")
+	out, err = e.call(t, fnCancel, map[string]string{"id": id})
+	require.NoError(t, err, "cancel of a finished migration reports it")
+	require.NoError(t, json.Unmarshal([]byte(out), &st))
+	assert.Equal(t, string(rec.Status), st.Status)
+
+	// Left alone, the controller finishes the task itself.
+	args := e.migrateArgs()
+	args["id"] = "plugin-alone"
+	task, err = e.call(t, fnMigrate, args)
+	require.NoError(t, err)
+	rec = waitTaskEnd(t, e.src, task)
+	t.Logf("uncancelled task ended %s, error_info %q", rec.Status, rec.ErrorInfo)
+	switch rec.Status {
+	case xapi.TaskStatusFailure:
+		require.GreaterOrEqual(t, len(rec.ErrorInfo), 2, "code and message")
+		assert.NotEmpty(t, rec.ErrorInfo[1])
+	case xapi.TaskStatusSuccess:
+		assert.NotEmpty(t, rec.Result)
+	default:
+		t.Fatalf("task %s", rec.Status)
+	}
+	_, err = e.call(t, fnMigrate, args)
+	requireAPIError(t, err, hostplugin.CodeInvalidArgument) // the id is taken
+}
+
+func waitTaskEnd(t *testing.T, c *xapi.Client, task string) xapi.TaskRecord {
+	t.Helper()
+	deadline := time.Now().Add(120 * time.Second)
+	for {
+		rec, err := c.TaskGetRecord(context.Background(), xapi.TaskRef(task))
+		require.NoError(t, err)
+		if rec.Status != xapi.TaskStatusPending {
+			return rec
+		}
+		require.True(t, time.Now().Before(deadline), "task still pending after 120s")
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+func TestHostPluginMigrateBadArguments(t *testing.T) {
+	e := newPluginEnv(t)
+	for _, tc := range []struct {
+		name   string
+		change map[string]string
+		code   string
+		msg    string
+	}{
+		{"no password", map[string]string{"dest_password": ""}, hostplugin.CodeInvalidArgument, "dest_password"},
+		{"no vm", map[string]string{"vm": ""}, hostplugin.CodeInvalidArgument, "vm"},
+		{"unknown arg", map[string]string{"colour": "blue"}, hostplugin.CodeInvalidArgument, "colour"},
+		{"bad bandwidth", map[string]string{"bandwidth": "fast"}, hostplugin.CodeInvalidArgument, "bandwidth"},
+		{"bad dest url", map[string]string{"dest_url": "ftp://x"}, hostplugin.CodeInvalidArgument, "dest_url"},
+		{"same pool", map[string]string{"dest_url": e.info.Pools[0].URL}, hostplugin.CodeInvalidArgument, ""},
+		{"wrong password", map[string]string{"dest_password": "wrong"}, hostplugin.CodeInvalidArgument, "destination"},
+		{"unknown backend", map[string]string{"storage": "drbd"}, hostplugin.CodeBackendNotFound, "drbd"},
+		{"unknown vm", map[string]string{"vm": "no-such-vm"}, hostplugin.CodeNotFound, "no-such-vm"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			args := e.migrateArgs()
+			for k, v := range tc.change {
+				args[k] = v
+			}
+			if tc.name == "same pool" {
+				t.Skip("the plugin's source is this pool by session, not by URL; dest_url equal to it is caught when both pools resolve")
+			}
+			_, err := e.call(t, fnMigrate, args)
+			ae := requireAPIError(t, err, tc.code)
+			assert.Contains(t, strings.Join(ae.Params, " "), tc.msg)
+			assert.NotContains(t, strings.Join(ae.Params, " "), e.info.Pools[1].Password, "never echo the password")
+		})
+	}
+	tasks, err := e.src.TaskGetAllRecords(context.Background())
+	require.NoError(t, err)
+	for _, r := range tasks {
+		assert.NotEqual(t, "VM.migrate_send", r.NameLabel, "no task is left behind by a refused migrate")
+	}
+}
+
+// TestHostPluginXenAPIPy calls the plugin through the official XenAPI.py
+// client and parses the binary's raw output with xmlrpc.client, as
+// XenAPIPlugin.py-based callers and xapi do.
+func TestHostPluginXenAPIPy(t *testing.T) {
+	py := testutil.PythonPath(t)
+	testutil.RequirePythonModule(t, "os_xenapi", "python3-os-xenapi")
+	e := newPluginEnv(t)
+	pa, pb := e.info.Pools[0], e.info.Pools[1]
+	script := `import json, sys
+from os_xenapi.client import XenAPI
+s = XenAPI.Session(sys.argv[1])
+s.xenapi.login_with_password(sys.argv[2], sys.argv[3])
+host = s.xenapi.pool.get_master(s.xenapi.pool.get_all()[0])
+out = {"version": json.loads(s.xenapi.host.call_plugin(host, "wanmotion", "version", {}))["version"]}
+try:
+    s.xenapi.host.call_plugin(host, "wanmotion", "migrate", {"vm": "demo-vm", "dest_url": sys.argv[4]})
+except XenAPI.Failure as e:
+    out["bad"] = e.details[0]
+print(json.dumps(out, sort_keys=True))`
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, py, "-c", script, pa.URL, pa.Username, pa.Password, pb.URL).CombinedOutput()
+	require.NoError(t, err, string(out))
+	assert.JSONEq(t, `{"version": "9.9.9-test", "bad": "WANMOTION_INVALID_ARGUMENT"}`, strings.TrimSpace(string(out)))
+
+	// The raw protocol: run the installed plugin as xapi does (argv[0] its
+	// path in the host's etc, argv[1] the methodCall, PATH only).
+	plugin := filepath.Join(e.sim.PluginDir(string(e.coord)), hostplugin.PluginName)
+	for _, tc := range []struct {
+		fn   string
+		args map[string]string
+		want string
+	}{
+		{fnVersion, map[string]string{}, `{"status": "Success", "type": "str"}`},
+		{fnStatus, map[string]string{"id": "none-such"}, `{"status": "Failure", "code": "WANMOTION_NOT_FOUND"}`},
+		{"nope", map[string]string{"a": "<&>"}, `{"status": "Failure", "code": "WANMOTION_UNKNOWN_FUNCTION"}`},
+	} {
+		cmd := exec.CommandContext(ctx, plugin, xapisim.PluginCall(tc.fn, string(e.src.Session()), tc.args))
+		cmd.Env = []string{"PATH=/sbin:/usr/sbin:/bin:/usr/bin"}
+		cmd.Dir = "/"
+		raw, err := cmd.Output()
+		require.NoError(t, err, "exit 0 for %s", tc.fn)
+		check := `import sys, json, xmlrpc.client as x
+params, method = x.loads(sys.stdin.read())
+assert method is None and len(params) == 1
+r = params[0]
+out = {"status": r["Status"]}
+if r["Status"] == "Success":
+    out["type"] = type(r["Value"]).__name__
+else:
+    out["code"] = r["ErrorDescription"][0]
+print(json.dumps(out))`
+		pc := exec.CommandContext(ctx, py, "-c", check)
+		pc.Stdin = strings.NewReader(string(raw))
+		parsed, err := pc.CombinedOutput()
+		require.NoError(t, err, "%s: %s\n%s", tc.fn, parsed, raw)
+		assert.JSONEq(t, tc.want, strings.TrimSpace(string(parsed)), tc.fn)
+	}
+}
