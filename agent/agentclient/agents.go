@@ -149,8 +149,9 @@ func (c *Client) launchBackends(ctx context.Context, m *migration, role contract
 }
 
 // Stop implements engine.Agents: Stop RPC to both agents (they clean up
-// their backends and gateway and exit), the launcher's Stop for an agent
-// that does not answer, and the persisted state is removed. Idempotent.
+// their backends and gateway and exit), then the launcher's Stop (which
+// also ends an agent that did not answer), and the persisted state is
+// removed. Idempotent.
 func (c *Client) Stop(ctx context.Context, migrationID string) error {
 	m, err := c.lookup(migrationID, false)
 	if errors.Is(err, ErrNotStarted) {
@@ -175,9 +176,9 @@ func (c *Client) Stop(ctx context.Context, migrationID string) error {
 		}
 		if err != nil {
 			c.log.Warn("agent stop rpc failed, stopping it through the launcher", "migration_id", m.id, "role", string(role), "error", err)
-			if lerr := c.cfg.Launcher.Stop(ctx, c.launchSpec(m, role, rec.Host)); lerr != nil {
-				errs = append(errs, fmt.Errorf("stop %s agent: %w", role, lerr))
-			}
+		}
+		if lerr := c.cfg.Launcher.Stop(ctx, c.launchSpec(m, role, rec.Host)); lerr != nil {
+			errs = append(errs, fmt.Errorf("stop %s agent: %w", role, lerr))
 		}
 		m.dropConn(role)
 	}

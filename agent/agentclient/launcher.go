@@ -59,9 +59,11 @@ func (s AgentLaunchSpec) Args(tlsDir string) []string {
 	return args
 }
 
-// Launcher starts and (as a last resort) stops site agents. The client
-// stops agents with the Stop RPC; Launcher.Stop is used only when that
-// fails or before re-launching an agent that does not answer.
+// Launcher starts and stops site agents. The client stops agents with the
+// Stop RPC and then calls Launcher.Stop, which must also end an agent
+// that did not answer, and releases what the launcher keeps for it (e.g.
+// the TLS files). Launcher.Stop is also called before re-launching an
+// agent that does not answer.
 type Launcher interface {
 	// Launch starts the agent and returns its control address ("host:port")
 	// once it listens (the first stdout line of `wanmotion agent`).
@@ -179,8 +181,9 @@ func (l *LocalLauncher) Launch(ctx context.Context, spec AgentLaunchSpec) (strin
 
 // Stop implements Launcher: SIGTERM, then SIGKILL after 5 s, for the pid
 // recorded at launch (only if that process is still a wanmotion agent of
-// the migration).
+// the migration); the agent's TLS files are removed.
 func (l *LocalLauncher) Stop(ctx context.Context, spec AgentLaunchSpec) error {
+	defer os.RemoveAll(filepath.Join(l.dir(spec), "tls"))
 	pidFile := filepath.Join(l.dir(spec), "agent.pid")
 	b, err := os.ReadFile(pidFile)
 	if errors.Is(err, os.ErrNotExist) {

@@ -105,4 +105,8 @@ func TestAgentKilled(t *testing.T) {
 	for _, pid := range []int{newSrc, dstPID} {
 		require.Eventually(t, func() bool { return !alive(pid) }, 15*time.Second, 50*time.Millisecond, "agent %d still runs after Stop", pid)
 	}
+	for _, r := range roles {
+		_, err := os.Stat(filepath.Join(dir, id+"-"+string(r), "tls"))
+		assert.ErrorIs(t, err, os.ErrNotExist, "the %s agent's keys were removed", r)
+	}
 }
