@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,6 +13,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/wanmotion/wanmotion/engine"
+	"github.com/wanmotion/wanmotion/xapi"
 	"github.com/wanmotion/wanmotion/xapi/xapisim"
 )
 
@@ -74,6 +77,10 @@ func TestMigrateEndToEnd(t *testing.T) {
 			t.Logf("%s:\n%s", l, b)
 		}
 	})
+	// First a migration cancelled during Seed with `migrate cancel` (the
+	// xapi task.cancel path): rolled back, exit code 3, VM still at the source.
+	cancelDuringSeed(t, e, plugins, vmUUID)
+
 	out, stderr, err := run(t, runMigrate, "--vm", "demo-vm", "--from", e.a, "--to", e.b, "--plugin-dir", plugins,
 		"--state-dir", e.stateDir, "--bandwidth", "400Mbit", "--json")
 	require.NoError(t, err, "stderr: %s", stderr)
@@ -97,4 +104,62 @@ func TestMigrateEndToEnd(t *testing.T) {
 	out, _, err = run(t, runMigrate, "status", id, "--state-dir", e.stateDir, "--json")
 	require.NoError(t, err)
 	assert.Equal(t, "success", oneJSONObject(t, out)["result"])
+}
+
+func cancelDuringSeed(t *testing.T, e cliEnv, plugins, vmUUID string) {
+	t.Helper()
+	const id = "wm-cancel-e2e"
+	type result struct {
+		out string
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		var out, errb strings.Builder
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+		defer cancel()
+		err := runMigrate(ctx, []string{"--id", id, "--vm", "demo-vm", "--from", e.a, "--to", e.b, "--plugin-dir", plugins,
+			"--state-dir", e.stateDir, "--bandwidth", "4Mbit", "--json"}, &out, &errb)
+		done <- result{out.String(), err}
+	}()
+	store, err := engine.NewFileStore(e.stateDir)
+	require.NoError(t, err)
+	deadline := time.Now().Add(3 * time.Minute)
+	for {
+		cp, err := store.Load(context.Background(), id)
+		if err == nil && cp.Phase == engine.PhaseSeed && cp.Task != "" {
+			break
+		}
+		if err == nil && cp.Phase.Stopped() || time.Now().After(deadline) {
+			r := <-done
+			t.Fatalf("the migration did not reach seed: %v %s", r.err, r.out)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	out, _, err := run(t, runMigrate, "cancel", id, "--state-dir", e.stateDir)
+	require.NoError(t, err)
+	assert.Contains(t, out, "cancel requested")
+	var r result
+	select {
+	case r = <-done:
+	case <-time.After(3 * time.Minute):
+		t.Fatal("the cancelled migration did not end")
+	}
+	require.Error(t, r.err)
+	var ec interface{ ExitCode() int }
+	require.ErrorAs(t, r.err, &ec)
+	assert.Equal(t, exitCancelled, ec.ExitCode())
+	v := oneJSONObject(t, r.out)
+	assert.Equal(t, "cancelled", v["result"])
+	assert.Equal(t, "rolled_back", v["phase"])
+
+	c, err := xapi.New(xapi.Config{URL: e.a, Username: "root", Password: "xenroot"})
+	require.NoError(t, err)
+	require.NoError(t, c.Login(context.Background()))
+	defer c.Close(context.Background())
+	ref, err := c.VMGetByUUID(context.Background(), vmUUID)
+	require.NoError(t, err, "the VM is still in the source pool")
+	ps, err := c.VMGetPowerState(context.Background(), ref)
+	require.NoError(t, err)
+	assert.Equal(t, xapi.VMPowerStateRunning, ps)
 }
