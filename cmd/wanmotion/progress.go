@@ -118,7 +118,7 @@ func (v *progressView) line(p engine.Progress) string {
 	if p.BytesTotal > 0 {
 		fmt.Fprintf(&b, "  %s/%s", engine.HumanBytes(p.BytesDone), engine.HumanBytes(p.BytesTotal))
 	}
-	if v.rate > 0 {
+	if v.rate > 0 && p.Phase == engine.PhaseSeed { // only Seed reports bytes on the wire as they go
 		fmt.Fprintf(&b, "  %s/s", engine.HumanBytes(int64(v.rate)))
 	}
 	if p.ETA > 0 && !p.Phase.Stopped() {
