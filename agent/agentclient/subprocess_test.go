@@ -27,11 +27,17 @@ func agentPID(t *testing.T, dir, id string, role contract.Role) int {
 }
 
 // TestAgentKilled runs real `wanmotion agent` processes (this test binary
-// re-executed as the agent command) through LocalLauncher, kills the
-// source agent with SIGKILL mid-migration, and checks that the controller
-// gets a clear error, that Start launches a new agent (and re-attaches to
-// the living one), and that the migration's rounds continue.
+// re-executed as the agent command) through LocalLauncher, kills one agent
+// with SIGKILL mid-migration, and checks that the controller gets a clear
+// error, that Start launches a new agent (and re-attaches to the living
+// one), and that the migration's rounds continue.
 func TestAgentKilled(t *testing.T) {
+	for _, victim := range roles {
+		t.Run(string(victim), func(t *testing.T) { testAgentKilled(t, victim) })
+	}
+}
+
+func testAgentKilled(t *testing.T, victim contract.Role) {
 	const size = 2 << 20
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
@@ -68,22 +74,30 @@ func TestAgentKilled(t *testing.T) {
 	require.NoError(t, err)
 	sstate = res.State
 
-	// Kill the source agent.
-	proc, err := os.FindProcess(srcPID)
+	// Kill one agent.
+	victimPID, survivor, survivorPID := srcPID, contract.RoleDestination, dstPID
+	if victim == contract.RoleDestination {
+		victimPID, survivor, survivorPID = dstPID, contract.RoleSource, srcPID
+	}
+	proc, err := os.FindProcess(victimPID)
 	require.NoError(t, err)
 	require.NoError(t, proc.Kill())
-	require.Eventually(t, func() bool { return !alive(srcPID) }, 10*time.Second, 20*time.Millisecond)
+	require.Eventually(t, func() bool { return !alive(victimPID) }, 10*time.Second, 20*time.Millisecond)
 
-	_, err = st.SyncStatus(ctx, key)
+	if victim == contract.RoleSource {
+		_, err = st.SyncStatus(ctx, key)
+	} else {
+		_, err = st.Finalize(ctx, key)
+	}
 	require.Error(t, err)
 	assert.ErrorIs(t, err, contract.ErrUnavailable)
-	assert.Contains(t, err.Error(), "source agent")
+	assert.Contains(t, err.Error(), string(victim)+" agent")
 
 	// Re-attach as the engine does after a failed round.
 	require.NoError(t, c.Start(ctx, spec))
-	newSrc := agentPID(t, dir, id, contract.RoleSource)
-	assert.NotEqual(t, srcPID, newSrc, "a new source agent was launched")
-	assert.Equal(t, dstPID, agentPID(t, dir, id, contract.RoleDestination), "the living destination agent was re-attached, not relaunched")
+	newPID := agentPID(t, dir, id, victim)
+	assert.NotEqual(t, victimPID, newPID, "a new agent was launched")
+	assert.Equal(t, survivorPID, agentPID(t, dir, id, survivor), "the living agent was re-attached, not relaunched")
 	require.NoError(t, c.Gateway().Start(ctx, gs))
 	rinfo, err := st.RecoverReceiver(ctx, key, info.State)
 	require.NoError(t, err)
@@ -102,7 +116,7 @@ func TestAgentKilled(t *testing.T) {
 	assert.Equal(t, sum(img1), sum(got))
 
 	require.NoError(t, c.Stop(ctx, id))
-	for _, pid := range []int{newSrc, dstPID} {
+	for _, pid := range []int{newPID, survivorPID} {
 		require.Eventually(t, func() bool { return !alive(pid) }, 15*time.Second, 50*time.Millisecond, "agent %d still runs after Stop", pid)
 	}
 	for _, r := range roles {
