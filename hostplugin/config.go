@@ -36,6 +36,31 @@ type Config struct {
 	// AgentListen is the control listen address of agents started through
 	// agent-start when the caller names none (agent_listen).
 	AgentListen string
+	// LocalPasswordFile holds the password of the local root login used by
+	// hooks and detached controllers (local_password_file). Unset on a
+	// host: xapi lets root in over the local socket with an empty
+	// password. The simulator needs its pools' password here.
+	LocalPasswordFile string
+}
+
+// LocalPassword reads LocalPasswordFile ("" when unset). The file must not
+// be readable by group or others.
+func (c Config) LocalPassword() (string, error) {
+	if c.LocalPasswordFile == "" {
+		return "", nil
+	}
+	fi, err := os.Stat(c.LocalPasswordFile)
+	if err != nil {
+		return "", fmt.Errorf("%w: local_password_file: %w", ErrConfig, err)
+	}
+	if fi.Mode().Perm()&0o077 != 0 {
+		return "", fmt.Errorf("%w: local_password_file %s has mode %04o; run: chmod 600 %s", ErrConfig, c.LocalPasswordFile, fi.Mode().Perm(), c.LocalPasswordFile)
+	}
+	b, err := os.ReadFile(c.LocalPasswordFile)
+	if err != nil {
+		return "", fmt.Errorf("%w: local_password_file: %w", ErrConfig, err)
+	}
+	return strings.TrimRight(string(b), "\r\n"), nil
 }
 
 // ConfigCandidates are the files tried, in order: <etc>/wanmotion/
@@ -108,10 +133,12 @@ func ReadConfig(path string) (Config, error) {
 			c.LogLevel = v
 		case "agent_listen":
 			c.AgentListen = v
+		case "local_password_file":
+			c.LocalPasswordFile = v
 		default:
 			return c, fmt.Errorf("%w: %s line %d: unknown key %q", ErrConfig, path, n, k)
 		}
-		if (k == "state_dir" || k == "plugin_dir") && v != "" && !filepath.IsAbs(v) {
+		if (k == "state_dir" || k == "plugin_dir" || k == "local_password_file") && v != "" && !filepath.IsAbs(v) {
 			return c, fmt.Errorf("%w: %s line %d: %s must be an absolute path", ErrConfig, path, n, k)
 		}
 	}

@@ -148,20 +148,31 @@ func (e Env) newClient(log hclog.Logger) (*xapi.Client, error) {
 	return nil, ErrNoXapi
 }
 
-// LocalLogin logs in as the local superuser over the local socket (root,
-// empty password: xapi accepts it from uid 0 on the unix socket). It is how
-// a detached process gets a session of its own on a real host; the
-// simulator has no local superuser, so it fails there.
-func (e Env) LocalLogin(ctx context.Context, log hclog.Logger) (*xapi.Client, error) {
-	if e.Sim || e.Socket == "" {
-		return nil, fmt.Errorf("local superuser login: %w", ErrNoXapi)
+// LocalLogin opens a session of this process's own for this host's pool
+// (hooks get no session; a detached controller should not depend on its
+// caller's). On a host it logs in as root over the local socket, where xapi
+// accepts the local superuser (password normally empty; xapi forwards to
+// the coordinator). On the simulator it logs in to the coordinator's URL
+// with password (the simulator has no local superuser).
+func (e Env) LocalLogin(ctx context.Context, password string, log hclog.Logger) (*xapi.Client, error) {
+	if log == nil {
+		log = hclog.NewNullLogger()
 	}
-	c, err := xapi.NewLocal(e.Socket, xapi.Config{Username: "root", Password: "", Logger: log})
+	var c *xapi.Client
+	var err error
+	switch {
+	case e.Sim && e.PoolURL != "":
+		c, err = xapi.New(xapi.Config{URL: e.PoolURL, Username: "root", Password: password, Logger: log, DisableMemberDiscovery: true})
+	case !e.Sim && e.Socket != "":
+		c, err = xapi.NewLocal(e.Socket, xapi.Config{Username: "root", Password: password, Logger: log})
+	default:
+		return nil, fmt.Errorf("local login: %w", ErrNoXapi)
+	}
 	if err != nil {
 		return nil, err
 	}
 	if err := c.Login(ctx); err != nil {
-		return nil, fmt.Errorf("local superuser login: %w", err)
+		return nil, fmt.Errorf("local login: %w", err)
 	}
 	return c, nil
 }

@@ -197,4 +197,3 @@ func validID(id string) bool {
 	}
 	return true
 }
-

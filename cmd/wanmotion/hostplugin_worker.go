@@ -50,10 +50,16 @@ func runPluginWorker(ctx context.Context, id string, stdin io.Reader, stderr io.
 // caller's session, borrowed (the caller must keep it open while the
 // migration runs).
 func workerSource(ctx context.Context, job pluginJob, log hclog.Logger) (*xapi.Client, func(), error) {
-	if c, err := job.Env.LocalLogin(ctx, log); err == nil {
-		return c, func() { _ = c.Close(context.WithoutCancel(ctx)) }, nil
-	} else if !job.Env.Sim {
-		log.Warn("no local session; using the caller's session", "error", err)
+	pw, err := job.Config.LocalPassword()
+	if err == nil && (!job.Env.Sim || job.Config.LocalPasswordFile != "") {
+		c, lerr := job.Env.LocalLogin(ctx, pw, log)
+		if lerr == nil {
+			return c, func() { _ = c.Close(context.WithoutCancel(ctx)) }, nil
+		}
+		err = lerr
+	}
+	if err != nil {
+		log.Warn("no session of its own; using the caller's session (keep it open until the task ends)", "error", err)
 	}
 	c, err := job.Env.Client(job.Session, log)
 	if err != nil {
