@@ -134,16 +134,29 @@ func (p *peer) dial(ctx context.Context) (*nbd.Pool, error) {
 	if err != nil {
 		return nil, err
 	}
-	clients := []*nbd.Client{first}
-	for len(clients) < p.cfg.conns && first.CanMultiConn() {
-		c, err := p.dialOne(ctx, export, perConn)
-		if err != nil {
-			for _, c := range clients {
+	if p.cfg.conns == 1 || !first.CanMultiConn() {
+		return nbd.NewPool(first), nil
+	}
+	// The others at once: each handshake costs a few round trips.
+	clients := make([]*nbd.Client, p.cfg.conns)
+	errs := make([]error, p.cfg.conns)
+	clients[0] = first
+	var wg sync.WaitGroup
+	for i := 1; i < p.cfg.conns; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			clients[i], errs[i] = p.dialOne(ctx, export, perConn)
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		for _, c := range clients {
+			if c != nil {
 				_ = c.Close()
 			}
-			return nil, err
 		}
-		clients = append(clients, c)
+		return nil, err
 	}
 	return nbd.NewPool(clients...), nil
 }

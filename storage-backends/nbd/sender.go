@@ -176,12 +176,21 @@ func (b *Backend) runRound(ctx context.Context, h *handle, req contract.SyncRoun
 		snapshot: snapUUID, conns: st.Connections, inFlight: cfg.InFlight, chunk: cfg.ChunkSize,
 		timeout: time.Duration(cfg.ReconnectTimeoutSec) * time.Second, stall: time.Duration(cfg.StallTimeoutSec) * time.Second}, &h.onWire, h.log)
 	defer peer.close()
-	if err := peer.checkSize(ctx, size); err != nil {
-		return info, err
-	}
-	applied, err := peer.journal(ctx, req.Round, snapUUID)
+	// Read the journal while the data connections are made.
+	var applied *journalRecord
+	var jerr error
+	jdone := make(chan struct{})
+	go func() {
+		defer close(jdone)
+		applied, jerr = peer.journal(ctx, req.Round, snapUUID)
+	}()
+	err = peer.checkSize(ctx, size)
+	<-jdone
 	if err != nil {
 		return info, err
+	}
+	if jerr != nil {
+		return info, jerr
 	}
 	jobs, toCopy, skipped, err := plan(ctx, src, size, req, cfg.ChunkSize, applied)
 	if err != nil {
