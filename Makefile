@@ -34,3 +34,19 @@ tidy-check:
 
 clean:
 	rm -rf $(BIN)
+
+.PHONY: install dist
+
+# Install layout (packaging/install.sh): binary, backends, host plugin link,
+# hooks, default config, XenCenter manifest. DESTDIR=/ (default) installs
+# into the running system; use DESTDIR=$(mktemp -d) to look at it.
+install:
+	GO=$(GO) VERSION=$(VERSION) packaging/install.sh --build $(BIN) "$(DESTDIR)"
+
+# Release tarball bin/wanmotion-$(VERSION)-linux-amd64.tar.gz (unpack into /).
+dist:
+	rm -rf $(BIN)/dist
+	GO=$(GO) VERSION=$(VERSION) packaging/install.sh --build $(BIN) $(BIN)/dist/root
+	tar -C $(BIN)/dist/root -czf $(BIN)/wanmotion-$(VERSION)-linux-amd64.tar.gz --owner=0 --group=0 .
+	rm -rf $(BIN)/dist
+	@echo $(BIN)/wanmotion-$(VERSION)-linux-amd64.tar.gz

@@ -26,14 +26,16 @@ type command struct {
 
 func commands() map[string]command {
 	return map[string]command{
-		"agent":   {"run a site agent (started by the engine)", runAgent},
-		"demo":    {"run the end-to-end demo on two simulated pools", runDemo},
-		"hook":    {"entry point for xapi's vm-pre-migrate/vm-post-migrate hooks", runHook},
-		"migrate": {"live-migrate a VM to another pool over the WAN", runMigrate},
-		"plugins": {"list or check installed backends", runPlugins},
-		"pool":    {"show or configure a pool's wanmotion settings", runPool},
-		"sim":     {"run the xapi simulator (two pools, a running demo VM)", runSim},
-		"version": {"print the version", runVersion},
+		"agent":     {"run a site agent (started by the engine)", runAgent},
+		"demo":      {"run the end-to-end demo on two simulated pools", runDemo},
+		"hook":      {"entry point for xapi's vm-pre-migrate/vm-post-migrate hooks", runHook},
+		"migrate":   {"live-migrate a VM to another pool over the WAN", runMigrate},
+		"plugins":   {"list or check installed backends", runPlugins},
+		"pool":      {"show or configure a pool's wanmotion settings", runPool},
+		"sim":       {"run the xapi simulator (two pools, a running demo VM)", runSim},
+		"version":   {"print the version", runVersion},
+		"xencenter": {"XenCenter menu item: start a WAN migration of the selected VM", runXencenter},
+		"doctor":    {"check this host's wanmotion installation", runDoctor},
 	}
 }
 
