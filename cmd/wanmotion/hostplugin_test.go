@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,9 +16,12 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/wanmotion/wanmotion/agent"
+	"github.com/wanmotion/wanmotion/agent/agentclient"
 	"github.com/wanmotion/wanmotion/engine"
 	"github.com/wanmotion/wanmotion/hostplugin"
 	"github.com/wanmotion/wanmotion/internal/testutil"
+	"github.com/wanmotion/wanmotion/plugins/contract"
 	"github.com/wanmotion/wanmotion/xapi"
 	"github.com/wanmotion/wanmotion/xapi/xapisim"
 )
@@ -382,4 +386,42 @@ print(json.dumps(out))`
 		require.NoError(t, err, "%s: %s\n%s", tc.fn, parsed, raw)
 		assert.JSONEq(t, tc.want, strings.TrimSpace(string(parsed)), tc.fn)
 	}
+}
+
+// TestPluginLauncherStartsAgentOnHost: hostplugin.PluginLauncher (the
+// agentclient.Launcher for agents on pool hosts) starts a real site agent
+// on the named host through host.call_plugin agent-start, and stops it.
+func TestPluginLauncherStartsAgentOnHost(t *testing.T) {
+	e := newPluginEnv(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	b, err := agent.NewBundle("plm-1")
+	require.NoError(t, err)
+	member := e.sim.Pools()[0].Hosts()[1] // a pool member, not the coordinator
+	spec := agentclient.AgentLaunchSpec{MigrationID: "plm-1", Role: contract.RoleSource, Host: string(member.Ref),
+		TLS: b.For(contract.RoleSource), ControlListen: "127.0.0.1:0", IdleTimeout: time.Minute}
+	l := &hostplugin.PluginLauncher{Source: e.src}
+	addr, err := l.Launch(ctx, spec)
+	require.NoError(t, err)
+	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	require.NoError(t, err, "the agent listens at %s", addr)
+	_ = conn.Close()
+	pidFile := filepath.Join(e.stateDir, "agents", "plm-1-source", "agent.pid")
+	assert.FileExists(t, pidFile, "started by the plugin under its state dir")
+
+	require.NoError(t, l.Stop(ctx, spec))
+	assert.Eventually(t, func() bool {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			_ = c.Close()
+		}
+		return err != nil
+	}, 30*time.Second, 100*time.Millisecond, "the agent is gone after agent-stop")
+
+	_, err = l.Launch(ctx, agentclient.AgentLaunchSpec{MigrationID: "plm-2", Role: contract.RoleDestination, Host: string(member.Ref), TLS: b.For(contract.RoleDestination)})
+	require.ErrorIs(t, err, contract.ErrInvalidArgument, "no destination pool client")
+	bad := spec
+	bad.TLS = agent.Material{}
+	_, err = l.Launch(ctx, bad)
+	require.ErrorIs(t, err, contract.ErrInvalidArgument, "the plugin's WANMOTION_INVALID_ARGUMENT maps back")
 }
