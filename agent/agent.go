@@ -80,6 +80,9 @@ type Agent struct {
 	storage backendSlot
 	network backendSlot
 	gw      gateway
+
+	roundMu sync.Mutex
+	rounds  map[string]chan struct{} // per storage handle: held while a SyncRound runs
 }
 
 // New checks the configuration and listens on the control address. Serve
@@ -120,10 +123,11 @@ func New(ctx context.Context, cfg Config) (*Agent, error) {
 	log := cfg.Logger.Named("agent").With("migration_id", cfg.MigrationID, "role", string(cfg.Role))
 	a := &Agent{
 		cfg: cfg, log: log, started: time.Now(),
-		host:  host.New(cfg.PluginDirs, host.Options{Logger: log, Env: cfg.PluginEnv}),
-		ln:    tls.NewListener(tcp, tc),
-		done:  make(chan struct{}),
-		conns: map[net.Conn]struct{}{},
+		host:   host.New(cfg.PluginDirs, host.Options{Logger: log, Env: cfg.PluginEnv}),
+		ln:     tls.NewListener(tcp, tc),
+		done:   make(chan struct{}),
+		conns:  map[net.Conn]struct{}{},
+		rounds: map[string]chan struct{}{},
 	}
 	a.ctx, a.cancel = context.WithCancel(context.Background())
 	a.storage.kind, a.network.kind = contract.KindStorage, contract.KindNetwork
@@ -244,8 +248,9 @@ func (a *Agent) acceptLoop() {
 }
 
 // serveConn serves one controller connection. Its calls run under a ctx
-// that ends with the connection: a controller that went away does not
-// leave a round running that its successor would collide with.
+// that ends when the connection does: a controller that went away (killed,
+// no Cancel sent) does not leave a round running that its successor would
+// collide with.
 func (a *Agent) serveConn(c net.Conn) {
 	tc := c.(*tls.Conn)
 	hctx, hcancel := context.WithTimeout(a.ctx, 10*time.Second)
@@ -266,7 +271,7 @@ func (a *Agent) serveConn(c net.Conn) {
 		return
 	}
 	cd := newCodec(c)
-	cd.onRead = a.touch
+	cd.onRead, cd.onClose = a.touch, ccancel
 	srv.ServeCodec(serverCodec{cd})
 }
 
@@ -298,4 +303,23 @@ func (a *Agent) hello(req HelloRequest) (HelloResponse, error) {
 		StartedAt: a.started, IdleTimeout: a.cfg.IdleTimeout,
 		Storage: a.storage.currentName(), Network: a.network.currentName(), GatewayAddr: a.gw.listenAddr(),
 	}, nil
+}
+
+// roundSlot serialises SyncRound per handle: a repeated round (from a
+// controller that replaced one which died mid-round) waits until the
+// earlier call has returned instead of colliding with it in the backend.
+func (a *Agent) roundSlot(ctx context.Context, handle string) (func(), error) {
+	a.roundMu.Lock()
+	ch, ok := a.rounds[handle]
+	if !ok {
+		ch = make(chan struct{}, 1)
+		a.rounds[handle] = ch
+	}
+	a.roundMu.Unlock()
+	select {
+	case ch <- struct{}{}:
+		return func() { <-ch }, nil
+	case <-ctx.Done():
+		return nil, fmt.Errorf("waiting for the previous round of %s to end: %w (%w)", handle, contract.ErrCancelled, ctx.Err())
+	}
 }

@@ -81,6 +81,10 @@ type codec struct {
 	enc *msgpack.Encoder
 	// onRead runs after each request header is read (server: activity).
 	onRead func()
+	// onClose runs when reading a request header fails (the connection is
+	// gone): net/rpc then waits for the calls in flight before it returns,
+	// so this is where the server learns to cancel them.
+	onClose func()
 }
 
 func newCodec(c io.ReadWriteCloser) *codec {
@@ -122,6 +126,9 @@ type serverCodec struct{ *codec }
 func (s serverCodec) ReadRequestHeader(r *rpc.Request) error {
 	h, err := s.readHeader()
 	if err != nil {
+		if s.onClose != nil {
+			s.onClose()
+		}
 		return err
 	}
 	r.ServiceMethod, r.Seq = h.Method, h.Seq

@@ -122,6 +122,11 @@ func (s *Service) StoragePrepareSender(args Args[contract.PrepareSenderRequest],
 // StorageSyncRound is contract.Storage.SyncRound.
 func (s *Service) StorageSyncRound(args Args[contract.SyncRoundRequest], reply *Reply[contract.SyncRoundResponse]) error {
 	return withStorage(s, args, reply, func(ctx context.Context, st contract.Storage, req contract.SyncRoundRequest) (contract.SyncRoundResponse, error) {
+		release, err := s.a.roundSlot(ctx, req.Handle)
+		if err != nil {
+			return contract.SyncRoundResponse{}, err
+		}
+		defer release()
 		resp, err := st.SyncRound(ctx, req)
 		if err == nil {
 			s.a.storage.setState(req.Handle, resp.State)

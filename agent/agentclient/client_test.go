@@ -400,3 +400,41 @@ func TestAgentEnvDropsCredentials(t *testing.T) {
 	got := agentEnv([]string{"PATH=/bin", "WANMOTION_FROM_PASSWORD=x", "WANMOTION_PLUGIN_DIR=/p", "WANMOTION_SESSION=s", "DB_PASSWORD=y", "HOME=/root"})
 	assert.Equal(t, []string{"PATH=/bin", "WANMOTION_PLUGIN_DIR=/p", "HOME=/root"}, got)
 }
+
+// TestControllerKilledMidRound drops the controller's connections in the
+// middle of a round without any Cancel (as a killed process does); a new
+// client re-attaches and repeats the round, which must not collide with
+// the orphaned one ("a round is already running").
+func TestControllerKilledMidRound(t *testing.T) {
+	const size = 8 << 20
+	p := newPair(t, size, 16e6) // ~4 s for the round
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	info, sstate, local := p.prepare(t, ctx)
+	img0, _ := p.fx.writeSnapshot(t, 0, nil)
+
+	errc := make(chan error, 1)
+	go func() {
+		_, err := p.c.Storage().SyncRound(context.Background(), engine.SyncSpec{Key: p.key(), Round: 0, Snapshot: "OpaqueRef:snap-0", Full: true})
+		errc <- err
+	}()
+	require.Eventually(t, func() bool { return p.link.Counters().Upstream > size/8 }, 30*time.Second, 10*time.Millisecond)
+	require.NoError(t, p.c.Close()) // connections gone, no Cancel sent
+	require.Error(t, <-errc)
+
+	c2, err := New(p.config(t))
+	require.NoError(t, err)
+	defer c2.Close()
+	require.NoError(t, c2.Start(ctx, p.spec))
+	assert.Equal(t, 2, p.l.count())
+	rinfo, err := c2.Storage().RecoverReceiver(ctx, p.key(), info.State)
+	require.NoError(t, err)
+	require.Equal(t, info.Address, rinfo.Address)
+	require.NoError(t, c2.Storage().RecoverSender(ctx, p.key(), sstate, engine.Peer{Address: local, Endpoint: rinfo.Endpoint}))
+	res, err := c2.Storage().SyncRound(ctx, engine.SyncSpec{Key: p.key(), Round: 0, Snapshot: "OpaqueRef:snap-0", Full: true})
+	require.NoError(t, err)
+	assert.Equal(t, int64(size), res.BytesCopied)
+	_, err = c2.Storage().Finalize(ctx, p.key())
+	require.NoError(t, err)
+	assert.Equal(t, sum(img0), sum(p.replica(t)))
+}
