@@ -406,8 +406,8 @@ func TestAgentEnvDropsCredentials(t *testing.T) {
 // client re-attaches and repeats the round, which must not collide with
 // the orphaned one ("a round is already running").
 func TestControllerKilledMidRound(t *testing.T) {
-	const size = 8 << 20
-	p := newPair(t, size, 16e6) // ~4 s for the round
+	const size = 4 << 20
+	p := newPair(t, size, 16e6) // ~2 s for the round
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	info, sstate, local := p.prepare(t, ctx)
