@@ -72,6 +72,10 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 	}
 	if err := c.run(ctx, args[1:], stdout, stderr); err != nil {
 		fmt.Fprintf(stderr, "wanmotion %s: %v\n", args[0], err)
+		var ec interface{ ExitCode() int }
+		if errors.As(err, &ec) {
+			return ec.ExitCode()
+		}
 		if errors.Is(err, errUsage) {
 			return 2
 		}
