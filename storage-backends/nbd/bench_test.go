@@ -183,7 +183,7 @@ func BenchmarkRound0WAN(b *testing.B) {
 						b.Skip("nbdcopy not installed")
 					}
 					return benchTool(b, im.size, l, func(addr string) *exec.Cmd {
-						return exec.Command(nbdcopy, spath, "nbd://"+addr)
+						return exec.Command(nbdcopy, "--flush", spath, "nbd://"+addr)
 					})
 				}},
 				{"qemu-img-convert", func(b *testing.B, l benchLink) int64 {

@@ -44,9 +44,10 @@ type peer struct {
 	stop       chan struct{}
 	watching   sync.WaitGroup
 
-	mu   sync.Mutex
-	pool *nbd.Pool
-	gen  int
+	mu     sync.Mutex
+	pool   *nbd.Pool
+	gen    int
+	closed bool
 }
 
 func newPeer(cfg peerConfig, onWire *atomic.Int64, log hclog.Logger) *peer {
@@ -134,31 +135,59 @@ func (p *peer) dial(ctx context.Context) (*nbd.Pool, error) {
 	if err != nil {
 		return nil, err
 	}
-	if p.cfg.conns == 1 || !first.CanMultiConn() {
-		return nbd.NewPool(first), nil
+	return nbd.NewPool(first), nil
+}
+
+// addConns opens the other connections in the background (each handshake
+// costs a few round trips, so the copy starts on the first one) and then
+// widens the pool of generation gen, unless it failed meanwhile.
+func (p *peer) addConns(ctx context.Context, gen int, first *nbd.Client) {
+	if p.cfg.conns <= 1 || !first.CanMultiConn() {
+		return
 	}
-	// The others at once: each handshake costs a few round trips.
-	clients := make([]*nbd.Client, p.cfg.conns)
-	errs := make([]error, p.cfg.conns)
-	clients[0] = first
-	var wg sync.WaitGroup
-	for i := 1; i < p.cfg.conns; i++ {
-		wg.Add(1)
+	export := dataExport(p.cfg.token, p.cfg.round, p.cfg.snapshot)
+	perConn := max(1, (p.cfg.inFlight+p.cfg.conns-1)/p.cfg.conns) * 2
+	p.watching.Add(1)
+	go func() {
+		defer p.watching.Done()
+		ctx, cancel := context.WithCancel(ctx)
+		defer cancel()
 		go func() {
-			defer wg.Done()
-			clients[i], errs[i] = p.dialOne(ctx, export, perConn)
+			select {
+			case <-p.stop:
+				cancel()
+			case <-ctx.Done():
+			}
 		}()
-	}
-	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
-		for _, c := range clients {
+		extra := make([]*nbd.Client, p.cfg.conns-1)
+		var wg sync.WaitGroup
+		for i := range extra {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				c, err := p.dialOne(ctx, export, perConn)
+				if err == nil {
+					extra[i] = c
+				}
+			}()
+		}
+		wg.Wait()
+		clients := []*nbd.Client{first}
+		for _, c := range extra {
 			if c != nil {
-				_ = c.Close()
+				clients = append(clients, c)
 			}
 		}
-		return nil, err
-	}
-	return nbd.NewPool(clients...), nil
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		if p.gen != gen || p.pool == nil || p.closed {
+			for _, c := range clients[1:] {
+				_ = c.Close()
+			}
+			return
+		}
+		p.pool = nbd.NewPool(clients...)
+	}()
 }
 
 // permanent reports a dial error retrying cannot fix.
@@ -218,6 +247,7 @@ func (p *peer) get(ctx context.Context) (*nbd.Pool, int, error) {
 		p.log.Info("reconnected to the receiver", "generation", p.gen+1)
 	}
 	p.gen++
+	p.addConns(ctx, p.gen, p.pool.Clients()[0])
 	return p.pool, p.gen, nil
 }
 
@@ -237,6 +267,9 @@ const handshakeTimeout = 30 * time.Second
 
 func (p *peer) close() {
 	close(p.stop)
+	p.mu.Lock()
+	p.closed = true
+	p.mu.Unlock()
 	p.watching.Wait()
 	p.mu.Lock()
 	defer p.mu.Unlock()
