@@ -58,7 +58,12 @@ type pluginEnv struct {
 
 func newPluginEnv(t *testing.T) pluginEnv {
 	t.Helper()
-	e := pluginEnv{stateDir: t.TempDir(), pluginDir: fakeBackends(t, "storage-nbd", "network-l2tunnel")}
+	return newPluginEnvWith(t, fakeBackends(t, "storage-nbd", "network-l2tunnel"))
+}
+
+func newPluginEnvWith(t *testing.T, pluginDir string) pluginEnv {
+	t.Helper()
+	e := pluginEnv{stateDir: t.TempDir(), pluginDir: pluginDir}
 	e.bin = buildWanmotion(t, fmt.Sprintf("state_dir = %s\nplugin_dir = %s\nlog_level = debug\nagent_listen = 127.0.0.1:0\n", e.stateDir, e.pluginDir))
 	s, err := xapisim.New(xapisim.Config{StateDir: t.TempDir(), Pools: 2, DiskSize: 16 << 20, FillSize: 4 << 20,
 		MemorySize: 8 << 20, Logger: testutil.Logger(t)})
@@ -424,4 +429,55 @@ func TestPluginLauncherStartsAgentOnHost(t *testing.T) {
 	bad.TLS = agent.Material{}
 	_, err = l.Launch(ctx, bad)
 	require.ErrorIs(t, err, contract.ErrInvalidArgument, "the plugin's WANMOTION_INVALID_ARGUMENT maps back")
+}
+
+// TestHostPluginMigrationEndToEnd: a migration started with
+// host.call_plugin runs to success in the detached controller (local site
+// agents, the real nbd backend) and the task reports it.
+func TestHostPluginMigrationEndToEnd(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the nbd backend and moves a VM")
+	}
+	plugins := t.TempDir()
+	gobin := filepath.Join(runtime.GOROOT(), "bin", "go")
+	out, err := exec.Command(gobin, "build", "-buildvcs=false", "-o", filepath.Join(plugins, "wanmotion-storage-nbd"),
+		"../../storage-backends/nbd/cmd/wanmotion-storage-nbd").CombinedOutput()
+	require.NoError(t, err, "go build: %s", out)
+	e := newPluginEnvWith(t, plugins)
+	ctx := context.Background()
+	t.Cleanup(func() {
+		if t.Failed() {
+			logs, _ := filepath.Glob(filepath.Join(e.stateDir, "migrations", "agents-run", "*", "agent.log"))
+			for _, l := range logs {
+				b, _ := os.ReadFile(l)
+				t.Logf("%s:\n%s", l, b)
+			}
+		}
+	})
+
+	task, err := e.call(t, fnMigrate, e.migrateArgs())
+	require.NoError(t, err)
+	rec := waitTaskEnd(t, e.src, task)
+	require.Equal(t, xapi.TaskStatusSuccess, rec.Status, "error_info %q", rec.ErrorInfo)
+	assert.InDelta(t, 1.0, rec.Progress, 1e-9)
+
+	pb := e.info.Pools[1]
+	dst, err := xapi.New(xapi.Config{URL: pb.URL, Username: pb.Username, Password: pb.Password, Logger: testutil.Logger(t)})
+	require.NoError(t, err)
+	require.NoError(t, dst.Login(ctx))
+	t.Cleanup(func() { _ = dst.Close(context.Background()) })
+	moved, err := dst.VMGetByNameLabel(ctx, "demo-vm")
+	require.NoError(t, err)
+	require.Len(t, moved, 1, "the VM is in the destination pool")
+	left, err := e.src.VMGetByNameLabel(ctx, "demo-vm")
+	require.NoError(t, err)
+	assert.Empty(t, left, "and gone from the source")
+
+	out2, err := e.call(t, fnStatus, map[string]string{"task": task})
+	require.NoError(t, err)
+	var st pluginStatus
+	require.NoError(t, json.Unmarshal([]byte(out2), &st))
+	assert.Equal(t, "success", st.Status)
+	assert.Equal(t, "done", st.Phase)
+	assert.False(t, st.ControllerRunning)
 }
