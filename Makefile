@@ -4,6 +4,8 @@ BIN       := bin
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -X main.version=$(VERSION)
 TEST_TIMEOUT ?= 45m
+# Backend binaries (wanmotion-storage-*, wanmotion-network-*), built next to wanmotion so it finds them.
+BACKENDS  := $(shell ls -d ./storage-backends/*/cmd/* ./network-backends/*/cmd/* 2>/dev/null)
 
 .PHONY: all build test vet fmt-check demo bench clean tidy-check
 
@@ -11,7 +13,7 @@ all: build
 
 build:
 	@mkdir -p $(BIN)
-	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/...
+	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/... $(BACKENDS)
 
 vet:
 	$(GO) vet ./...
