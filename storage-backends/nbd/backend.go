@@ -17,6 +17,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -303,7 +304,13 @@ func (b *Backend) Cleanup(ctx context.Context, req contract.CleanupRequest) (con
 }
 
 func journalPath(dir, id string) string {
-	return filepath.Join(dir, "journal-"+id+".msgpack")
+	safe := strings.Map(func(r rune) rune {
+		if r == '-' || r == '_' || r == '.' || (r >= '0' && r <= '9') || (r >= 'a' && r <= 'z') || (r >= 'A' && r <= 'Z') {
+			return r
+		}
+		return '_'
+	}, id)
+	return filepath.Join(dir, "journal-"+safe+".msgpack")
 }
 
 // isGone reports an xapi error meaning the object no longer exists.

@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
-	"github.com/vmihailenco/msgpack/v5"
 
 	"github.com/wanmotion/wanmotion/nbd"
 	"github.com/wanmotion/wanmotion/plugins/contract"
@@ -332,7 +331,7 @@ func (p *peer) checkSize(ctx context.Context, size int64) error {
 
 // journal reads the receiver's applied-block record for (round, snapshot).
 func (p *peer) journal(ctx context.Context, round int, snapshot string) (*journalRecord, error) {
-	var rec journalRecord
+	var rec *journalRecord
 	err := p.withRetry(ctx, "read the receiver's journal", func(ctx context.Context) error {
 		c, err := p.dialOne(ctx, p.cfg.token+"/journal", 4)
 		if err != nil {
@@ -343,15 +342,20 @@ func (p *peer) journal(ctx context.Context, round int, snapshot string) (*journa
 		if err := c.ReadAt(ctx, b, 0); err != nil {
 			return err
 		}
-		return msgpack.Unmarshal(b, &rec)
+		r, err := decodeJournal(b)
+		if err != nil {
+			return fmt.Errorf("%w: %v", nbd.ErrProtocol, err)
+		}
+		rec = r
+		return nil
 	})
 	if err != nil {
 		return nil, err
 	}
-	if rec.Round != round || rec.Snapshot != snapshot || rec.BlockSize != blockSize {
+	if rec.Round != round || rec.Snapshot != snapshot {
 		return nil, nil
 	}
-	return &rec, nil
+	return rec, nil
 }
 
 // job is one range to apply.

@@ -61,12 +61,28 @@ func loadJournal(path string, size int64) *journal {
 	if err != nil {
 		return j
 	}
-	var rec journalRecord
-	if msgpack.Unmarshal(b, &rec) != nil || rec.BlockSize != blockSize || len(rec.Applied) != len(j.rec.Applied) {
+	rec, err := decodeJournal(b)
+	if err != nil || len(rec.Applied) != len(j.rec.Applied) {
 		return j
 	}
-	j.rec = rec
+	j.rec = *rec
 	return j
+}
+
+// decodeJournal decodes a journal record (from our state directory or,
+// at the sender, from the receiver's journal export).
+func decodeJournal(b []byte) (*journalRecord, error) {
+	var rec journalRecord
+	if err := msgpack.Unmarshal(b, &rec); err != nil {
+		return nil, fmt.Errorf("journal: %w", err)
+	}
+	if rec.BlockSize != blockSize {
+		return nil, fmt.Errorf("journal: block size %d, want %d", rec.BlockSize, blockSize)
+	}
+	if rec.Round < -1 {
+		return nil, fmt.Errorf("journal: round %d", rec.Round)
+	}
+	return &rec, nil
 }
 
 // begin switches the journal to (round, snapshot); a new key clears it.
