@@ -16,6 +16,7 @@
 #   /etc/xapi.d/vm-post-migrate/50wanmotion
 #   /etc/wanmotion/wanmotion.conf                   kept if it exists
 #   /usr/share/wanmotion/xencenter/WanMotion/WanMotion.xcplugin.xml
+#   /usr/share/wanmotion/xencenter/wanmotion-xencenter.exe   (Windows, for XenCenter)
 #   /usr/share/doc/wanmotion/operator-guide.md
 set -eu
 
@@ -43,6 +44,9 @@ if [ "$build" = 1 ]; then
 		case "$name" in wanmotion-storage-*|wanmotion-network-*) ;; *) continue ;; esac
 		(cd "$top" && "$GO" build -o "$bindir/$name" "./${d#"$top"/}")
 	done
+	# The XenCenter menu item runs on Windows.
+	(cd "$top" && GOOS=windows GOARCH=amd64 "$GO" build -ldflags "-X main.version=$VERSION" \
+		-o "$bindir/wanmotion-xencenter.exe" ./cmd/wanmotion-xencenter)
 fi
 
 [ -x "$bindir/wanmotion" ] || { echo "$0: $bindir/wanmotion is missing (build first, or pass --build)" >&2; exit 1; }
@@ -75,5 +79,8 @@ if [ ! -e "$dest/etc/wanmotion/wanmotion.conf" ]; then
 	install -m 0644 "$here/wanmotion.conf" "$dest/etc/wanmotion/wanmotion.conf"
 fi
 install -m 0644 "$here/xencenter/WanMotion/WanMotion.xcplugin.xml" "$dest/usr/share/wanmotion/xencenter/WanMotion/WanMotion.xcplugin.xml"
+if [ -f "$bindir/wanmotion-xencenter.exe" ]; then
+	install -m 0644 "$bindir/wanmotion-xencenter.exe" "$dest/usr/share/wanmotion/xencenter/wanmotion-xencenter.exe"
+fi
 install -m 0644 "$top/docs/operator-guide.md" "$dest/usr/share/doc/wanmotion/operator-guide.md" 2>/dev/null || true
 echo "wanmotion installed under ${dest:-/}"

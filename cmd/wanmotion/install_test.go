@@ -131,6 +131,7 @@ func TestMakeInstall(t *testing.T) {
 	out, err := cmd.CombinedOutput()
 	require.NoError(t, err, "%s", out)
 	checkInstallTree(t, dest, "wanmotion-storage-nbd")
+	assert.FileExists(t, filepath.Join(dest, "usr/share/wanmotion/xencenter/wanmotion-xencenter.exe"), "the Windows XenCenter helper")
 	v, err := exec.CommandContext(ctx, filepath.Join(dest, "usr/lib/wanmotion/wanmotion"), "version").Output()
 	require.NoError(t, err)
 	assert.Equal(t, "wanmotion 1.2.3-test", strings.TrimSpace(string(v)))

@@ -12,6 +12,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/wanmotion/wanmotion/xapi"
+	"github.com/wanmotion/wanmotion/xencenter"
 )
 
 // The manifest as XenCenter's plugin loader reads it (XenAdmin/Plugins).
@@ -53,7 +54,7 @@ func TestXenCenterManifest(t *testing.T) {
 		assert.Equal(t, "Shell", o.XMLName.Local, "no other child element")
 	}
 	sh := it.Shell[0]
-	assert.True(t, strings.HasSuffix(strings.ToLower(sh.Filename), "wanmotion.exe"), sh.Filename)
+	assert.True(t, strings.HasSuffix(strings.ToLower(sh.Filename), `\wanmotion-xencenter.exe`), sh.Filename)
 	params := strings.Split(sh.Param, ",")
 	_, ok := commands()[params[0]]
 	require.True(t, ok, "the manifest runs an existing command: %q", params[0])
@@ -73,15 +74,16 @@ func TestXenCenterCommand(t *testing.T) {
 	require.NoError(t, err)
 	pb := e.info.Pools[1]
 
-	oldIn, oldPW := xencenterInput, readPassword
-	t.Cleanup(func() { xencenterInput, readPassword = oldIn, oldPW })
+	oldIn, oldPW := xencenter.Stdin, xencenter.ReadPassword
+	t.Cleanup(func() { xencenter.Stdin, xencenter.ReadPassword = oldIn, oldPW })
 	var prompted string
-	readPassword = func(p string, w io.Writer) (string, error) { prompted = p; return pb.Password, nil }
+	xencenter.ReadPassword = func(p string, w io.Writer) (string, error) { prompted = p; return pb.Password, nil }
 	// URL, user (default), SR (default), network map (default).
-	xencenterInput = strings.NewReader(pb.URL + "\n\n\n\n")
+	xencenter.Stdin = strings.NewReader(pb.URL + "\n\n\n\n")
 
 	session := string(e.src.Session())
-	out, stderr, err := run(t, runXencenter, "--no-wait", e.info.Pools[0].URL, session, "VM", vm.UUID)
+	// As the manifest runs it: "xencenter" then XenCenter's four arguments.
+	out, stderr, err := run(t, runXencenter, "xencenter", "--no-wait", e.info.Pools[0].URL, session, "VM", vm.UUID)
 	require.NoError(t, err, stderr)
 	task := strings.TrimSpace(out)
 	require.True(t, strings.HasPrefix(task, "OpaqueRef:"), "stdout is the task: %q", out)
@@ -106,7 +108,7 @@ func TestXenCenterCommand(t *testing.T) {
 		require.ErrorIs(t, err, errUsage, "%v", bad)
 	}
 
-	xencenterInput = strings.NewReader("\n")
+	xencenter.Stdin = strings.NewReader("\n")
 	_, _, err = run(t, runXencenter, "--no-wait", e.info.Pools[0].URL, session, "VM", vm.UUID)
 	require.ErrorIs(t, err, errUsage, "no destination")
 }
