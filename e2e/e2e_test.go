@@ -1,0 +1,241 @@
+package e2e
+
+import (
+	"fmt"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/wanmotion/wanmotion/engine"
+	"github.com/wanmotion/wanmotion/xapi"
+)
+
+// TestMigrateAndLinkCuts: a migration with the guest writing, then the
+// same migration with the WAN link cut during Seed and during Handoff. The
+// cut runs must finish with the disks intact and re-send little: their
+// bytes on the wire stay within 1.5× of the cut-free run's.
+func TestMigrateAndLinkCuts(t *testing.T) {
+	var baseline int64
+	t.Run("success", func(t *testing.T) {
+		e := newEnv(t)
+		rep, code := e.migrate("wm-success").report(t)
+		require.Equal(t, 0, code, "report %+v", rep)
+		assert.Equal(t, "success", rep.Result)
+		assert.Equal(t, "done", rep.Phase)
+		assert.Equal(t, e.vmUUID, rep.VMUUID)
+		assert.Equal(t, "ok", rep.Integrity, "the destination disk holds what the guest wrote")
+		assert.GreaterOrEqual(t, rep.SeedRounds, 2, "round 0 and at least one delta round")
+		assert.Positive(t, rep.BytesToMove)
+		assert.Positive(t, rep.BytesOnWire)
+		assert.True(t, rep.GuestPauseMeasured)
+		names := []string{}
+		for _, p := range rep.Phases {
+			names = append(names, p.Name)
+		}
+		assert.Equal(t, []string{"plan", "prepare", "seed", "handoff", "switch", "verify", "cleanup"}, names)
+		// everything the gateway carried crossed the emulated link
+		c := e.link.Counters()
+		assert.GreaterOrEqual(t, c.Upstream+c.Downstream, rep.BytesOnWire*9/10, "link counters %+v", c)
+		e.settled(siteB)
+		baseline = rep.BytesOnWire
+	})
+
+	for _, tc := range []struct {
+		name  string
+		phase engine.Phase
+	}{
+		{"link-cut-seed", engine.PhaseSeed},
+		{"link-cut-handoff", engine.PhaseHandoff},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t)
+			id := "wm-" + tc.name
+			p := e.migrate(id)
+			// cut once data flows in the phase (≥ 1 MiB crossed the link since it began)
+			e.waitFor(id, p, tc.phase.String(), func(cp *engine.Checkpoint) bool { return cp.Phase == tc.phase })
+			start := e.link.Counters().Upstream
+			deadline := time.Now().Add(runTimeout)
+			for e.link.Counters().Upstream-start < 1<<20 && time.Now().Before(deadline) {
+				time.Sleep(5 * time.Millisecond)
+			}
+			cp := e.checkpoint(id)
+			require.Equal(t, tc.phase, cp.Phase, "still in %s when the link is cut", tc.phase)
+			e.link.Cut()
+			time.Sleep(1500 * time.Millisecond)
+			require.NoError(t, e.link.Restore())
+			rep, code := p.report(t)
+			require.Equal(t, 0, code, "report %+v\nstderr:\n%s", rep, p.stderrText())
+			assert.Equal(t, "success", rep.Result)
+			assert.Equal(t, "ok", rep.Integrity)
+			assert.GreaterOrEqual(t, e.link.Counters().Cuts, 1)
+			e.settled(siteB)
+			if baseline > 0 {
+				ratio := float64(rep.BytesOnWire) / float64(baseline)
+				t.Logf("bytes on the wire: %d with the cut, %d without (%.2fx)", rep.BytesOnWire, baseline, ratio)
+				assert.Less(t, ratio, 1.5, "a cut re-sends little")
+			}
+		})
+	}
+}
+
+// phaseFaults are the phases a fault is injected in. The gate holds the
+// first pool API call the controller makes while its checkpoint names the
+// phase (each phase makes one early: task progress, the cancel poll or a
+// VM lookup), so the fault lands inside that phase. Plan is caught once
+// its xapi task exists (a cancel needs it); seed is caught at the start of
+// the first delta round (a snapshot and a replica with data exist).
+var phaseFaults = []struct {
+	phase engine.Phase
+	more  func(method string, cp *engine.Checkpoint) bool
+}{
+	{engine.PhasePlan, func(_ string, cp *engine.Checkpoint) bool { return cp.Task != "" && cp.TaskLabelled }},
+	{engine.PhasePrepare, nil},
+	{engine.PhaseSeed, func(m string, _ *engine.Checkpoint) bool { return m == "VDI.list_changed_blocks" }},
+	{engine.PhaseHandoff, nil},
+	{engine.PhaseSwitch, nil},
+	{engine.PhaseVerify, nil},
+	{engine.PhaseCleanup, nil},
+}
+
+// TestCancelInEachPhase cancels with `wanmotion migrate cancel` (xapi
+// task.cancel, as XenCenter does) in each phase. Before Handoff the
+// migration rolls back (exit 3, VM at the source only, nothing left
+// behind); from Handoff on the CLI refuses, a task.cancel sent anyway is
+// ignored, and the migration completes.
+func TestCancelInEachPhase(t *testing.T) {
+	for _, f := range phaseFaults {
+		t.Run(f.phase.String(), func(t *testing.T) {
+			e := newEnv(t)
+			id := "wm-cancel-" + f.phase.String()
+			e.gate.arm(e.inPhase(id, f.phase, f.more))
+			p := e.migrate(id)
+			m := e.gate.waitHit(p)
+			t.Logf("holding %s in %s", m, f.phase)
+			c := e.start(id+"-cancel", "migrate", "cancel", id, "--state-dir", e.stateDir)
+			code := c.wait(t)
+			if f.phase.ForwardOnly() {
+				assert.NotEqual(t, 0, code, "cancel refused past handoff")
+				assert.Contains(t, c.stderrText(), "cannot be cancelled")
+				// XenCenter's Cancel button does not ask: task.cancel anyway
+				cp := e.checkpoint(id)
+				require.NotEmpty(t, cp.Task)
+				require.NoError(t, e.client(siteA).TaskCancel(t.Context(), xapi.TaskRef(cp.Task)))
+			} else {
+				require.Equal(t, 0, code, "cancel: %s", c.stderrText())
+				assert.Contains(t, c.stdout.String(), "cancel requested")
+			}
+			require.Equal(t, f.phase, e.checkpoint(id).Phase, "the fault landed in %s", f.phase)
+			e.gate.release <- false
+			rep, code := p.report(t)
+			if f.phase.ForwardOnly() {
+				require.Equal(t, 0, code, "report %+v", rep)
+				assert.Equal(t, "success", rep.Result)
+				assert.Equal(t, "ok", rep.Integrity)
+				assert.True(t, e.checkpoint(id).CancelIgnored)
+				e.settled(siteB)
+				return
+			}
+			assert.Equal(t, 3, code, "exit code of a cancelled migration; report %+v", rep)
+			assert.Equal(t, "cancelled", rep.Result)
+			assert.Equal(t, "rolled_back", rep.Phase)
+			e.settled(siteA)
+			e.assertCBTRestored()
+		})
+	}
+}
+
+// TestControllerKilledInEachPhase kills the controller (SIGKILL of the
+// migrate process) in each phase, then `wanmotion migrate resume ID`
+// completes the migration.
+func TestControllerKilledInEachPhase(t *testing.T) {
+	faults := append(append([]struct {
+		phase engine.Phase
+		more  func(method string, cp *engine.Checkpoint) bool
+	}{}, phaseFaults...), struct {
+		phase engine.Phase
+		more  func(method string, cp *engine.Checkpoint) bool
+	}{engine.PhaseSeed, func(m string, cp *engine.Checkpoint) bool {
+		// mid round 0: the round is copying (the cancel poll runs meanwhile)
+		return m == "task.get_record" && cp.Seed.Round == 0 && len(cp.Disks) > 0 && len(cp.Disks[0].Snapshots) > 0
+	}})
+	for i, f := range faults {
+		name := f.phase.String()
+		if i == len(faults)-1 {
+			name = "seed-mid-round"
+		}
+		t.Run(name, func(t *testing.T) {
+			e := newEnv(t)
+			id := "wm-kill-" + name
+			e.gate.arm(e.inPhase(id, f.phase, f.more))
+			p := e.migrate(id)
+			m := e.gate.waitHit(p)
+			require.NoError(t, p.cmd.Process.Signal(syscall.SIGKILL))
+			<-p.done
+			t.Logf("controller killed while %s was held in %s", m, f.phase)
+			e.gate.release <- true
+			require.Equal(t, f.phase, e.checkpoint(id).Phase, "killed in %s", f.phase)
+			rep, code := e.resume(id)
+			require.Equal(t, 0, code, "resume: report %+v", rep)
+			assert.Equal(t, "success", rep.Result)
+			assert.Equal(t, "ok", rep.Integrity)
+			e.settled(siteB)
+		})
+	}
+}
+
+// TestAgentKilledDuringSeed kills the source or the destination agent
+// (SIGKILL) while a seed round copies. The engine re-launches it and
+// completes, or fails cleanly with the VM at the source; resume then
+// completes.
+func TestAgentKilledDuringSeed(t *testing.T) {
+	for _, role := range []string{"source", "destination"} {
+		t.Run(role, func(t *testing.T) {
+			e := newEnv(t)
+			id := "wm-agent-" + role
+			e.gate.arm(e.inPhase(id, engine.PhaseSeed, func(m string, cp *engine.Checkpoint) bool {
+				return m == "task.get_record" && cp.Seed.Round == 0 && len(cp.Disks) > 0 && len(cp.Disks[0].Snapshots) > 0
+			}))
+			p := e.migrate(id)
+			e.gate.waitHit(p)
+			pid := e.agentPID(id, role)
+			require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
+			t.Logf("killed the %s agent (pid %d) mid round 0", role, pid)
+			e.gate.release <- false
+			rep, code := p.report(t)
+			if code != 0 {
+				t.Logf("the migration did not complete (exit %d, %s in %s: %s); resuming", code, rep.Result, rep.Phase, rep.Error)
+				assert.Contains(t, []string{"failed", "cancelled"}, rep.Result)
+				assert.Equal(t, siteA, e.location(), "a failed migration leaves the VM at the source")
+				if rep.Phase != "rolled_back" {
+					rep, code = e.resume(id)
+					require.Equal(t, 0, code, "resume: report %+v", rep)
+				}
+			}
+			if rep.Result == "success" {
+				assert.Equal(t, "ok", rep.Integrity)
+				e.settled(siteB)
+				return
+			}
+			e.settled(siteA)
+		})
+	}
+}
+
+// assertCBTRestored: a rolled-back migration leaves CBT on the VM's disks
+// as it found it (off in the simulator's demo-vm).
+func (e *env) assertCBTRestored() {
+	e.t.Helper()
+	recs, err := e.client(siteA).VDIGetAllRecords(e.t.Context())
+	require.NoError(e.t, err)
+	var on []string
+	for _, r := range recs {
+		if !r.IsASnapshot && len(r.VBDs) > 0 && r.CBTEnabled && !strings.Contains(r.NameLabel, "suspend") {
+			on = append(on, fmt.Sprintf("%s (%s)", r.UUID, r.NameLabel))
+		}
+	}
+	assert.Empty(e.t, on, "CBT restored to off on the VM's disks")
+}
