@@ -109,7 +109,7 @@ func hostPluginEntry(ctx context.Context, args []string, stdout, stderr io.Write
 		_, _ = stdout.Write(xapiplugin.Failure(hostplugin.CodeInvalidArgument, err.Error()))
 		return 0, true
 	}
-	out, err := servePlugin(ctx, call, stderr)
+	out, err := servePluginSafe(ctx, call, stderr)
 	if err != nil {
 		code, params := errorDescription(err)
 		_, _ = stdout.Write(xapiplugin.Failure(code, params...))
@@ -117,6 +117,19 @@ func hostPluginEntry(ctx context.Context, args []string, stdout, stderr io.Write
 	}
 	_, _ = stdout.Write(xapiplugin.Success(out))
 	return 0, true
+}
+
+// servePluginSafe turns a panic into WANMOTION_INTERNAL: xapi must always
+// get a methodResponse (a crash would be XENAPI_PLUGIN_FAILURE with our
+// stderr).
+func servePluginSafe(ctx context.Context, call xapiplugin.Call, stderr io.Writer) (out string, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			fmt.Fprintf(stderr, "wanmotion plugin: panic in %s: %v\n", call.Method, r)
+			out, err = "", perr(hostplugin.CodeInternal, fmt.Errorf("internal error in %s: %v", call.Method, r))
+		}
+	}()
+	return servePlugin(ctx, call, stderr)
 }
 
 // pluginCall is one plugin invocation with its environment.

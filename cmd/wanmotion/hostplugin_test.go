@@ -83,6 +83,7 @@ func newPluginEnvWith(t *testing.T, pluginDir string) pluginEnv {
 	e.coord, err = c.PoolGetMaster(ctx, pools[0])
 	require.NoError(t, err)
 	e.src = c
+	t.Cleanup(func() { stopLeftoverAgents(t, e.stateDir) })
 	t.Cleanup(func() {
 		if t.Failed() {
 			logs, _ := filepath.Glob(filepath.Join(e.stateDir, "plugin", "*.log"))
@@ -93,6 +94,32 @@ func newPluginEnvWith(t *testing.T, pluginDir string) pluginEnv {
 		}
 	})
 	return e
+}
+
+// stopLeftoverAgents ends site agents the test's controllers started and
+// left running (a migration that failed while preparing leaves its
+// destination agent to its idle timeout).
+func stopLeftoverAgents(t *testing.T, stateDir string) {
+	pids, _ := filepath.Glob(filepath.Join(stateDir, "*", "agents-run", "*", "agent.pid"))
+	more, _ := filepath.Glob(filepath.Join(stateDir, "agents", "*", "agent.pid"))
+	for _, f := range append(pids, more...) {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		var pid int
+		if _, err := fmt.Sscan(string(b), &pid); err != nil || pid <= 0 {
+			continue
+		}
+		cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if err != nil || !strings.Contains(string(cmdline), stateDir) {
+			continue // gone, or not ours
+		}
+		if p, err := os.FindProcess(pid); err == nil {
+			_ = p.Kill()
+			t.Logf("stopped leftover agent %d (%s)", pid, filepath.Base(filepath.Dir(f)))
+		}
+	}
 }
 
 func (e pluginEnv) call(t *testing.T, fn string, args map[string]string) (string, error) {
