@@ -134,6 +134,10 @@ type demoResult struct {
 	Integrity demoIntegrity     `json:"integrity"`
 	Link      wanemu.Counters   `json:"link_bytes"`
 	Guest     map[string]string `json:"guest,omitempty"` // sim.guest_stats at the end
+	// XAPIMigration is the simulator's record of the hand-over's
+	// VM.migrate_send (sim.last_migration): memory rounds, final pages,
+	// mirrored writes, pause.
+	XAPIMigration map[string]string `json:"xapi_migration,omitempty"`
 	// Pids are the child processes the demo saw (simulator, migrate, site
 	// agents and their backends); all are gone when it returns.
 	Pids     []int  `json:"pids"`
@@ -330,6 +334,10 @@ func (d *demo) run(ctx context.Context) (res demoResult, err error) {
 		var gs map[string]string
 		if dst.CallInto(ctx, &gs, "sim.guest_stats", vmUUID) == nil {
 			res.Guest = gs
+		}
+		var lm map[string]string
+		if dst.CallInto(ctx, &lm, "sim.last_migration", vmUUID) == nil && len(lm) > 0 {
+			res.XAPIMigration = lm
 		}
 	}
 	res.Integrity, err = d.integrity(ctx, dst, vmUUID)
@@ -701,10 +709,14 @@ func (d *demo) report(res demoResult, destSite string) {
 		kind = "measured by the simulator"
 	}
 	d.printf("guest pause:   %d ms (%s; target %s)\n", m.GuestPauseMS, kind, time.Duration(res.Settings.DowntimeGoalS*float64(time.Second)))
+	if x := res.XAPIMigration; x != nil {
+		mem, _ := strconv.ParseInt(x["memory_bytes"], 10, 64)
+		d.printf("hand-over:     xapi streamed %s of memory in %s rounds (%s pages in the paused round), %s guest writes mirrored\n",
+			human(mem), x["rounds"], x["final_pages"], x["mirrored_writes"])
+	}
 	if res.Guest != nil {
 		if n, err := strconv.ParseInt(res.Guest["bytes_written"], 10, 64); err == nil {
-			d.printf("guest writes:  %s in %s writes since the demo began (%s mirrored by xapi during the hand-over)\n",
-				human(n), res.Guest["writes"], res.Guest["mirrored_writes"])
+			d.printf("guest writes:  %s in %s writes since the simulator started\n", human(n), res.Guest["writes"])
 		}
 	}
 	d.printf("SHA-256 over %s of disk (engine's own byte-for-byte check: %s):\n", human(res.Integrity.Bytes), m.Integrity)
