@@ -358,6 +358,23 @@ func TestHostPluginMigrateBadArguments(t *testing.T) {
 	for _, r := range tasks {
 		assert.NotEqual(t, "VM.migrate_send", r.NameLabel, "no task is left behind by a refused migrate")
 	}
+
+	// plan: the dry run, synchronous, nothing started.
+	out, err := e.call(t, fnPlan, e.migrateArgs())
+	require.NoError(t, err)
+	var plan map[string]any
+	require.NoError(t, json.Unmarshal([]byte(out), &plan))
+	assert.Equal(t, true, plan["dry_run"])
+	assert.Equal(t, "nbd", plan["storage_backend"])
+	assert.Equal(t, "none", plan["network_backend"])
+	require.NotEmpty(t, plan["disks"], "the plan lists the VM's disks")
+	_, err = e.call(t, fnPlan, map[string]string{"vm": "demo-vm"})
+	requireAPIError(t, err, hostplugin.CodeInvalidArgument)
+	tasks, err = e.src.TaskGetAllRecords(context.Background())
+	require.NoError(t, err)
+	for _, r := range tasks {
+		assert.NotEqual(t, "VM.migrate_send", r.NameLabel, "plan starts nothing")
+	}
 }
 
 // TestHostPluginXenAPIPy calls the plugin through the official XenAPI.py
