@@ -112,11 +112,34 @@ func migrateArgs(args map[string]string) (*migrateFlags, engine.Overrides, error
 	}
 	f, o, err := parseMigrateFlags(cli, io.Discard)
 	if err != nil {
-		msg := strings.NewReplacer("--from and --to are the same pool", "dest_url is this pool", "--to", argDestURL).Replace(err.Error())
+		msg := flagsToArgs.Replace(err.Error())
 		return nil, o, perr(hostplugin.CodeInvalidArgument, fmt.Errorf("%w: %s", hostplugin.ErrInvalidArgument, msg))
 	}
 	return f, o, nil
 }
+
+// flagsToArgs rewrites the CLI parser's flag names into argument names
+// (longest flag first, so --to-user is not read as --to).
+var flagsToArgs = func() *strings.Replacer {
+	type pair struct{ flag, arg string }
+	pairs := []pair{{"--from and --to are the same pool", argDestURL + " is this pool"},
+		{"--network-map", argNetworkMap}, {"--thumbprint", argDestThumbprint}, {"--insecure", argDestInsecure},
+		{"--skip-assert", argSkipAssert}}
+	for a, f := range migrateArgFlags {
+		pairs = append(pairs, pair{"--" + f, a})
+	}
+	sort.Slice(pairs, func(i, j int) bool {
+		if len(pairs[i].flag) != len(pairs[j].flag) {
+			return len(pairs[i].flag) > len(pairs[j].flag)
+		}
+		return pairs[i].flag < pairs[j].flag
+	})
+	var old []string
+	for _, p := range pairs {
+		old = append(old, p.flag, p.arg)
+	}
+	return strings.NewReplacer(old...)
+}()
 
 func splitList(s string) []string {
 	var out []string
@@ -326,6 +349,9 @@ func (p *pluginCall) startWorker(job pluginJob) (migrationRecord, error) {
 
 // failTask ends a task that no engine will finish.
 func failTask(ctx context.Context, c *xapi.Client, task string, cause error) {
+	if cause == nil {
+		return // the engine finished the task
+	}
 	ref := xapi.TaskRef(task)
 	rec, err := c.TaskGetRecord(ctx, ref)
 	if err != nil || rec.Status != xapi.TaskStatusPending {

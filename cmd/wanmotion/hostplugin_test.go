@@ -525,3 +525,44 @@ func TestHostPluginMigrationEndToEnd(t *testing.T) {
 	assert.Equal(t, "done", st.Phase)
 	assert.False(t, st.ControllerRunning)
 }
+
+func TestMigrateArgsNamesArguments(t *testing.T) {
+	base := map[string]string{"vm": "v", "dest_url": "https://b.example", "dest_password": "pw"}
+	for _, tc := range []struct{ arg, value, want string }{
+		{"dest_user", "", "dest_user"},
+		{"streams", "0", "streams"},
+		{"downtime_target", "0s", "downtime_target"},
+		{"network_map", "a", "network_map"},
+		{"gateway_listen", "7000", "gateway_listen"},
+		{"skip_assert", "maybe", "skip_assert"},
+		{"dest_insecure", "true", "dest_insecure"}, // with a thumbprint below
+	} {
+		t.Run(tc.arg, func(t *testing.T) {
+			args := map[string]string{tc.arg: tc.value}
+			for k, v := range base {
+				args[k] = v
+			}
+			if tc.arg == "dest_insecure" {
+				args["dest_thumbprint"] = "ab:cd"
+			}
+			if tc.arg == "dest_user" {
+				args["dest_user"] = "x"
+				args["streams"] = "300"
+				tc.want = "streams"
+			}
+			_, _, err := migrateArgs(args)
+			require.ErrorIs(t, err, hostplugin.ErrInvalidArgument)
+			assert.Contains(t, err.Error(), tc.want)
+			assert.NotContains(t, err.Error(), "--", "argument names, not CLI flags: %v", err)
+		})
+	}
+	f, o, err := migrateArgs(map[string]string{"vm": "v", "dest_url": "https://b.example", "dest_password": "pw",
+		"dest_user": "admin", "network_map": "a=b, *=c", "dest_thumbprint": "AB:CD,EF:01", "skip_assert": "true", "streams": "8"})
+	require.NoError(t, err)
+	assert.Equal(t, "admin", f.toUser)
+	assert.Equal(t, stringList{"a=b", "*=c"}, f.networkMap)
+	assert.Equal(t, stringList{"AB:CD", "EF:01"}, f.tls.thumbprints)
+	assert.True(t, f.skipAssert)
+	require.NotNil(t, o.Streams)
+	assert.Equal(t, 8, *o.Streams)
+}
