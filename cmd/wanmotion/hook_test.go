@@ -163,6 +163,30 @@ func TestHooksThroughSimulator(t *testing.T) {
 	assert.Equal(t, 1, direct(src, hookPreMigrate, "-reason", "source", "-vmuuid", "00000000-0000-0000-0000-000000000000"), "unknown VM")
 	assert.Equal(t, 0, direct(src, hookPreMigrate, "-vmuuid", vm.UUID, "-reason", "suspend"), "other reasons: nothing to do")
 
+	// A migration xapi runs itself (VM.pool_migrate) runs both hooks.
+	setNetwork("noop")
+	require.NoError(t, os.RemoveAll(records))
+	vm, err = c.VMGetRecord(ctx, vms[0])
+	require.NoError(t, err)
+	other := hosts[0].Ref
+	if string(vm.ResidentOn) == string(other) {
+		other = hosts[1].Ref
+	}
+	require.NoError(t, c.VMPoolMigrate(ctx, vms[0], xapi.HostRef(other), map[string]string{"live": "true"}))
+	for _, role := range []string{"source", "destination"} {
+		assert.FileExists(t, filepath.Join(records, role+".json"), "VM.pool_migrate ran the %s hook", role)
+	}
+	// ... and is not blocked when our side is broken.
+	setNetwork("no-such-backend")
+	back := hosts[0].Ref
+	if back == other {
+		back = hosts[1].Ref
+	}
+	require.NoError(t, c.VMPoolMigrate(ctx, vms[0], xapi.HostRef(back), map[string]string{"live": "true"}), "exit 1 never blocks a migration")
+	vm, err = c.VMGetRecord(ctx, vms[0])
+	require.NoError(t, err)
+	assert.Equal(t, string(back), string(vm.ResidentOn))
+
 	missing := hookScript(t, filepath.Join(t.TempDir(), "not-installed"), hookPreMigrate)
 	cmd := exec.CommandContext(ctx, missing, "-vmuuid", vm.UUID, "-reason", "source")
 	err = cmd.Run()
