@@ -27,6 +27,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -182,9 +183,13 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
-	d := &demo{f: f, out: stdout, stderr: stderr}
+	// Child processes write to these too: a terminal or file is handed to
+	// them as is (migrate's live progress needs the terminal); other
+	// writers are shared under one lock.
+	var mu sync.Mutex
+	d := &demo{f: f, out: lockWriter(&mu, stdout), stderr: lockWriter(&mu, stderr)}
 	if f.asJSON {
-		d.out = stderr // the story goes to stderr, the object to stdout
+		d.out = d.stderr // the story goes to stderr, the object to stdout
 	}
 	res, err := d.run(ctx)
 	if f.asJSON {
@@ -352,6 +357,26 @@ func (d *demo) run(ctx context.Context) (res demoResult, err error) {
 		return res, fmt.Errorf("migration %s: result %s", id, res.Result)
 	}
 	return res, nil
+}
+
+// lockedWriter serialises writes to w (exec copies a child's output from
+// its own goroutines when the writer is not an *os.File).
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  io.Writer
+}
+
+func (l lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
+}
+
+func lockWriter(mu *sync.Mutex, w io.Writer) io.Writer {
+	if _, ok := w.(*os.File); ok {
+		return w
+	}
+	return lockedWriter{mu: mu, w: w}
 }
 
 func demoBinary() (string, error) {

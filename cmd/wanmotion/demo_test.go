@@ -13,6 +13,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/wanmotion/wanmotion/engine"
 )
 
 // demoBinaries builds the real wanmotion binary and the nbd backend into
@@ -121,4 +123,59 @@ func TestDemoFlags(t *testing.T) {
 			assert.Equal(t, 50*time.Millisecond, f.rtt)
 		})
 	}
+}
+
+// TestDemoInterrupted cancels the demo (as Ctrl-C does) during Seed: the
+// migration rolls back, the VM still runs at site-a, nothing is left.
+func TestDemoInterrupted(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds binaries and runs a migration")
+	}
+	isolate(t)
+	demoExec = demoBinaries(t)
+	t.Cleanup(func() { demoExec = "" })
+	work := t.TempDir()
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		// Interrupt once the migration's checkpoint says Seed.
+		deadline := time.Now().Add(2 * time.Minute)
+		for time.Now().Before(deadline) && ctx.Err() == nil {
+			dirs, _ := filepath.Glob(filepath.Join(work, "run-*", "migrate"))
+			for _, d := range dirs {
+				store, err := engine.NewFileStore(d)
+				if err != nil {
+					continue
+				}
+				ids, _ := store.List(ctx)
+				for _, id := range ids {
+					if cp, err := store.Load(ctx, id); err == nil && cp.Phase == engine.PhaseSeed {
+						cancel()
+						return
+					}
+				}
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}()
+	var out, errb bytes.Buffer
+	err := runDemo(ctx, []string{"--disk-size", "128MiB", "--fill-size", "48MiB", "--memory-size", "16MiB",
+		"--bandwidth", "16Mbit", "--rtt", "10ms", "--dir", work, "--json"}, &out, &errb)
+	require.Error(t, err, "stderr:\n%s", errb.String())
+	var ec interface{ ExitCode() int }
+	require.ErrorAs(t, err, &ec)
+	assert.Equal(t, exitCancelled, ec.ExitCode())
+
+	var res demoResult
+	require.NoError(t, json.Unmarshal(out.Bytes(), &res), "stdout: %s", out.String())
+	assert.Equal(t, "cancelled", res.Result, "stderr:\n%s", errb.String())
+	assert.Equal(t, map[string]string{"site-a": "Running"}, res.Placement.Sites, "the VM stays at the source")
+	assert.Equal(t, "skipped", res.Integrity.Result)
+	require.NotEmpty(t, res.Pids)
+	for _, p := range res.Pids {
+		assert.False(t, procAlive(p), "pid %d still runs", p)
+	}
+	assert.Empty(t, processesMentioning(work))
+	assert.Contains(t, errb.String(), "cancelling the migration")
 }
