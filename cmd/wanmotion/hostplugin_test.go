@@ -58,13 +58,15 @@ type pluginEnv struct {
 
 func newPluginEnv(t *testing.T) pluginEnv {
 	t.Helper()
-	return newPluginEnvWith(t, fakeBackends(t, "storage-nbd", "network-l2tunnel"))
+	return newPluginEnvWith(t, fakeBackends(t, "storage-nbd", "network-l2tunnel"), "")
 }
 
-func newPluginEnvWith(t *testing.T, pluginDir string) pluginEnv {
+// newPluginEnvWith: backends from pluginDir; extraConf is appended to the
+// plugin's wanmotion.conf.
+func newPluginEnvWith(t *testing.T, pluginDir, extraConf string) pluginEnv {
 	t.Helper()
 	e := pluginEnv{stateDir: t.TempDir(), pluginDir: pluginDir}
-	e.bin = buildWanmotion(t, fmt.Sprintf("state_dir = %s\nplugin_dir = %s\nlog_level = debug\nagent_listen = 127.0.0.1:0\n", e.stateDir, e.pluginDir))
+	e.bin = buildWanmotion(t, fmt.Sprintf("state_dir = %s\nplugin_dir = %s\nlog_level = debug\nagent_listen = 127.0.0.1:0\n%s", e.stateDir, e.pluginDir, extraConf))
 	s, err := xapisim.New(xapisim.Config{StateDir: t.TempDir(), Pools: 2, DiskSize: 16 << 20, FillSize: 4 << 20,
 		MemorySize: 8 << 20, Logger: testutil.Logger(t)})
 	require.NoError(t, err)
@@ -487,8 +489,14 @@ func TestHostPluginMigrationEndToEnd(t *testing.T) {
 	out, err := exec.Command(gobin, "build", "-buildvcs=false", "-o", filepath.Join(plugins, "wanmotion-storage-nbd"),
 		"../../storage-backends/nbd/cmd/wanmotion-storage-nbd").CombinedOutput()
 	require.NoError(t, err, "go build: %s", out)
-	e := newPluginEnvWith(t, plugins)
+	// The controller logs in on its own (local_password_file), so the
+	// caller may log out right after migrate returns.
+	pwFile := filepath.Join(t.TempDir(), "local-password")
+	require.NoError(t, os.WriteFile(pwFile, []byte("xenroot\n"), 0o600))
+	e := newPluginEnvWith(t, plugins, "local_password_file = "+pwFile+"\n")
 	ctx := context.Background()
+	pa := e.info.Pools[0]
+	require.Equal(t, "xenroot", pa.Password, "the simulator's default password")
 	t.Cleanup(func() {
 		if t.Failed() {
 			logs, _ := filepath.Glob(filepath.Join(e.stateDir, "migrations", "agents-run", "*", "agent.log"))
@@ -499,8 +507,12 @@ func TestHostPluginMigrationEndToEnd(t *testing.T) {
 		}
 	})
 
-	task, err := e.call(t, fnMigrate, e.migrateArgs())
+	caller, err := xapi.New(xapi.Config{URL: pa.URL, Username: pa.Username, Password: pa.Password, Logger: testutil.Logger(t)})
 	require.NoError(t, err)
+	require.NoError(t, caller.Login(ctx))
+	task, err := caller.HostCallPlugin(ctx, e.coord, hostplugin.PluginName, fnMigrate, e.migrateArgs())
+	require.NoError(t, err)
+	require.NoError(t, caller.Close(ctx), "the caller logs out at once")
 	rec := waitTaskEnd(t, e.src, task)
 	require.Equal(t, xapi.TaskStatusSuccess, rec.Status, "error_info %q", rec.ErrorInfo)
 	assert.InDelta(t, 1.0, rec.Progress, 1e-9)
@@ -524,6 +536,10 @@ func TestHostPluginMigrationEndToEnd(t *testing.T) {
 	assert.Equal(t, "success", st.Status)
 	assert.Equal(t, "done", st.Phase)
 	assert.False(t, st.ControllerRunning)
+	log, err := os.ReadFile(st.Log)
+	require.NoError(t, err)
+	assert.NotContains(t, string(log), "caller's session", "the controller had a session of its own")
+	assert.Contains(t, string(log), "migration done")
 }
 
 func TestMigrateArgsNamesArguments(t *testing.T) {
