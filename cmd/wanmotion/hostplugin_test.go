@@ -510,6 +510,7 @@ func TestHostPluginMigrationEndToEnd(t *testing.T) {
 	caller, err := xapi.New(xapi.Config{URL: pa.URL, Username: pa.Username, Password: pa.Password, Logger: testutil.Logger(t)})
 	require.NoError(t, err)
 	require.NoError(t, caller.Login(ctx))
+	callerSession := string(caller.Session())
 	task, err := caller.HostCallPlugin(ctx, e.coord, hostplugin.PluginName, fnMigrate, e.migrateArgs())
 	require.NoError(t, err)
 	require.NoError(t, caller.Close(ctx), "the caller logs out at once")
@@ -540,6 +541,9 @@ func TestHostPluginMigrationEndToEnd(t *testing.T) {
 	require.NoError(t, err)
 	assert.NotContains(t, string(log), "caller's session", "the controller had a session of its own")
 	assert.Contains(t, string(log), "migration done")
+	assert.NotContains(t, string(log), callerSession, "never log a session")
+	assert.NotContains(t, string(log), "dest_password")
+	assert.NotContains(t, string(log), e.info.Pools[1].Password, "never log a password")
 }
 
 func TestMigrateArgsNamesArguments(t *testing.T) {
