@@ -47,7 +47,7 @@ const (
 var hookTimeout = 60 * time.Second
 
 // errHook marks a hook failure (exit 1, log and continue).
-var errHook = errors.New("hook")
+var errHook = errors.New("not run")
 
 type hookArgs struct {
 	hook, vmUUID, reason, script string
