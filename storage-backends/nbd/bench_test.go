@@ -19,6 +19,7 @@ import (
 
 	"github.com/wanmotion/wanmotion/nbd"
 	"github.com/wanmotion/wanmotion/plugins/contract"
+	"github.com/wanmotion/wanmotion/wan"
 	"github.com/wanmotion/wanmotion/wan/wanemu"
 	"github.com/wanmotion/wanmotion/xapi"
 )
@@ -173,10 +174,16 @@ func BenchmarkRound0WAN(b *testing.B) {
 					if v, err := strconv.Atoi(os.Getenv("NBDSTORE_BENCH_CHUNK")); err == nil {
 						cfg.ChunkSize = int64(v)
 					}
-					return benchOurs(b, f, vrec.UUID, im, snap, l, cfg)
+					return benchOurs(b, f, vrec.UUID, im, snap, l, cfg, directLink)
+				}},
+				{"wanmotion-nbd-via-gateway", func(b *testing.B, l benchLink) int64 {
+					if l.bps == 0 && os.Getenv("NBDSTORE_BENCH_GATEWAY_UNLIMITED") == "" {
+						b.Skip("the gateway's own ceiling is in the WAN gateway section")
+					}
+					return benchOurs(b, f, vrec.UUID, im, snap, l, Config{}, viaGateway)
 				}},
 				{"one-request-at-a-time", func(b *testing.B, l benchLink) int64 {
-					return benchOurs(b, f, vrec.UUID, im, snap, l, Config{Connections: 1, InFlight: 1})
+					return benchOurs(b, f, vrec.UUID, im, snap, l, Config{Connections: 1, InFlight: 1}, directLink)
 				}},
 				{"nbdcopy", func(b *testing.B, l benchLink) int64 {
 					if nbdcopyErr != nil {
@@ -218,8 +225,64 @@ func BenchmarkRound0WAN(b *testing.B) {
 	}
 }
 
+// transport carries the sender's connections to the receiver at upstream:
+// it returns the address the sender dials and the bytes that crossed the
+// emulated link.
+type transport func(b *testing.B, upstream string, l benchLink) (addr string, wire func() int64)
+
+// directLink puts the emulated link between sender and receiver.
+func directLink(b *testing.B, upstream string, l benchLink) (string, func() int64) {
+	link, err := wanemu.NewLink(context.Background(), wanemu.LinkConfig{Upstream: upstream, RTT: l.rtt, Bandwidth: l.bps})
+	require.NoError(b, err)
+	b.Cleanup(func() { _ = link.Close() })
+	return link.Addr(), func() int64 { return link.Counters().Upstream }
+}
+
+// viaGateway carries the NBD connections through a WAN gateway session
+// (TLS 1.3, zstd auto, its own streams) whose streams cross the link.
+func viaGateway(b *testing.B, upstream string, l benchLink) (string, func() int64) {
+	ctx, cancel := context.WithCancel(context.Background())
+	ca, err := wan.NewCA("bench", time.Hour)
+	require.NoError(b, err)
+	srvCert, err := ca.IssueServer(time.Hour)
+	require.NoError(b, err)
+	cliCert, err := ca.IssueClient("source", time.Hour)
+	require.NoError(b, err)
+	gl, err := wan.Listen(ctx, "127.0.0.1:0", wan.Config{CertPEM: srvCert.CertPEM, KeyPEM: srvCert.KeyPEM, CAPEM: ca.CertPEM})
+	require.NoError(b, err)
+	link, err := wanemu.NewLink(ctx, wanemu.LinkConfig{Upstream: gl.Addr().String(), RTT: l.rtt, Bandwidth: l.bps})
+	require.NoError(b, err)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		sess, err := gl.Accept(ctx)
+		if err != nil {
+			return
+		}
+		defer func() { _ = sess.Close() }()
+		_ = sess.ServeForwards(ctx, wan.AllowTargets(upstream))
+	}()
+	sess, err := wan.Dial(ctx, link.Addr(), wan.Config{CertPEM: cliCert.CertPEM, KeyPEM: cliCert.KeyPEM, CAPEM: ca.CertPEM,
+		Bandwidth: l.bps / 8})
+	require.NoError(b, err)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(b, err)
+	wg.Add(1)
+	go func() { defer wg.Done(); _ = sess.Forward(ctx, ln, upstream) }()
+	b.Cleanup(func() {
+		cancel()
+		_ = sess.Close()
+		_ = ln.Close()
+		_ = gl.Close()
+		wg.Wait()
+		_ = link.Close()
+	})
+	return ln.Addr().String(), func() int64 { return link.Counters().Upstream }
+}
+
 // benchOurs runs round 0 of our backend through the link.
-func benchOurs(b *testing.B, f *simFixture, vdiUUID string, im benchImage, snap contract.SnapshotRef, l benchLink, cfg Config) int64 {
+func benchOurs(b *testing.B, f *simFixture, vdiUUID string, im benchImage, snap contract.SnapshotRef, l benchLink, cfg Config, via transport) int64 {
 	ctx := context.Background()
 	log := hclog.NewNullLogger()
 	src, dst := New(log), New(log)
@@ -242,17 +305,15 @@ func benchOurs(b *testing.B, f *simFixture, vdiUUID string, im benchImage, snap 
 	defer func() {
 		_, _ = dst.Cleanup(ctx, contract.CleanupRequest{Handle: recv.Handle, DeleteReplica: true})
 	}()
-	link, err := wanemu.NewLink(ctx, wanemu.LinkConfig{Upstream: recv.Endpoint.Address, RTT: l.rtt, Bandwidth: l.bps})
-	require.NoError(b, err)
-	defer func() { _ = link.Close() }()
+	addr, wire := via(b, recv.Endpoint.Address, l)
 	peer := recv.Endpoint
-	peer.Address = link.Addr()
+	peer.Address = addr
 	send, err := src.PrepareSender(ctx, contract.PrepareSenderRequest{MigrationID: mig, Disk: disk, Peer: peer, XAPI: f.src.access})
 	require.NoError(b, err)
 	resp, err := src.SyncRound(ctx, contract.SyncRoundRequest{Handle: send.Handle.ID, Round: 0, Snapshot: snap, Full: true})
 	require.NoError(b, err)
 	require.Equal(b, resp.Stats.BytesToCopy, resp.Stats.BytesCopied)
-	return link.Counters().Upstream
+	return wire()
 }
 
 // benchTool runs an external copy into an NBD target behind the link.
