@@ -75,7 +75,7 @@ func parseDemoFlags(args []string, stderr io.Writer) (*demoFlags, error) {
 	fs.StringVar(&f.fillSize, "fill-size", "256MiB", "data written into the disk before the demo (what the first seed round moves)")
 	fs.StringVar(&f.memSize, "memory-size", "256MiB", "demo-vm's memory (streamed for real during the hand-over)")
 	fs.StringVar(&f.guestRate, "guest-rate", "2MiB/s", "guest disk write rate during the demo")
-	fs.StringVar(&f.guestBlock, "guest-block-size", "64KiB", "size of each guest write")
+	fs.StringVar(&f.guestBlock, "guest-block-size", "1MiB", "size of each guest write (see docs/demo.md on smaller writes and the measured pause)")
 	fs.StringVar(&f.guestDirty, "guest-dirty-rate", "1MiB/s", "guest memory page-dirty rate")
 	fs.StringVar(&f.bandwidth, "bandwidth", "100Mbit", "emulated WAN link rate per direction (also given to migrate as its cap)")
 	fs.DurationVar(&f.rtt, "rtt", 50*time.Millisecond, "emulated WAN round-trip time")
@@ -400,7 +400,8 @@ func (d *demo) intro() {
   - Two simulated xapi pools, site-a and site-b (wanmotion sim: the XenAPI
     calls, VM.migrate_send, disks as files, memory streamed for real).
   - demo-vm runs at site-a: %s disk with %s of data, %s memory. Its
-    simulated guest keeps writing (%s disk writes, %s of memory dirtied),
+    simulated guest keeps writing (%s of random %s disk writes, %s of
+    memory dirtied),
     and records every write so the result can be checked.
   - An emulated WAN link (%s, %s round trip) between the two sites' WAN
     gateways: all migration traffic crosses it (disk seed rounds, xapi's own
@@ -415,7 +416,7 @@ Ctrl-C cancels the migration (the VM stays at site-a) and stops everything.
 More: docs/demo.md, docs/cli.md, docs/engine.md, docs/simulator.md.
 Work directory: %s
 
-`, human(f.diskBytes), human(f.fillBytes), human(f.memBytes), f.guestRate, f.guestDirty, humanBits(f.bwBps), f.rtt, d.root)
+`, human(f.diskBytes), human(f.fillBytes), human(f.memBytes), f.guestRate, f.guestBlock, f.guestDirty, humanBits(f.bwBps), f.rtt, d.root)
 }
 
 // startSim starts `wanmotion sim` in its own process group (a Ctrl-C on
