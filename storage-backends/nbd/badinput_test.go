@@ -269,3 +269,39 @@ func (s *fakeSource) Extents(_ context.Context, off, n int64) ([]nbdExtent, erro
 	}
 	return out, nil
 }
+
+// TestInsecureNBD reads xapi's NBD export in clear only when allowed.
+func TestInsecureNBD(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	f := newSimFixture(t)
+	nets, err := f.src.x.NetworkGetAllRecords(ctx)
+	require.NoError(t, err)
+	for ref, n := range nets {
+		for _, p := range n.Purpose {
+			_, err := f.src.x.Call(ctx, "network.remove_purpose", string(ref), string(p))
+			require.NoError(t, err)
+			_, err = f.src.x.Call(ctx, "network.add_purpose", string(ref), "insecure_nbd")
+			require.NoError(t, err)
+		}
+	}
+	dst := configured(t, f.dst.stateDir, Config{})
+	d := f.newDisk(t, "insecure", 4<<20, 16)
+	recv, err := dst.PrepareReceiver(ctx, d.receiverRequest(""))
+	require.NoError(t, err)
+	for _, allow := range []bool{false, true} {
+		src := configured(t, t.TempDir(), Config{SourceAccess: "nbd", AllowInsecureNBD: allow})
+		send, err := src.PrepareSender(ctx, d.senderRequest(recv, nil))
+		require.NoError(t, err)
+		req := d.snapshot(t, 0)
+		req.Handle = send.Handle.ID
+		_, err = src.SyncRound(ctx, req)
+		if !allow {
+			require.ErrorIs(t, err, contract.ErrFailedPrecondition, "no clear-text NBD unless allowed")
+			t.Log(err)
+			continue
+		}
+		require.NoError(t, err)
+		d.equal(t, 0)
+	}
+}

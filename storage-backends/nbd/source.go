@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/url"
 	"strconv"
 
 	"github.com/wanmotion/wanmotion/nbd"
@@ -116,7 +117,11 @@ func (b *Backend) openSource(ctx context.Context, h *handle, snap contract.Snaps
 			errs = append(errs, err)
 		}
 		if len(errs) > 0 {
-			return nil, "", fmt.Errorf("xapi NBD export of snapshot %s: %v: %w", rec.UUID, errors.Join(errs...), classifyNBD(errors.Join(errs...)))
+			err := errors.Join(errs...)
+			if contract.ToWire(err).Code != contract.CodeInternal {
+				return nil, "", fmt.Errorf("xapi NBD export of snapshot %s: %w", rec.UUID, err)
+			}
+			return nil, "", fmt.Errorf("xapi NBD export of snapshot %s: %v: %w", rec.UUID, err, classifyNBD(err))
 		}
 		if cfg.SourceAccess == "nbd" {
 			return nil, "", fmt.Errorf("VDI.get_nbd_info offers no NBD server (no network with purpose nbd): %w", contract.ErrFailedPrecondition)
@@ -150,15 +155,28 @@ func dialXapiNBD(ctx context.Context, in xapi.VDINBDServerInfo, cfg Config) (sou
 		opts.PinnedCertPEM = []byte(in.Cert)
 	}
 	p, err := nbd.DialPool(ctx, "tcp", addr, opts, min(cfg.Connections, 4))
-	if err != nil && in.Cert != "" && errors.Is(err, nbd.ErrUnsupported) && cfg.AllowInsecureNBD {
+	var oe *nbd.OptionError
+	if err != nil && in.Cert != "" && errors.As(err, &oe) && oe.Option == optStartTLS {
+		if !cfg.AllowInsecureNBD {
+			return nil, fmt.Errorf("%s refuses TLS (network purpose insecure_nbd?) and allow_insecure_nbd is off: %v: %w",
+				addr, err, contract.ErrFailedPrecondition)
+		}
 		opts.PinnedCertPEM = nil // the host serves insecure_nbd
 		p, err = nbd.DialPool(ctx, "tcp", addr, opts, min(cfg.Connections, 4))
 	}
 	if err != nil {
+		// The export name carries the xapi session: never print it.
+		err = redact(err, in.Exportname)
+		if u, perr := url.Parse(in.Exportname); perr == nil {
+			err = redact(err, u.Query().Get("session_id"))
+		}
 		return nil, fmt.Errorf("%s: %w", addr, err)
 	}
 	return nbdSource{p: p}, nil
 }
+
+// optStartTLS is NBD_OPT_STARTTLS.
+const optStartTLS = 5
 
 // classifyNBD maps NBD dial/handshake failures to contract errors.
 func classifyNBD(err error) error {
