@@ -1,11 +1,14 @@
 package nbdstore
 
 import (
+	"fmt"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"github.com/vmihailenco/msgpack/v5"
+
+	"github.com/wanmotion/wanmotion/nbd"
 )
 
 // FuzzDecodeJournal feeds the decoder of the receiver's journal (which the
@@ -60,4 +63,14 @@ func TestJournalPersistsFlushedBlocksOnly(t *testing.T) {
 	assert.Equal(t, []int64{0, 1, 10}, set)
 	got.begin(3, "s3")
 	assert.False(t, got.rec.isSet(0), "a new round starts empty")
+}
+
+func TestRedactKeepsTheChain(t *testing.T) {
+	base := fmt.Errorf("negotiate export %q: %w", "/vdi?session_id=OpaqueRef:secret", nbd.ErrPolicy)
+	err := redact(base, "OpaqueRef:secret")
+	assert.NotContains(t, err.Error(), "OpaqueRef:secret")
+	assert.Contains(t, err.Error(), "[redacted]")
+	assert.ErrorIs(t, err, nbd.ErrPolicy)
+	assert.Equal(t, base, redact(base, ""), "nothing to hide")
+	assert.Nil(t, redact(nil, "x"))
 }
