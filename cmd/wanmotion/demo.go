@@ -304,8 +304,6 @@ func (d *demo) run(ctx context.Context) (res demoResult, err error) {
 
 	// 3. The real CLI migration.
 	id := "wm-demo-" + randomHex(4)
-	d.printf("[3/4] wanmotion migrate --vm demo-vm --from %s --to %s --storage nbd --network none --bandwidth %s --rtt %s --downtime-target %s --gateway-listen %s --gateway-advertise %s --id %s\n\n",
-		a.URL, b.URL, f.bandwidth, f.rtt, f.downtimeTarget, gwListen, link.Addr(), id)
 	migStart := time.Now()
 	migErr := d.migrate(ctx, id, a, b, gwListen, link.Addr())
 	d.printf("\n(migrate ran for %s)\n", time.Since(migStart).Round(100*time.Millisecond))
@@ -399,13 +397,13 @@ func (d *demo) intro() {
 
   - Two simulated xapi pools, site-a and site-b (wanmotion sim: the XenAPI
     calls, VM.migrate_send, disks as files, memory streamed for real).
-  - demo-vm runs at site-a: %s disk with %s of data, %s memory. Its
-    simulated guest keeps writing (%s of random %s disk writes, %s of
-    memory dirtied),
-    and records every write so the result can be checked.
-  - An emulated WAN link (%s, %s round trip) between the two sites' WAN
-    gateways: all migration traffic crosses it (disk seed rounds, xapi's own
-    memory and residual-disk streams during the hand-over).
+  - demo-vm runs at site-a: %s disk with %s of data, %s memory.
+    Its simulated guest keeps writing: %s of random %s disk writes,
+    %s of memory dirtied. It records every write, so the result can be
+    checked.
+  - An emulated WAN link (%s, %s round trip) between the two sites'
+    WAN gateways: all migration traffic crosses it (disk seed rounds, xapi's
+    own memory and residual-disk streams during the hand-over).
   - The real 'wanmotion migrate' moves demo-vm to site-b: site agents, the
     nbd storage backend, seed rounds while the VM runs, then xapi's
     VM.migrate_send through the gateway for the short hand-over.
@@ -551,6 +549,8 @@ func (d *demo) migrate(ctx context.Context, id string, a, b xapisim.PoolInfo, gw
 	cmd.Env = d.childEnv(a, b)
 	cmd.Stdout, cmd.Stderr = d.out, d.stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	d.printf("[3/4] the real migration, passwords in $%s and $%s:\n  wanmotion %s\n\n", EnvFromPassword, EnvToPassword,
+		strings.Join(cmd.Args[1:], " "))
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start migrate: %w", err)
 	}
