@@ -36,7 +36,7 @@ func TestSeedOverCutLink(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	f := newSimFixture(t)
-	cfg := Config{ChunkSize: 256 << 10, CheckpointBytes: 2 << 20, StallTimeoutSec: 1}
+	cfg := Config{ChunkSize: 256 << 10, CheckpointBytes: 2 << 20, StallTimeoutSec: 3}
 	src, dst := configured(t, f.src.stateDir, cfg), configured(t, f.dst.stateDir, cfg)
 	d := f.newDisk(t, "cut", 32<<20, 300)
 	d.writes = 40
