@@ -2,8 +2,11 @@ package nbdstore
 
 import (
 	"context"
+	"io"
+	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -189,4 +192,103 @@ func TestResumeAfterRestart(t *testing.T) {
 	assert.Less(t, resent, resp.Stats.BytesToCopy-before.BytesCopied+int64(2<<20)+int64(32*(256<<10)),
 		"only blocks not flushed before the restart are sent again")
 	assert.Equal(t, resp.Stats.BytesToCopy, resp.Stats.BytesCopied)
+}
+
+// freezeProxy forwards TCP to upstream; the first connection that carries
+// more than limit bytes from the client goes silent (stays open, moves
+// nothing more).
+type freezeProxy struct {
+	ln     net.Listener
+	conns  atomic.Int32
+	frozen atomic.Bool
+	wg     sync.WaitGroup
+	mu     sync.Mutex
+	open   []net.Conn
+}
+
+func newFreezeProxy(t *testing.T, upstream string, limit int64) *freezeProxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	p := &freezeProxy{ln: ln}
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			u, err := net.Dial("tcp", upstream)
+			if err != nil {
+				_ = c.Close()
+				continue
+			}
+			p.mu.Lock()
+			p.open = append(p.open, c, u)
+			p.mu.Unlock()
+			p.conns.Add(1)
+			up := &freezeWriter{w: u, left: limit, frozen: &p.frozen}
+			p.wg.Add(2)
+			go func() { defer p.wg.Done(); _, _ = io.Copy(up, c) }()
+			go func() { defer p.wg.Done(); _, _ = io.Copy(c, u) }()
+		}
+	}()
+	t.Cleanup(func() {
+		_ = ln.Close()
+		p.mu.Lock()
+		for _, c := range p.open {
+			_ = c.Close()
+		}
+		p.mu.Unlock()
+		p.wg.Wait()
+	})
+	return p
+}
+
+// freezeWriter passes limit bytes; then, if no other connection froze
+// yet, it swallows everything.
+type freezeWriter struct {
+	w      io.Writer
+	left   int64
+	frozen *atomic.Bool
+	mine   bool
+}
+
+func (f *freezeWriter) Write(b []byte) (int, error) {
+	if f.mine {
+		return len(b), nil
+	}
+	if f.left <= 0 && f.frozen.CompareAndSwap(false, true) {
+		f.mine = true
+		return len(b), nil
+	}
+	f.left -= int64(len(b))
+	return f.w.Write(b)
+}
+
+// TestStalledPathReconnects: a path that goes silent without closing is
+// detected by the stall watchdog and the round goes on over a new
+// connection.
+func TestStalledPathReconnects(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	f := newSimFixture(t)
+	cfg := Config{Connections: 1, ChunkSize: 256 << 10, StallTimeoutSec: 1}
+	src, dst := configured(t, f.src.stateDir, cfg), configured(t, f.dst.stateDir, cfg)
+	d := f.newDisk(t, "stall", 8<<20, 80)
+	recv, err := dst.PrepareReceiver(ctx, d.receiverRequest(""))
+	require.NoError(t, err)
+	proxy := newFreezeProxy(t, recv.Endpoint.Address, 1<<20)
+	sreq := d.senderRequest(recv, nil)
+	sreq.Peer.Address = proxy.ln.Addr().String()
+	send, err := src.PrepareSender(ctx, sreq)
+	require.NoError(t, err)
+	req := d.snapshot(t, 0)
+	req.Handle = send.Handle.ID
+	_, err = src.SyncRound(ctx, req)
+	require.NoError(t, err)
+	d.equal(t, 0)
+	assert.True(t, proxy.frozen.Load(), "a connection went silent")
+	assert.GreaterOrEqual(t, proxy.conns.Load(), int32(3), "the silent connection was replaced (journal, data, data)")
 }
