@@ -17,6 +17,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/stretchr/testify/require"
 
+	"github.com/wanmotion/wanmotion/internal/testutil"
 	"github.com/wanmotion/wanmotion/nbd"
 	"github.com/wanmotion/wanmotion/plugins/contract"
 	"github.com/wanmotion/wanmotion/wan"
@@ -127,6 +128,7 @@ type benchLink struct {
 // qemu-img convert and a one-request-at-a-time copy into an NBD target
 // behind the same emulated link. Run with -benchtime 1x.
 func BenchmarkRound0WAN(b *testing.B) {
+	testutil.RequireTool(b, "mke2fs", "e2fsprogs")
 	benchOnce.Do(makeBenchImages)
 	require.NoError(b, benchErr)
 	nbdcopy, nbdcopyErr := exec.LookPath("nbdcopy")
