@@ -25,54 +25,39 @@ import (
 	"github.com/wanmotion/wanmotion/xapi"
 )
 
-// Benchmark images, made once per run.
-var (
-	benchOnce   sync.Once
-	benchDir    string
-	benchImages []benchImage
-	benchErr    error
-)
-
 type benchImage struct {
 	name string
 	path string
 	size int64
 }
 
-// makeBenchImages builds an ext4 image about half full of real files
-// (mke2fs -d /usr/bin, no mount) and an incompressible (random) one.
-func makeBenchImages() {
-	benchDir, benchErr = os.MkdirTemp("", "nbdstore-bench-")
-	if benchErr != nil {
-		return
-	}
+// makeBenchImages builds, in dir, an ext4 image about half full of real
+// files (mke2fs -d /usr/bin, no mount) and an incompressible (random) one.
+func makeBenchImages(benchDir string) (benchImages []benchImage, benchErr error) {
 	ext4 := filepath.Join(benchDir, "ext4.img")
 	out, err := exec.Command("mke2fs", "-q", "-F", "-t", "ext4", "-d", "/usr/bin", ext4, "512M").CombinedOutput()
 	if err != nil {
-		benchErr = fmt.Errorf("mke2fs: %v: %s", err, out)
-		return
+		return nil, fmt.Errorf("mke2fs: %v: %s", err, out)
 	}
 	rnd := filepath.Join(benchDir, "random.img")
 	f, err := os.Create(rnd)
 	if err != nil {
-		benchErr = err
-		return
+		return nil, err
 	}
 	_, err = io.CopyN(f, rand.Reader, 256<<20)
 	_ = f.Close()
 	if err != nil {
-		benchErr = err
-		return
+		return nil, err
 	}
 	for _, im := range []benchImage{{name: "ext4-50pct", path: ext4}, {name: "random", path: rnd}} {
 		st, err := os.Stat(im.path)
 		if err != nil {
-			benchErr = err
-			return
+			return nil, err
 		}
 		im.size = st.Size()
 		benchImages = append(benchImages, im)
 	}
+	return benchImages, nil
 }
 
 // allocated returns the bytes of path that are not holes.
@@ -129,8 +114,8 @@ type benchLink struct {
 // behind the same emulated link. Run with -benchtime 1x.
 func BenchmarkRound0WAN(b *testing.B) {
 	testutil.RequireTool(b, "mke2fs", "e2fsprogs")
-	benchOnce.Do(makeBenchImages)
-	require.NoError(b, benchErr)
+	benchImages, err := makeBenchImages(b.TempDir())
+	require.NoError(b, err)
 	nbdcopy, nbdcopyErr := exec.LookPath("nbdcopy")
 	qemuImg, qemuErr := exec.LookPath("qemu-img")
 	f := newSimFixture(b)
