@@ -139,10 +139,11 @@ type demoResult struct {
 	// VM.migrate_send (sim.last_migration): memory rounds, final pages,
 	// mirrored writes, pause.
 	XAPIMigration map[string]string `json:"xapi_migration,omitempty"`
-	// Pids are the child processes the demo saw (simulator, migrate, site
-	// agents and their backends); all are gone when it returns.
-	Pids     []int  `json:"pids"`
-	StateDir string `json:"state_dir,omitempty"` // with --keep
+	// Processes are the child processes the demo saw (simulator, migrate,
+	// site agents, their backends and helpers); all are gone when it
+	// returns.
+	Processes []demoProc `json:"processes"`
+	StateDir  string     `json:"state_dir,omitempty"` // with --keep
 }
 
 type demoSettings struct {
@@ -210,19 +211,19 @@ type demo struct {
 	pluginDir   string
 	root        string
 	log         hclog.Logger
-	pids        map[int]bool
+	procs       map[int]string // pid → command line, of this run's processes
 }
 
 func (d *demo) printf(format string, a ...any) { fmt.Fprintf(d.out, format, a...) }
 
 func (d *demo) run(ctx context.Context) (res demoResult, err error) {
 	f := d.f
-	res = demoResult{Result: string(engine.ResultFailed), Integrity: demoIntegrity{Result: "skipped"}, Pids: []int{},
+	res = demoResult{Result: string(engine.ResultFailed), Integrity: demoIntegrity{Result: "skipped"}, Processes: []demoProc{},
 		Settings: demoSettings{DiskBytes: f.diskBytes, FillBytes: f.fillBytes, MemoryBytes: f.memBytes,
 			GuestRate: f.guestRate, GuestDirty: f.guestDirty, LinkBitsPerS: f.bwBps,
 			RTTSeconds: f.rtt.Seconds(), DowntimeGoalS: f.downtimeTarget.Seconds()}}
 	d.log = hclog.New(&hclog.LoggerOptions{Name: "demo", Level: hclog.LevelFromString(f.logLevel), Output: d.stderr})
-	d.pids = map[int]bool{}
+	d.procs = map[int]string{}
 	if d.bin, err = demoBinary(); err != nil {
 		return res, err
 	}
@@ -243,10 +244,10 @@ func (d *demo) run(ctx context.Context) (res demoResult, err error) {
 	}
 	defer func() {
 		d.sweep()
-		for p := range d.pids {
-			res.Pids = append(res.Pids, p)
+		for p, c := range d.procs {
+			res.Processes = append(res.Processes, demoProc{Pid: p, Command: c})
 		}
-		sort.Ints(res.Pids)
+		sort.Slice(res.Processes, func(i, j int) bool { return res.Processes[i].Pid < res.Processes[j].Pid })
 		if f.keep {
 			res.StateDir = d.root
 			d.printf("\nWork directory kept: %s (simulator log sim.log, agent logs under migrate/agents-run)\n", d.root)
@@ -331,9 +332,12 @@ func (d *demo) run(ctx context.Context) (res demoResult, err error) {
 		return res, fmt.Errorf("migration %s: %w", id, migErr)
 	}
 
-	// 4. Where the VM runs, and the integrity check.
+	// 4. Where the VM runs, and the integrity check. The VM has moved: an
+	// interrupt from here on does not skip the checks (they are short).
+	ctx, cancelChecks := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Minute)
+	defer cancelChecks()
 	res.Placement = d.placement(ctx, src, dst, a.Name, b.Name, vmUUID)
-	if ctx.Err() == nil {
+	{
 		var gs map[string]string
 		if dst.CallInto(ctx, &gs, "sim.guest_stats", vmUUID) == nil {
 			res.Guest = gs
@@ -442,7 +446,7 @@ func (d *demo) startSim(ctx context.Context) (*exec.Cmd, xapisim.Info, error) {
 	if err := cmd.Start(); err != nil {
 		return nil, info, fmt.Errorf("start the simulator: %w", err)
 	}
-	d.pids[cmd.Process.Pid] = true
+	d.notePids()
 	line := make(chan string, 1)
 	go func() {
 		r := bufio.NewReader(out)
@@ -554,7 +558,7 @@ func (d *demo) migrate(ctx context.Context, id string, a, b xapisim.PoolInfo, gw
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start migrate: %w", err)
 	}
-	d.pids[cmd.Process.Pid] = true
+	d.notePids()
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()
 	scan := time.NewTicker(500 * time.Millisecond)
@@ -754,20 +758,100 @@ func (d *demo) report(res demoResult, destSite string) {
 	d.printf("integrity:     %s (%s)\n", res.Integrity.Result, verdict)
 }
 
-// notePids records the processes that belong to this demo: every process
+// demoProc is one process of a run.
+type demoProc struct {
+	Pid     int    `json:"pid"`
+	Command string `json:"command"` // command line, arguments joined by spaces
+}
+
+// procInfo is what /proc says about one live process.
+type procInfo struct {
+	ppid int
+	cmd  string
+}
+
+// liveProcs reads every live (not zombie) process except this one.
+func liveProcs() map[int]procInfo {
+	out := map[int]procInfo{}
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return out
+	}
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		st, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		// state and ppid follow the parenthesised command name
+		i := bytes.LastIndexByte(st, ')')
+		if i < 0 {
+			continue
+		}
+		f := strings.Fields(string(st[i+1:]))
+		if len(f) < 2 || f[0] == "Z" {
+			continue
+		}
+		ppid, _ := strconv.Atoi(f[1])
+		cl, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil {
+			continue
+		}
+		out[pid] = procInfo{ppid: ppid, cmd: strings.TrimSpace(string(bytes.ReplaceAll(cl, []byte{0}, []byte{' '})))}
+	}
+	return out
+}
+
+// notePids records the processes that belong to this run: every process
 // whose command line mentions its work directory (the simulator, migrate,
-// the site agents, the backends and their helpers).
+// the site agents) and every descendant of one (the backends and their
+// helpers).
 func (d *demo) notePids() {
-	for _, p := range processesMentioning(d.root) {
-		d.pids[p] = true
+	procs := liveProcs()
+	for pid, p := range procs {
+		if strings.Contains(p.cmd, d.root) {
+			d.procs[pid] = p.cmd
+		}
+	}
+	for grew := true; grew; {
+		grew = false
+		for pid, p := range procs {
+			if _, known := d.procs[pid]; known {
+				continue
+			}
+			if c, ok := d.procs[p.ppid]; ok && procs[p.ppid].cmd == c {
+				d.procs[pid], grew = p.cmd, true
+			}
+		}
 	}
 }
 
-// sweep stops any process still mentioning the work directory (agents
-// normally stop themselves when their migration ends; this makes sure).
+// leftovers are the recorded processes still running (same pid and same
+// command line).
+func (d *demo) leftovers() []int {
+	var out []int
+	procs := liveProcs()
+	for pid, c := range d.procs {
+		if p, ok := procs[pid]; ok && p.cmd == c {
+			out = append(out, pid)
+		}
+	}
+	for pid, p := range procs {
+		if _, known := d.procs[pid]; !known && strings.Contains(p.cmd, d.root) {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// sweep stops any process of the run still running (agents normally stop
+// themselves when their migration ends; this makes sure).
 func (d *demo) sweep() {
 	d.notePids()
-	left := processesMentioning(d.root)
+	left := d.leftovers()
 	if len(left) == 0 {
 		return
 	}
@@ -776,49 +860,30 @@ func (d *demo) sweep() {
 		_ = syscall.Kill(p, syscall.SIGTERM)
 	}
 	deadline := time.Now().Add(10 * time.Second)
-	for time.Now().Before(deadline) && len(processesMentioning(d.root)) > 0 {
+	for time.Now().Before(deadline) && len(d.leftovers()) > 0 {
 		time.Sleep(100 * time.Millisecond)
 	}
-	for _, p := range processesMentioning(d.root) {
+	for _, p := range d.leftovers() {
 		_ = syscall.Kill(p, syscall.SIGKILL)
 	}
 }
 
-// processesMentioning lists live processes (not zombies, not this one)
-// whose command line contains s.
+// processAlive reports whether pid runs with this command line.
+func processAlive(pid int, cmd string) bool {
+	p, ok := liveProcs()[pid]
+	return ok && p.cmd == cmd
+}
+
+// processesMentioning lists live processes (not this one) whose command
+// line contains s.
 func processesMentioning(s string) []int {
-	ents, err := os.ReadDir("/proc")
-	if err != nil {
-		return nil
-	}
 	var out []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == os.Getpid() {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err != nil || !bytes.Contains(b, []byte(s)) {
-			continue
-		}
-		if procAlive(pid) {
+	for pid, p := range liveProcs() {
+		if strings.Contains(p.cmd, s) {
 			out = append(out, pid)
 		}
 	}
 	return out
-}
-
-// procAlive: the process exists and is not a zombie.
-func procAlive(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return false
-	}
-	st := string(b)
-	if i := strings.LastIndexByte(st, ')'); i >= 0 && i+2 < len(st) {
-		return st[i+2] != 'Z'
-	}
-	return true
 }
 
 func randomHex(n int) string {

@@ -76,10 +76,13 @@ func TestDemoEndToEnd(t *testing.T) {
 	assert.Greater(t, res.Link.Upstream, int64(16<<20), "the seed copy and memory went through the link")
 
 	// Nothing is left running, and the work directory is gone.
-	require.NotEmpty(t, res.Pids, "the demo saw its child processes")
-	assert.GreaterOrEqual(t, len(res.Pids), 3, "simulator, migrate and agents: %v", res.Pids)
-	for _, p := range res.Pids {
-		assert.False(t, procAlive(p), "pid %d still runs", p)
+	cmds := ""
+	for _, p := range res.Processes {
+		assert.False(t, processAlive(p.Pid, p.Command), "still runs: %d %s", p.Pid, p.Command)
+		cmds += p.Command + "\n"
+	}
+	for _, want := range []string{"wanmotion sim ", "wanmotion migrate ", "wanmotion agent ", "wanmotion-storage-nbd"} {
+		assert.Contains(t, cmds, want, "the demo saw and stopped its %s process", want)
 	}
 	assert.Empty(t, processesMentioning(work))
 	ents, err := os.ReadDir(work)
@@ -172,9 +175,9 @@ func TestDemoInterrupted(t *testing.T) {
 	assert.Equal(t, "cancelled", res.Result, "stderr:\n%s", errb.String())
 	assert.Equal(t, map[string]string{"site-a": "Running"}, res.Placement.Sites, "the VM stays at the source")
 	assert.Equal(t, "skipped", res.Integrity.Result)
-	require.NotEmpty(t, res.Pids)
-	for _, p := range res.Pids {
-		assert.False(t, procAlive(p), "pid %d still runs", p)
+	require.NotEmpty(t, res.Processes)
+	for _, p := range res.Processes {
+		assert.False(t, processAlive(p.Pid, p.Command), "still runs: %d %s", p.Pid, p.Command)
 	}
 	assert.Empty(t, processesMentioning(work))
 	assert.Contains(t, errb.String(), "cancelling the migration")
