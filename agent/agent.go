@@ -264,7 +264,7 @@ func (a *Agent) serveConn(c net.Conn) {
 	cctx, ccancel := context.WithCancel(a.ctx)
 	defer ccancel()
 	srv := rpc.NewServer()
-	svc := &Service{a: a, t: newTracker(cctx)}
+	svc := &Service{a: a, t: contract.NewCallTracker(cctx)}
 	if err := srv.RegisterName(ServiceName, svc); err != nil {
 		a.log.Error("register rpc service", "error", err)
 		_ = c.Close()

@@ -12,13 +12,13 @@ import (
 // names and docs/agent.md for what each does).
 type Service struct {
 	a *Agent
-	t *tracker
+	t *contract.CallTracker
 }
 
 // serve runs one method: ctx from the call's metadata, the agent busy
 // while it runs, the error in the reply envelope.
 func serve[Req, Resp any](s *Service, args Args[Req], reply *Reply[Resp], fn func(context.Context, Req) (Resp, error)) error {
-	ctx, done := s.t.begin(args.Call)
+	ctx, done := s.t.Begin(args.Call)
 	s.a.inflight.Add(1)
 	defer func() {
 		done()
@@ -67,7 +67,7 @@ func (s *Service) Heartbeat(args Args[Empty], reply *Reply[Empty]) error {
 
 // Cancel cancels the ctx of a call in flight on this connection.
 func (s *Service) Cancel(args Args[contract.CancelArgs], reply *Reply[Empty]) error {
-	s.t.cancel(args.Req.ID)
+	s.t.Cancel(args.Req.ID)
 	return nil
 }
 

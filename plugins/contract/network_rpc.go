@@ -18,7 +18,7 @@ var _ plugin.Plugin = (*NetworkPlugin)(nil)
 
 // Server implements plugin.Plugin.
 func (p *NetworkPlugin) Server(*plugin.MuxBroker) (interface{}, error) {
-	return &NetworkRPCServer{impl: p.Impl, t: newCallTracker(p.BaseContext)}, nil
+	return &NetworkRPCServer{impl: p.Impl, t: NewCallTracker(p.BaseContext)}, nil
 }
 
 // Client implements plugin.Plugin.
@@ -63,12 +63,12 @@ func (s *networkRPCClient) Cleanup(ctx context.Context, r NetCleanupRequest) (Ne
 // NetworkRPCServer is the backend-side net/rpc adapter of a Network.
 type NetworkRPCServer struct {
 	impl Network
-	t    *callTracker
+	t    *CallTracker
 }
 
 // Cancel cancels the server-side ctx of a call in flight.
 func (s *NetworkRPCServer) Cancel(a CancelArgs, _ *CancelReply) error {
-	s.t.cancel(a.ID)
+	s.t.Cancel(a.ID)
 	return nil
 }
 

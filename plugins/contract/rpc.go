@@ -92,9 +92,11 @@ func call[Req, Resp any](ctx context.Context, rc *rpcClient, method string, req 
 	return reply.Resp, nil
 }
 
-// callTracker is the common part of the server adapters: it owns the ctx of
-// every call in flight so Cancel can reach it.
-type callTracker struct {
+// CallTracker is the common part of the RPC server adapters (the backend
+// adapters here and the site agent's control service): it owns the ctx of
+// every call in flight so a Cancel request can reach it, and it forwards the
+// caller's deadline.
+type CallTracker struct {
 	base context.Context
 
 	mu      sync.Mutex
@@ -104,17 +106,21 @@ type callTracker struct {
 	early map[uint64]time.Time
 }
 
-func newCallTracker(base context.Context) *callTracker {
+// NewCallTracker returns a tracker whose call contexts derive from base
+// (cancelling base cancels every call).
+func NewCallTracker(base context.Context) *CallTracker {
 	if base == nil {
 		base = context.Background()
 	}
-	return &callTracker{base: base, running: map[uint64]context.CancelFunc{}, early: map[uint64]time.Time{}}
+	return &CallTracker{base: base, running: map[uint64]context.CancelFunc{}, early: map[uint64]time.Time{}}
 }
 
 // earlyTTL bounds how long an early Cancel is remembered.
 const earlyTTL = time.Minute
 
-func (t *callTracker) begin(m CallMeta) (context.Context, func()) {
+// Begin returns the context of the call m (with its deadline) and a func to
+// call when the call ends.
+func (t *CallTracker) Begin(m CallMeta) (context.Context, func()) {
 	ctx, cancel := context.WithCancel(t.base)
 	if !m.Deadline.IsZero() {
 		var c2 context.CancelFunc
@@ -143,7 +149,9 @@ func (t *callTracker) begin(m CallMeta) (context.Context, func()) {
 	}
 }
 
-func (t *callTracker) cancel(id uint64) {
+// Cancel cancels call id, or remembers the request for a short while if it
+// overtook its call.
+func (t *CallTracker) Cancel(id uint64) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if c, ok := t.running[id]; ok {
@@ -154,8 +162,8 @@ func (t *callTracker) cancel(id uint64) {
 }
 
 // serve runs one server-side method.
-func serve[Req, Resp any](t *callTracker, args Args[Req], reply *Reply[Resp], fn func(context.Context, Req) (Resp, error)) error {
-	ctx, done := t.begin(args.Call)
+func serve[Req, Resp any](t *CallTracker, args Args[Req], reply *Reply[Resp], fn func(context.Context, Req) (Resp, error)) error {
+	ctx, done := t.Begin(args.Call)
 	defer done()
 	resp, err := fn(ctx, args.Req)
 	reply.Resp = resp

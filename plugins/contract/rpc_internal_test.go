@@ -11,15 +11,15 @@ import (
 
 func TestCancelOvertakingItsCall(t *testing.T) {
 	t.Parallel()
-	tr := newCallTracker(context.Background())
-	tr.cancel(5) // arrives before the call it cancels
-	ctx, done := tr.begin(CallMeta{ID: 5})
+	tr := NewCallTracker(context.Background())
+	tr.Cancel(5) // arrives before the call it cancels
+	ctx, done := tr.Begin(CallMeta{ID: 5})
 	require.ErrorIs(t, ctx.Err(), context.Canceled)
 	done()
 
-	other, done2 := tr.begin(CallMeta{ID: 6})
+	other, done2 := tr.Begin(CallMeta{ID: 6})
 	assert.NoError(t, other.Err(), "other calls are not affected")
-	tr.cancel(6)
+	tr.Cancel(6)
 	assert.ErrorIs(t, other.Err(), context.Canceled)
 	done2()
 
@@ -31,12 +31,12 @@ func TestCancelOvertakingItsCall(t *testing.T) {
 
 func TestEarlyCancelsExpire(t *testing.T) {
 	t.Parallel()
-	tr := newCallTracker(context.Background())
-	tr.cancel(1)
+	tr := NewCallTracker(context.Background())
+	tr.Cancel(1)
 	tr.mu.Lock()
 	tr.early[1] = time.Now().Add(-2 * earlyTTL)
 	tr.mu.Unlock()
-	_, done := tr.begin(CallMeta{ID: 2})
+	_, done := tr.Begin(CallMeta{ID: 2})
 	done()
 	tr.mu.Lock()
 	defer tr.mu.Unlock()
@@ -46,9 +46,9 @@ func TestEarlyCancelsExpire(t *testing.T) {
 func TestDeadlineAndBaseContext(t *testing.T) {
 	t.Parallel()
 	base, cancelBase := context.WithCancel(context.Background())
-	tr := newCallTracker(base)
+	tr := NewCallTracker(base)
 	dl := time.Now().Add(time.Hour)
-	ctx, done := tr.begin(CallMeta{ID: 1, Deadline: dl})
+	ctx, done := tr.Begin(CallMeta{ID: 1, Deadline: dl})
 	defer done()
 	got, ok := ctx.Deadline()
 	require.True(t, ok)

@@ -19,7 +19,7 @@ var _ plugin.Plugin = (*StoragePlugin)(nil)
 
 // Server implements plugin.Plugin.
 func (p *StoragePlugin) Server(*plugin.MuxBroker) (interface{}, error) {
-	return &StorageRPCServer{impl: p.Impl, t: newCallTracker(p.BaseContext)}, nil
+	return &StorageRPCServer{impl: p.Impl, t: NewCallTracker(p.BaseContext)}, nil
 }
 
 // Client implements plugin.Plugin.
@@ -77,12 +77,12 @@ func (s *storageRPCClient) Cleanup(ctx context.Context, r CleanupRequest) (Clean
 // exported methods are the wire method table.
 type StorageRPCServer struct {
 	impl Storage
-	t    *callTracker
+	t    *CallTracker
 }
 
 // Cancel cancels the server-side ctx of a call in flight.
 func (s *StorageRPCServer) Cancel(a CancelArgs, _ *CancelReply) error {
-	s.t.cancel(a.ID)
+	s.t.Cancel(a.ID)
 	return nil
 }
 
