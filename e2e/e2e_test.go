@@ -170,10 +170,16 @@ func TestControllerKilledInEachPhase(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			e := newEnv(t)
 			id := "wm-kill-" + name
+			if name == "seed-mid-round" {
+				// round 0 long enough for the engine's cancel poll (1 s) to
+				// run while it copies
+				e.link.SetBandwidth(linkBits / 12)
+			}
 			e.gate.arm(e.inPhase(id, f.phase, f.more))
 			p := e.migrate(id)
 			m := e.gate.waitHit(p)
 			require.NoError(t, p.cmd.Process.Signal(syscall.SIGKILL))
+			e.link.SetBandwidth(linkBits)
 			<-p.done
 			t.Logf("controller killed while %s was held in %s", m, f.phase)
 			e.gate.release <- true
@@ -196,6 +202,7 @@ func TestAgentKilledDuringSeed(t *testing.T) {
 		t.Run(role, func(t *testing.T) {
 			e := newEnv(t)
 			id := "wm-agent-" + role
+			e.link.SetBandwidth(linkBits / 12) // a round 0 the cancel poll sees
 			e.gate.arm(e.inPhase(id, engine.PhaseSeed, func(m string, cp *engine.Checkpoint) bool {
 				return m == "task.get_record" && cp.Seed.Round == 0 && len(cp.Disks) > 0 && len(cp.Disks[0].Snapshots) > 0
 			}))
@@ -205,6 +212,7 @@ func TestAgentKilledDuringSeed(t *testing.T) {
 			require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
 			t.Logf("killed the %s agent (pid %d) mid round 0", role, pid)
 			e.gate.release <- false
+			e.link.SetBandwidth(linkBits)
 			rep, code := p.report(t)
 			if code != 0 {
 				t.Logf("the migration did not complete (exit %d, %s in %s: %s); resuming", code, rep.Result, rep.Phase, rep.Error)

@@ -356,7 +356,9 @@ func newGate(t *testing.T, upstream [2]string) *gate {
 		require.NoError(t, err)
 		rp := httputil.NewSingleHostReverseProxy(target)
 		rp.FlushInterval = -1
-		rp.ErrorLog = nil
+		// a fresh upstream connection per call: no keep-alive reuse race
+		// between a killed controller's calls and its successor's
+		rp.Transport = &http.Transport{DisableKeepAlives: true}
 		g.servers[i] = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if g.hold(r) {
 				w.WriteHeader(http.StatusBadGateway)

@@ -69,7 +69,13 @@ type Config struct {
 	UUIDOf UUIDFunc
 	// DialTimeout bounds one control connection attempt (default 10s).
 	DialTimeout time.Duration
-	Logger      hclog.Logger
+	// PeerWatch is how often SyncRound, while a round runs on the source
+	// agent, checks that the destination agent still answers (default 2s).
+	// Two failed checks in a row cancel the round with an error matching
+	// agent.ErrAgentUnreachable, so the engine's retry re-launches the lost
+	// agent instead of waiting for the source to give up on it.
+	PeerWatch time.Duration
+	Logger    hclog.Logger
 }
 
 // Client drives the site agents of any number of migrations. Close it when
@@ -117,6 +123,9 @@ func New(cfg Config) (*Client, error) {
 	}
 	if cfg.DialTimeout <= 0 {
 		cfg.DialTimeout = 10 * time.Second
+	}
+	if cfg.PeerWatch <= 0 {
+		cfg.PeerWatch = 2 * time.Second
 	}
 	if cfg.ControlListen == "" {
 		cfg.ControlListen = "127.0.0.1:0"

@@ -438,3 +438,49 @@ func TestControllerKilledMidRound(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, sum(img0), sum(p.replica(t)))
 }
+
+// TestDestinationAgentLostMidRound: the round runs on the source agent; when
+// the destination agent dies meanwhile, SyncRound must fail soon with an
+// "unavailable" error naming it (so the engine's retry re-launches it),
+// not wait for the source's own stall timeouts.
+func TestDestinationAgentLostMidRound(t *testing.T) {
+	const size = 8 << 20
+	p := newPair(t, size, 8e6) // slow: the round takes ~8 s
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	// a client with a short peer watch drives the same agents
+	cfg := p.config(t)
+	cfg.PeerWatch = 200 * time.Millisecond
+	c, err := New(cfg)
+	require.NoError(t, err)
+	defer c.Close()
+	p.c = c
+	require.NoError(t, c.Start(ctx, p.spec))
+	require.Equal(t, 2, p.l.count(), "re-attached, not relaunched")
+	st := c.Storage()
+	p.prepare(t, ctx)
+	p.fx.writeSnapshot(t, 0, nil)
+
+	errc := make(chan error, 1)
+	go func() {
+		_, err := st.SyncRound(ctx, engine.SyncSpec{Key: p.key(), Round: 0, Snapshot: "OpaqueRef:snap-0", Full: true})
+		errc <- err
+	}()
+	require.Eventually(t, func() bool {
+		s, err := st.SyncStatus(ctx, p.key())
+		return err == nil && s.BytesCopied > 0
+	}, 30*time.Second, 20*time.Millisecond)
+	// The destination site goes dark (as with a SIGKILLed agent whose
+	// gateway connections the source takes for a link outage it should
+	// ride out), and its agent is gone.
+	p.link.Blackhole()
+	require.NoError(t, p.l.Stop(ctx, AgentLaunchSpec{MigrationID: p.id, Role: contract.RoleDestination}))
+	select {
+	case err := <-errc:
+		require.Error(t, err)
+		assert.ErrorIs(t, err, contract.ErrUnavailable)
+		assert.Contains(t, err.Error(), "destination agent")
+	case <-time.After(20 * time.Second):
+		t.Fatal("SyncRound did not notice the lost destination agent")
+	}
+}

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
+	"time"
 
 	"github.com/wanmotion/wanmotion/agent"
 	"github.com/wanmotion/wanmotion/engine"
@@ -245,7 +247,17 @@ func (s *Storage) SyncRound(ctx context.Context, spec engine.SyncSpec) (engine.S
 	}
 	req := contract.SyncRoundRequest{Handle: h.ID, Round: spec.Round, Full: spec.Full, ChangedBlocks: spec.Bitmap,
 		BlockSize: int64(spec.BlockSize), Snapshot: contract.SnapshotRef{UUID: snapUUID, Ref: spec.Snapshot, ContentID: spec.SnapshotContentID}}
-	resp, err := callRole[contract.SyncRoundRequest, contract.SyncRoundResponse](ctx, c, m.id, contract.RoleSource, agent.MethodStorageSyncRound, req)
+	// The round runs on the source agent; the destination agent receives.
+	// If the destination agent dies, the source would only notice through
+	// its own (long) stall timeouts: watch it, and cancel the round at once.
+	rctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	stopWatch := c.watchAgent(rctx, m, contract.RoleDestination, cancel)
+	resp, err := callRole[contract.SyncRoundRequest, contract.SyncRoundResponse](rctx, c, m.id, contract.RoleSource, agent.MethodStorageSyncRound, req)
+	stopWatch()
+	if cause := context.Cause(rctx); err != nil && ctx.Err() == nil && errors.Is(cause, agent.ErrAgentUnreachable) {
+		err = cause
+	}
 	if err != nil {
 		return engine.SyncResult{}, fmt.Errorf("round %d of disk %s: %w", spec.Round, spec.Key.DiskID, err)
 	}
@@ -423,4 +435,50 @@ func (s *Storage) Cleanup(ctx context.Context, key engine.DiskKey, receiverState
 		m.mu.Unlock()
 	}
 	return errors.Join(errs...)
+}
+
+// watchAgent heartbeats the agent of role every PeerWatch until the
+// returned stop is called or ctx ends. Two transport failures in a row (a
+// dead agent: the connection drops, then a redial is refused) call lost
+// with an error wrapping agent.ErrAgentUnreachable.
+func (c *Client) watchAgent(ctx context.Context, m *migration, role contract.Role, lost context.CancelCauseFunc) (stop func()) {
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		t := time.NewTicker(c.cfg.PeerWatch)
+		defer t.Stop()
+		failures := 0
+		for {
+			select {
+			case <-done:
+				return
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			ac, err := m.conn(role)
+			if err == nil {
+				hctx, hcancel := context.WithTimeout(ctx, max(c.cfg.PeerWatch, c.cfg.DialTimeout))
+				_, err = call[agent.Empty, agent.Empty](hctx, ac, agent.MethodHeartbeat, agent.Empty{})
+				hcancel()
+			}
+			if err == nil || !errors.Is(err, agent.ErrAgentUnreachable) || ctx.Err() != nil {
+				failures = 0
+				continue
+			}
+			failures++
+			if failures < 2 {
+				continue
+			}
+			c.log.Warn("agent lost during a round; cancelling the round", "migration_id", m.id, "role", string(role), "error", err)
+			lost(fmt.Errorf("%s agent lost during the round: %w", role, err))
+			return
+		}
+	}()
+	return func() {
+		close(done)
+		wg.Wait()
+	}
 }
