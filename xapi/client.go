@@ -47,6 +47,7 @@ type Client struct {
 	rpc    *http.Client // ordinary calls
 	events *http.Client // event.from long-polls
 	data   *http.Client // raw VDI import/export
+	socket string       // the unix socket of a NewLocal client
 
 	loginMu sync.Mutex // serialises logins; never held by ordinary calls
 

@@ -3,8 +3,11 @@ package xapi
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
+	"path/filepath"
+	"strings"
 	"time"
 )
 
@@ -33,6 +36,7 @@ func NewLocal(socketPath string, cfg Config) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
+	c.socket = socketPath
 	c.rpc = newUnixHTTPClient(socketPath, 8)
 	c.events = newUnixHTTPClient(socketPath, 2)
 	c.data = newUnixHTTPClient(socketPath, 2)
@@ -50,4 +54,44 @@ func newUnixHTTPClient(socketPath string, maxIdle int) *http.Client {
 		ExpectContinueTimeout: 5 * time.Second,
 	}
 	return &http.Client{Transport: tr}
+}
+
+// socketScheme prefixes the address of a unix socket ("unix:///var/lib/xcp/xapi").
+const socketScheme = "unix://"
+
+// SocketURL is the address form of a local socket that NewFromURL opens:
+// "unix://" followed by the absolute path.
+func SocketURL(socketPath string) string { return socketScheme + socketPath }
+
+// SocketPath returns the socket an address names: "unix://<absolute path>",
+// or XenAPI.py's "http://_var_lib_xcp_xapi/" (LocalSocket). ok is false for
+// any other address (an http or https URL).
+func SocketPath(addr string) (path string, ok bool, err error) {
+	if strings.TrimRight(addr, "/") == strings.TrimRight(localURL, "/") {
+		return LocalSocket, true, nil
+	}
+	p, found := strings.CutPrefix(addr, socketScheme)
+	if !found {
+		return "", false, nil
+	}
+	if p == "" || !filepath.IsAbs(p) || filepath.Clean(p) != p {
+		return "", true, fmt.Errorf("xapi: socket address %q: want unix:// and an absolute path", addr)
+	}
+	return p, true, nil
+}
+
+// Socket is the unix socket of a client built by NewLocal ("" otherwise).
+func (c *Client) Socket() string { return c.socket }
+
+// NewFromURL builds a client for cfg.URL: an http(s) URL (New) or a local
+// socket address (SocketPath; NewLocal, which ignores cfg.TLS).
+func NewFromURL(cfg Config) (*Client, error) {
+	path, isSocket, err := SocketPath(cfg.URL)
+	if err != nil {
+		return nil, err
+	}
+	if isSocket {
+		return NewLocal(path, cfg)
+	}
+	return New(cfg)
 }

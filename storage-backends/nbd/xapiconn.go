@@ -16,6 +16,8 @@ import (
 
 // openXAPI returns a client using the session the request carries (never
 // logged in or out by us). TLSPin (PEM) pins the pool master's certificate.
+// url is an http(s) URL or a local socket ("unix:///var/lib/xcp/xapi", or
+// XenAPI.py's "http://_var_lib_xcp_xapi/"), see xapi.NewFromURL.
 func openXAPI(url, session, pin string, log hclog.Logger) (*xapi.Client, error) {
 	if url == "" || session == "" {
 		return nil, fmt.Errorf("no xapi access (URL and session needed): %w", contract.ErrInvalidArgument)
@@ -37,7 +39,7 @@ func openXAPI(url, session, pin string, log hclog.Logger) (*xapi.Client, error) 
 			return nil, fmt.Errorf("xapi TLS pin holds no PEM certificate: %w", contract.ErrInvalidArgument)
 		}
 	}
-	c, err := xapi.New(xapi.Config{URL: url, TLS: opts, Logger: log, DisableMemberDiscovery: true})
+	c, err := xapi.NewFromURL(xapi.Config{URL: url, TLS: opts, Logger: log, DisableMemberDiscovery: true})
 	if err != nil {
 		return nil, fmt.Errorf("xapi client: %v: %w", err, contract.ErrInvalidArgument)
 	}
