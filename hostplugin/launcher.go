@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 
+	"github.com/hashicorp/go-hclog"
+
 	"github.com/wanmotion/wanmotion/agent"
 	"github.com/wanmotion/wanmotion/agent/agentclient"
 	"github.com/wanmotion/wanmotion/plugins/contract"
@@ -44,6 +46,12 @@ type PluginLauncher struct {
 	// Source and Dest are logged-in clients of the two pools (role source
 	// agents run in Source, destination agents in Dest).
 	Source, Dest *xapi.Client
+	// HostListen leaves the agents' control address to each host (its
+	// agent_listen setting) instead of the spec's ControlListen: an agent on
+	// another host must listen where the controller can reach it.
+	HostListen bool
+	// Logger records where each agent started (optional).
+	Logger hclog.Logger
 }
 
 var _ agentclient.Launcher = (*PluginLauncher)(nil)
@@ -99,6 +107,9 @@ func (l *PluginLauncher) Launch(ctx context.Context, spec agentclient.AgentLaunc
 	if err != nil {
 		return "", err
 	}
+	if l.HostListen {
+		delete(args, ArgControlListen)
+	}
 	out, err := c.HostCallPlugin(ctx, xapi.HostRef(spec.Host), PluginName, FnAgentStart, args)
 	if err != nil {
 		return "", fmt.Errorf("plugin launcher: %s agent on %s: %w", spec.Role, spec.Host, classify(err))
@@ -106,6 +117,10 @@ func (l *PluginLauncher) Launch(ctx context.Context, spec agentclient.AgentLaunc
 	var res AgentStarted
 	if err := json.Unmarshal([]byte(out), &res); err != nil || res.Control == "" {
 		return "", fmt.Errorf("plugin launcher: agent-start answered %q: %w", out, contract.ErrInternal)
+	}
+	if l.Logger != nil {
+		l.Logger.Info("site agent started on host", "migration_id", spec.MigrationID, "role", string(spec.Role),
+			"host", spec.Host, "host_uuid", res.Host, "control", res.Control)
 	}
 	return res.Control, nil
 }

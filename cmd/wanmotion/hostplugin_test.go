@@ -499,7 +499,7 @@ func TestHostPluginMigrationEndToEnd(t *testing.T) {
 	require.Equal(t, "xenroot", pa.Password, "the simulator's default password")
 	t.Cleanup(func() {
 		if t.Failed() {
-			logs, _ := filepath.Glob(filepath.Join(e.stateDir, "migrations", "agents-run", "*", "agent.log"))
+			logs, _ := filepath.Glob(filepath.Join(e.stateDir, "agents", "*", "agent.log"))
 			for _, l := range logs {
 				b, _ := os.ReadFile(l)
 				t.Logf("%s:\n%s", l, b)
@@ -507,22 +507,36 @@ func TestHostPluginMigrationEndToEnd(t *testing.T) {
 		}
 	})
 
+	// The VM runs on a pool member and is sent to a member of the other
+	// pool: the agents must start on exactly these two hosts.
+	srcMember, dstMember := e.sim.Pools()[0].Hosts()[1], e.sim.Pools()[1].Hosts()[1]
+	vms, err := e.src.VMGetByNameLabel(ctx, "demo-vm")
+	require.NoError(t, err)
+	require.Len(t, vms, 1)
+	require.NoError(t, e.src.VMPoolMigrate(ctx, vms[0], xapi.HostRef(srcMember.Ref), map[string]string{"live": "true"}))
+	srcRec, err := e.src.HostGetRecord(ctx, xapi.HostRef(srcMember.Ref))
+	require.NoError(t, err)
+	pb := e.info.Pools[1]
+	dst, err := xapi.New(xapi.Config{URL: pb.URL, Username: pb.Username, Password: pb.Password, Logger: testutil.Logger(t)})
+	require.NoError(t, err)
+	require.NoError(t, dst.Login(ctx))
+	t.Cleanup(func() { _ = dst.Close(context.Background()) })
+	dstRec, err := dst.HostGetRecord(ctx, xapi.HostRef(dstMember.Ref))
+	require.NoError(t, err)
+	args := e.migrateArgs()
+	args["dest_host"] = dstRec.UUID
+
 	caller, err := xapi.New(xapi.Config{URL: pa.URL, Username: pa.Username, Password: pa.Password, Logger: testutil.Logger(t)})
 	require.NoError(t, err)
 	require.NoError(t, caller.Login(ctx))
 	callerSession := string(caller.Session())
-	task, err := caller.HostCallPlugin(ctx, e.coord, hostplugin.PluginName, fnMigrate, e.migrateArgs())
+	task, err := caller.HostCallPlugin(ctx, e.coord, hostplugin.PluginName, fnMigrate, args)
 	require.NoError(t, err)
 	require.NoError(t, caller.Close(ctx), "the caller logs out at once")
 	rec := waitTaskEnd(t, e.src, task)
 	require.Equal(t, xapi.TaskStatusSuccess, rec.Status, "error_info %q", rec.ErrorInfo)
 	assert.InDelta(t, 1.0, rec.Progress, 1e-9)
 
-	pb := e.info.Pools[1]
-	dst, err := xapi.New(xapi.Config{URL: pb.URL, Username: pb.Username, Password: pb.Password, Logger: testutil.Logger(t)})
-	require.NoError(t, err)
-	require.NoError(t, dst.Login(ctx))
-	t.Cleanup(func() { _ = dst.Close(context.Background()) })
 	moved, err := dst.VMGetByNameLabel(ctx, "demo-vm")
 	require.NoError(t, err)
 	require.Len(t, moved, 1, "the VM is in the destination pool")
@@ -540,6 +554,16 @@ func TestHostPluginMigrationEndToEnd(t *testing.T) {
 	log, err := os.ReadFile(st.Log)
 	require.NoError(t, err)
 	assert.NotContains(t, string(log), "caller's session", "the controller had a session of its own")
+	// The agents were started through host.call_plugin agent-start on the
+	// VM's host and on the destination host, and stopped at the end.
+	assert.Regexp(t, `site agent started on host.*role=source.*host_uuid=`+srcRec.UUID, string(log))
+	assert.Regexp(t, `site agent started on host.*role=destination.*host_uuid=`+dstRec.UUID, string(log))
+	assert.NoDirExists(t, filepath.Join(e.stateDir, "migrations", "agents-run"), "no agent ran on the controller's own launcher")
+	for _, role := range []string{"source", "destination"} {
+		dir := filepath.Join(e.stateDir, "agents", st.MigrationID+"-"+role)
+		assert.FileExists(t, filepath.Join(dir, "agent.log"), "the %s agent ran under the plugin's state dir", role)
+		assert.NoFileExists(t, filepath.Join(dir, "agent.pid"), "the %s agent was stopped (agent-stop)", role)
+	}
 	assert.Contains(t, string(log), "migration done")
 	assert.NotContains(t, string(log), callerSession, "never log a session")
 	assert.NotContains(t, string(log), "dest_password")

@@ -16,6 +16,7 @@ import (
 
 	"github.com/wanmotion/wanmotion/engine"
 	"github.com/wanmotion/wanmotion/engine/xapiadapt"
+	"github.com/wanmotion/wanmotion/hostplugin"
 	"github.com/wanmotion/wanmotion/xapi"
 )
 
@@ -106,8 +107,14 @@ func runJob(ctx context.Context, job pluginJob, src *xapi.Client, stderr io.Writ
 		CAFile: f.tls.caFile, Thumbprints: f.tls.thumbprints, PluginDir: job.Config.PluginDir}); err != nil {
 		log.Warn("cannot save the connection details", "error", err)
 	}
+	sim := isSimulator(ctx, dst)
+	// The agents start on the VM's resident host and on the destination
+	// host through their pools' host plugin (agent-start); their backends
+	// use that host's local xapi socket (the simulator's hosts share the
+	// pools' URLs instead).
 	eng, cleanup, err := buildEngine(ctx, engineOpts{Source: src, Dest: dst, Store: store, PluginDir: job.Config.PluginDir, StateDir: dir,
-		Logger: log, Simulator: isSimulator(ctx, dst)})
+		Logger: log, Simulator: sim, HostXAPI: !sim,
+		Launcher: &hostplugin.PluginLauncher{Source: src, Dest: dst, HostListen: true, Logger: log}})
 	if err != nil {
 		return fmt.Errorf("build the engine: %w", err)
 	}

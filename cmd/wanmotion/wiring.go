@@ -74,6 +74,18 @@ type engineOpts struct {
 	AgentBinary string
 	// AgentArgs go before "agent" on the agents' command line (tests).
 	AgentArgs []string
+	// Launcher starts the site agents (default: an agentclient.LocalLauncher
+	// running AgentBinary on this machine for both sites). The plugin's
+	// controller passes a hostplugin.PluginLauncher: each agent starts on its
+	// site's host (the VM's resident host, the destination host) through
+	// host.call_plugin agent-start, with that host's own plugin_dir, state
+	// directory and agent_listen.
+	Launcher agentclient.Launcher
+	// HostXAPI gives backends the local xapi socket of the host they run
+	// on (unix:///var/lib/xcp/xapi) instead of the controller's pool URLs:
+	// for agents started on pool hosts by a controller that is not on the
+	// simulator. Sessions are pool-wide; xapi forwards to the coordinator.
+	HostXAPI bool
 }
 
 // buildEngine returns the engine for one CLI invocation and a cleanup
@@ -123,36 +135,38 @@ type dataPathDeps struct {
 }
 
 // dataPath builds the agents, storage, network and gateway drivers: an
-// agentclient.Client whose LocalLauncher runs `wanmotion agent` (this
-// binary) on this machine for both sites, with their state under
-// <state-dir>/agents-run. Backends get the controller's xapi sessions.
+// agentclient.Client whose launcher is o.Launcher, by default a
+// LocalLauncher running `wanmotion agent` (this binary) on this machine for
+// both sites, with their state under <state-dir>/agents-run. Backends get
+// the controller's xapi sessions.
 func dataPath(_ context.Context, o engineOpts, log hclog.Logger) (dataPathDeps, func(), error) {
 	if o.StateDir == "" {
 		return dataPathDeps{}, nil, fmt.Errorf("%w: no state directory", errNoAgents)
 	}
-	bin, args := o.AgentBinary, o.AgentArgs
-	if bin == "" {
-		bin, args = agentExec.binary, agentExec.args
+	cfg := agentclient.Config{Launcher: o.Launcher, StateDir: o.StateDir}
+	if cfg.Launcher == nil {
+		bin, args := o.AgentBinary, o.AgentArgs
+		if bin == "" {
+			bin, args = agentExec.binary, agentExec.args
+		}
+		cfg.Launcher = &agentclient.LocalLauncher{Binary: bin, Args: args, Dir: filepath.Join(o.StateDir, "agents-run"),
+			StartTimeout: agentExec.startTimeout}
+		pluginDir := host.InstallDir(o.PluginDir)
+		if abs, err := filepath.Abs(pluginDir); err == nil {
+			pluginDir = abs
+		}
+		cfg.PluginDir, cfg.AgentStateDir = pluginDir, filepath.Join(o.StateDir, "agents-state")
 	}
-	launcher := &agentclient.LocalLauncher{Binary: bin, Args: args, Dir: filepath.Join(o.StateDir, "agents-run"),
-		StartTimeout: agentExec.startTimeout}
-	pluginDir := host.InstallDir(o.PluginDir)
-	if abs, err := filepath.Abs(pluginDir); err == nil {
-		pluginDir = abs
+	cfg.SourceXAPI = xapiAccess(o.Source, o.Store, contract.RoleSource, o.HostXAPI)
+	cfg.DestXAPI = xapiAccess(o.Dest, o.Store, contract.RoleDestination, o.HostXAPI)
+	cfg.UUIDOf = func(ctx context.Context, site contract.Role, ref string) (string, error) {
+		if site == contract.RoleSource {
+			return uuidOf(ctx, o.Source, ref)
+		}
+		return uuidOf(ctx, o.Dest, ref)
 	}
-	c, err := agentclient.New(agentclient.Config{
-		Launcher: launcher, StateDir: o.StateDir, PluginDir: pluginDir,
-		AgentStateDir: filepath.Join(o.StateDir, "agents-state"),
-		SourceXAPI:    xapiAccess(o.Source, o.Store, contract.RoleSource),
-		DestXAPI:      xapiAccess(o.Dest, o.Store, contract.RoleDestination),
-		UUIDOf: func(ctx context.Context, site contract.Role, ref string) (string, error) {
-			if site == contract.RoleSource {
-				return uuidOf(ctx, o.Source, ref)
-			}
-			return uuidOf(ctx, o.Dest, ref)
-		},
-		Logger: log,
-	})
+	cfg.Logger = log
+	c, err := agentclient.New(cfg)
 	if err != nil {
 		return dataPathDeps{}, nil, err
 	}
@@ -162,9 +176,19 @@ func dataPath(_ context.Context, o engineOpts, log hclog.Logger) (dataPathDeps, 
 
 // xapiAccess gives the backends of one site the controller's session and
 // the uuid of the host the migration uses there (from the checkpoint).
-func xapiAccess(c *xapi.Client, store engine.Store, role contract.Role) agentclient.XAPIFunc {
+// The address is the controller's: its pool URL, or unix://<socket> for a
+// client of a local socket (the agents run on this machine then); with
+// hostXAPI, the local socket of the host the backend runs on.
+func xapiAccess(c *xapi.Client, store engine.Store, role contract.Role, hostXAPI bool) agentclient.XAPIFunc {
 	return func(ctx context.Context, migrationID string) (contract.XAPIAccess, error) {
-		acc := contract.XAPIAccess{URL: c.URL(), Session: contract.Secret(string(c.Session()))}
+		url := c.URL()
+		switch {
+		case hostXAPI:
+			url = xapi.SocketURL(xapi.LocalSocket)
+		case c.Socket() != "":
+			url = xapi.SocketURL(c.Socket())
+		}
+		acc := contract.XAPIAccess{URL: url, Session: contract.Secret(string(c.Session()))}
 		cp, err := store.Load(ctx, migrationID)
 		if err != nil {
 			return acc, err
