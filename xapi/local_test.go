@@ -76,3 +76,44 @@ func TestNewLocalUnixSocket(t *testing.T) {
 	var te *TransportError
 	require.ErrorAs(t, err, &te, "a missing socket is a transport error")
 }
+
+// TestSocketPathForms: the addresses NewFromURL opens as a local socket.
+func TestSocketPathForms(t *testing.T) {
+	for _, tc := range []struct {
+		addr   string
+		path   string
+		socket bool
+		bad    bool
+	}{
+		{addr: "unix:///var/lib/xcp/xapi", path: LocalSocket, socket: true},
+		{addr: SocketURL("/tmp/sim/h1/var/lib/xcp/xapi"), path: "/tmp/sim/h1/var/lib/xcp/xapi", socket: true},
+		{addr: "http://_var_lib_xcp_xapi/", path: LocalSocket, socket: true},
+		{addr: "http://_var_lib_xcp_xapi", path: LocalSocket, socket: true},
+		{addr: "https://pool.example/", socket: false},
+		{addr: "http://127.0.0.1:4430/", socket: false},
+		{addr: "unix://", socket: true, bad: true},
+		{addr: "unix://var/lib/xcp/xapi", socket: true, bad: true},
+		{addr: "unix:///var/lib/../xapi", socket: true, bad: true},
+	} {
+		t.Run(tc.addr, func(t *testing.T) {
+			p, ok, err := SocketPath(tc.addr)
+			assert.Equal(t, tc.socket, ok)
+			if tc.bad {
+				require.Error(t, err)
+				_, err = NewFromURL(Config{URL: tc.addr})
+				require.Error(t, err)
+				return
+			}
+			require.NoError(t, err)
+			assert.Equal(t, tc.path, p)
+			c, err := NewFromURL(Config{URL: tc.addr})
+			require.NoError(t, err)
+			if tc.socket {
+				assert.Equal(t, tc.path, c.Socket())
+				assert.Equal(t, localURL, c.URL())
+			} else {
+				assert.Empty(t, c.Socket())
+			}
+		})
+	}
+}
