@@ -19,7 +19,7 @@ import (
 // cut runs must finish with the disks intact and re-send little: their
 // bytes on the wire stay within 1.5× of the cut-free run's.
 func TestMigrateAndLinkCuts(t *testing.T) {
-	var baseline int64
+	var baselineWire int64
 	t.Run("success", func(t *testing.T) {
 		e := newEnv(t)
 		rep, code := e.migrate("wm-success").report(t)
@@ -41,7 +41,10 @@ func TestMigrateAndLinkCuts(t *testing.T) {
 		c := e.link.Counters()
 		assert.GreaterOrEqual(t, c.Upstream+c.Downstream, rep.BytesOnWire*9/10, "link counters %+v", c)
 		e.settled(siteB)
-		baseline = rep.BytesOnWire
+		baselineWire = rep.BytesOnWire
+		cutFree.mu.Lock()
+		cutFree.link, cutFree.wire = e.linkBytes(), rep.BytesOnWire
+		cutFree.mu.Unlock()
 	})
 
 	for _, tc := range []struct {
@@ -73,32 +76,71 @@ func TestMigrateAndLinkCuts(t *testing.T) {
 			assert.Equal(t, "ok", rep.Integrity)
 			assert.GreaterOrEqual(t, e.link.Counters().Cuts, 1)
 			e.settled(siteB)
-			if baseline > 0 {
-				ratio := float64(rep.BytesOnWire) / float64(baseline)
-				t.Logf("bytes on the wire: %d with the cut, %d without (%.2fx)", rep.BytesOnWire, baseline, ratio)
+			if baselineWire > 0 {
+				ratio := float64(rep.BytesOnWire) / float64(baselineWire)
+				t.Logf("bytes on the wire: %d with the cut, %d without (%.2fx)", rep.BytesOnWire, baselineWire, ratio)
 				assert.Less(t, ratio, 1.5, "a cut re-sends little")
 			}
+			e.assertLittleResent()
 		})
 	}
 }
 
-// phaseFaults are the phases a fault is injected in. The gate holds the
-// first pool API call the controller makes while its checkpoint names the
-// phase (each phase makes one early: task progress, the cancel poll or a
-// VM lookup), so the fault lands inside that phase. Plan is caught once
-// its xapi task exists (a cancel needs it); seed is caught at the start of
-// the first delta round (a snapshot and a replica with data exist).
-var phaseFaults = []struct {
+// fault is a point where a fault is injected. The gate holds the first
+// pool API call the controller makes while its checkpoint names the phase
+// (and more holds): every phase makes one early (task progress, the cancel
+// poll or a VM lookup), so the fault lands inside that phase.
+type fault struct {
+	name  string
 	phase engine.Phase
 	more  func(method string, cp *engine.Checkpoint) bool
-}{
-	{engine.PhasePlan, func(_ string, cp *engine.Checkpoint) bool { return cp.Task != "" && cp.TaskLabelled }},
-	{engine.PhasePrepare, nil},
-	{engine.PhaseSeed, func(m string, _ *engine.Checkpoint) bool { return m == "VDI.list_changed_blocks" }},
-	{engine.PhaseHandoff, nil},
-	{engine.PhaseSwitch, nil},
-	{engine.PhaseVerify, nil},
-	{engine.PhaseCleanup, nil},
+	// slow: the link runs at 1/12 of its rate until the fault, so that
+	// round 0 lasts long enough for the engine's cancel poll (every 1 s) to
+	// run while data is copied.
+	slow bool
+}
+
+// midRound0 holds the engine's cancel poll while round 0 copies.
+func midRound0(m string, cp *engine.Checkpoint) bool {
+	return m == "task.get_record" && cp.Seed.Round == 0 && len(cp.Disks) > 0 && len(cp.Disks[0].Snapshots) > 0
+}
+
+// phaseFaults: one point per phase, plus mid-phase points in Seed (a round
+// copying) and Handoff (VM.migrate_send running). Plan is caught once its
+// xapi task exists (a cancel needs it).
+var phaseFaults = []fault{
+	{name: "plan", phase: engine.PhasePlan, more: func(_ string, cp *engine.Checkpoint) bool { return cp.Task != "" && cp.TaskLabelled }},
+	{name: "prepare", phase: engine.PhasePrepare},
+	{name: "seed", phase: engine.PhaseSeed, more: func(m string, _ *engine.Checkpoint) bool { return m == "VDI.list_changed_blocks" }},
+	{name: "seed-mid-round", phase: engine.PhaseSeed, more: midRound0, slow: true},
+	{name: "handoff", phase: engine.PhaseHandoff},
+	{name: "handoff-migrate-send", phase: engine.PhaseHandoff, more: func(m string, cp *engine.Checkpoint) bool {
+		return m == "task.get_record" && cp.Handoff.Task != ""
+	}},
+	{name: "switch", phase: engine.PhaseSwitch},
+	{name: "verify", phase: engine.PhaseVerify},
+	{name: "cleanup", phase: engine.PhaseCleanup},
+}
+
+// inject starts a migration and holds it at f; the caller injects its
+// fault, then sends on e.gate.release.
+func (e *env) inject(id string, f fault) (*proc, string) {
+	e.t.Helper()
+	if f.slow {
+		e.link.SetBandwidth(linkBits / 12)
+	}
+	e.gate.arm(e.inPhase(id, f.phase, f.more))
+	p := e.migrate(id)
+	m := e.gate.waitHit(p)
+	e.t.Logf("holding %s in %s", m, f.name)
+	return p, m
+}
+
+// releaseGate restores the link's rate and lets the held call go on
+// (drop: answer it with an error instead, its caller being dead).
+func (e *env) releaseGate(drop bool) {
+	e.link.SetBandwidth(linkBits)
+	e.gate.release <- drop
 }
 
 // TestCancelInEachPhase cancels with `wanmotion migrate cancel` (xapi
@@ -108,13 +150,10 @@ var phaseFaults = []struct {
 // ignored, and the migration completes.
 func TestCancelInEachPhase(t *testing.T) {
 	for _, f := range phaseFaults {
-		t.Run(f.phase.String(), func(t *testing.T) {
+		t.Run(f.name, func(t *testing.T) {
 			e := newEnv(t)
-			id := "wm-cancel-" + f.phase.String()
-			e.gate.arm(e.inPhase(id, f.phase, f.more))
-			p := e.migrate(id)
-			m := e.gate.waitHit(p)
-			t.Logf("holding %s in %s", m, f.phase)
+			id := "wm-cancel-" + f.name
+			p, _ := e.inject(id, f)
 			c := e.start(id+"-cancel", "migrate", "cancel", id, "--state-dir", e.stateDir)
 			code := c.wait(t)
 			if f.phase.ForwardOnly() {
@@ -128,8 +167,8 @@ func TestCancelInEachPhase(t *testing.T) {
 				require.Equal(t, 0, code, "cancel: %s", c.stderrText())
 				assert.Contains(t, c.stdout.String(), "cancel requested")
 			}
-			require.Equal(t, f.phase, e.checkpoint(id).Phase, "the fault landed in %s", f.phase)
-			e.gate.release <- false
+			require.Equal(t, f.phase, e.checkpoint(id).Phase, "the fault landed in %s", f.name)
+			e.releaseGate(false)
 			rep, code := p.report(t)
 			if f.phase.ForwardOnly() {
 				require.Equal(t, 0, code, "report %+v", rep)
@@ -152,43 +191,22 @@ func TestCancelInEachPhase(t *testing.T) {
 // migrate process) in each phase, then `wanmotion migrate resume ID`
 // completes the migration.
 func TestControllerKilledInEachPhase(t *testing.T) {
-	faults := append(append([]struct {
-		phase engine.Phase
-		more  func(method string, cp *engine.Checkpoint) bool
-	}{}, phaseFaults...), struct {
-		phase engine.Phase
-		more  func(method string, cp *engine.Checkpoint) bool
-	}{engine.PhaseSeed, func(m string, cp *engine.Checkpoint) bool {
-		// mid round 0: the round is copying (the cancel poll runs meanwhile)
-		return m == "task.get_record" && cp.Seed.Round == 0 && len(cp.Disks) > 0 && len(cp.Disks[0].Snapshots) > 0
-	}})
-	for i, f := range faults {
-		name := f.phase.String()
-		if i == len(faults)-1 {
-			name = "seed-mid-round"
-		}
-		t.Run(name, func(t *testing.T) {
+	for _, f := range phaseFaults {
+		t.Run(f.name, func(t *testing.T) {
 			e := newEnv(t)
-			id := "wm-kill-" + name
-			if name == "seed-mid-round" {
-				// round 0 long enough for the engine's cancel poll (1 s) to
-				// run while it copies
-				e.link.SetBandwidth(linkBits / 12)
-			}
-			e.gate.arm(e.inPhase(id, f.phase, f.more))
-			p := e.migrate(id)
-			m := e.gate.waitHit(p)
+			id := "wm-kill-" + f.name
+			p, m := e.inject(id, f)
 			require.NoError(t, p.cmd.Process.Signal(syscall.SIGKILL))
-			e.link.SetBandwidth(linkBits)
 			<-p.done
-			t.Logf("controller killed while %s was held in %s", m, f.phase)
-			e.gate.release <- true
+			t.Logf("controller killed while %s was held in %s", m, f.name)
+			e.releaseGate(true)
 			require.Equal(t, f.phase, e.checkpoint(id).Phase, "killed in %s", f.phase)
 			rep, code := e.resume(id)
 			require.Equal(t, 0, code, "resume: report %+v", rep)
 			assert.Equal(t, "success", rep.Result)
 			assert.Equal(t, "ok", rep.Integrity)
 			e.settled(siteB)
+			e.assertLittleResent()
 		})
 	}
 }
@@ -202,17 +220,11 @@ func TestAgentKilledDuringSeed(t *testing.T) {
 		t.Run(role, func(t *testing.T) {
 			e := newEnv(t)
 			id := "wm-agent-" + role
-			e.link.SetBandwidth(linkBits / 12) // a round 0 the cancel poll sees
-			e.gate.arm(e.inPhase(id, engine.PhaseSeed, func(m string, cp *engine.Checkpoint) bool {
-				return m == "task.get_record" && cp.Seed.Round == 0 && len(cp.Disks) > 0 && len(cp.Disks[0].Snapshots) > 0
-			}))
-			p := e.migrate(id)
-			e.gate.waitHit(p)
+			p, _ := e.inject(id, fault{name: "seed-mid-round", phase: engine.PhaseSeed, more: midRound0, slow: true})
 			pid := e.agentPID(id, role)
 			require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
 			t.Logf("killed the %s agent (pid %d) mid round 0", role, pid)
-			e.gate.release <- false
-			e.link.SetBandwidth(linkBits)
+			e.releaseGate(false)
 			rep, code := p.report(t)
 			if code != 0 {
 				t.Logf("the migration did not complete (exit %d, %s in %s: %s); resuming", code, rep.Result, rep.Phase, rep.Error)
@@ -226,6 +238,7 @@ func TestAgentKilledDuringSeed(t *testing.T) {
 			if rep.Result == "success" {
 				assert.Equal(t, "ok", rep.Integrity)
 				e.settled(siteB)
+				e.assertLittleResent()
 				return
 			}
 			e.settled(siteA)

@@ -568,3 +568,41 @@ func (e *env) dumpLogs() {
 		e.t.Logf("==== %s:\n%s", f, b)
 	}
 }
+
+// cutFree holds what a fault-free migration put on the emulated link, the
+// yardstick for "re-sent bytes stay small".
+var cutFree struct {
+	mu   sync.Mutex
+	link int64 // bytes both ways on the emulated link
+	wire int64 // the report's bytes_on_wire
+}
+
+func (e *env) linkBytes() int64 {
+	c := e.link.Counters()
+	return c.Upstream + c.Downstream
+}
+
+// baseline returns the link bytes of a fault-free migration (measured by
+// TestMigrateAndLinkCuts/success, or here when that did not run).
+func baseline(t *testing.T) int64 {
+	t.Helper()
+	cutFree.mu.Lock()
+	defer cutFree.mu.Unlock()
+	if cutFree.link == 0 {
+		e := newEnv(t)
+		rep, code := e.migrate("wm-baseline").report(t)
+		require.Equal(t, 0, code, "baseline migration: %+v", rep)
+		cutFree.link, cutFree.wire = e.linkBytes(), rep.BytesOnWire
+	}
+	return cutFree.link
+}
+
+// assertLittleResent: the faulted migration (all its attempts) put at
+// most 1.5× a fault-free migration's bytes on the emulated link.
+func (e *env) assertLittleResent() {
+	e.t.Helper()
+	b := baseline(e.t)
+	ratio := float64(e.linkBytes()) / float64(b)
+	e.t.Logf("link bytes: %d, fault-free %d (%.2fx)", e.linkBytes(), b, ratio)
+	assert.Less(e.t, ratio, 1.5, "little re-sent")
+}
