@@ -52,7 +52,11 @@ type Checkpoint struct {
 	TaskFinished  bool   `msgpack:"task_finished"`
 	TaskLabelled  bool   `msgpack:"task_labelled"` // applies_to set
 	AgentsStarted bool   `msgpack:"agents_started"`
-	GatewayUp     bool   `msgpack:"gateway_up"`
+	// AgentsLaunching is set before Agents.Start is first called: a Start
+	// that fails half-way (one agent up, the other or a backend not) still
+	// has its agents stopped by the rollback.
+	AgentsLaunching bool `msgpack:"agents_launching,omitempty"`
+	GatewayUp       bool `msgpack:"gateway_up"`
 
 	Seed    SeedState    `msgpack:"seed"`
 	Handoff HandoffState `msgpack:"handoff"`

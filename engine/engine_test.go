@@ -339,6 +339,50 @@ func TestPrepareFailureRollsBack(t *testing.T) {
 	assert.Zero(t, w.live("replica"))
 	assert.Zero(t, w.count("src.SnapshotVDI"))
 	assert.True(t, w.vmAtSource)
+	assert.False(t, w.agentsUp, "the rollback stopped the agents")
+}
+
+// TestAgentsStartFailureStopsAgents: Agents.Start fails after launching
+// one agent (the destination agent runs, the source agent or a backend did
+// not start): the rollback still calls Agents.Stop, also when the
+// controller crashed in between and a successor rolls back.
+func TestAgentsStartFailureStopsAgents(t *testing.T) {
+	t.Parallel()
+	for _, crash := range []bool{false, true} {
+		t.Run(fmt.Sprintf("crash=%v", crash), func(t *testing.T) {
+			w := newWorld()
+			w.Hook = func(m string) error {
+				if m == "agents.Start" {
+					return errors.New("source agent: backend storage-nbd exited")
+				}
+				return nil
+			}
+			st := mustStore(t)
+			var store Store = st
+			if crash {
+				// The controller dies right after the rollback is decided.
+				store = &hookStore{Store: st, after: func(_ int, c *Checkpoint) error {
+					if c.Phase == PhaseRollingBack {
+						return errHalt
+					}
+					return nil
+				}}
+			}
+			rep, err := newEngine(t, w, store).Run(context.Background(), testRequest())
+			require.Error(t, err)
+			if crash {
+				require.True(t, w.agentsUp, "the crash left the agent running")
+				w.Hook = nil
+				rep, err = newEngine(t, w, st).Resume(context.Background(), "wm-test")
+				require.Error(t, err, "the resumed rollback reports the original failure")
+			}
+			assert.Equal(t, ResultFailed, rep.Result)
+			assert.Equal(t, "rolled_back", rep.Phase)
+			assert.False(t, w.agentsUp, "no agent left running")
+			assert.Equal(t, 1, w.count("agents.Stop"))
+			assert.True(t, w.vmAtSource)
+		})
+	}
 }
 
 func TestConvergencePolicies(t *testing.T) {

@@ -599,14 +599,14 @@ func (t tasks) TaskRecord(ctx context.Context, task string) (TaskRecord, error) 
 
 type agents struct{ w *world }
 
+// Start models the worst case of a failed Start: agents are launched
+// (agentsUp) before the injected failure, as when the destination agent
+// runs and the source agent or a backend then fails to start.
 func (a agents) Start(ctx context.Context, spec AgentSpec) error {
-	if err := a.w.call("agents.Start"); err != nil {
-		return err
-	}
 	a.w.mu.Lock()
 	a.w.agentsUp = true
 	a.w.mu.Unlock()
-	return nil
+	return a.w.call("agents.Start")
 }
 
 func (a agents) Stop(ctx context.Context, id string) error {

@@ -150,7 +150,7 @@ func (r *run) releaseAll(ctx context.Context, rollback bool) error {
 			}
 		}
 	}
-	if cp.AgentsStarted && !cp.AgentsStopped {
+	if (cp.AgentsStarted || cp.AgentsLaunching) && !cp.AgentsStopped {
 		if err := r.d.Agents.Stop(ctx, cp.MigrationID); err != nil {
 			errs = append(errs, fmt.Errorf("stop agents: %w", err))
 		} else {

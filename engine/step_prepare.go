@@ -189,6 +189,12 @@ func (r *run) stepPrepare(ctx context.Context) (Phase, error) {
 		return PhasePrepare, err
 	}
 	if !cp.AgentsStarted {
+		if !cp.AgentsLaunching {
+			cp.AgentsLaunching = true
+			if err := r.save(ctx); err != nil {
+				return PhasePrepare, err
+			}
+		}
 		if err := r.d.Agents.Start(ctx, r.agentSpec()); err != nil {
 			return PhasePrepare, fmt.Errorf("start agents: %w", err)
 		}

@@ -99,8 +99,8 @@ func newPluginEnvWith(t *testing.T, pluginDir, extraConf string) pluginEnv {
 }
 
 // stopLeftoverAgents ends site agents the test's controllers started and
-// left running (a migration that failed while preparing leaves its
-// destination agent to its idle timeout).
+// left running (a controller killed by a test leaves its agents to their
+// idle timeout).
 func stopLeftoverAgents(t *testing.T, stateDir string) {
 	pids, _ := filepath.Glob(filepath.Join(stateDir, "*", "agents-run", "*", "agent.pid"))
 	more, _ := filepath.Glob(filepath.Join(stateDir, "agents", "*", "agent.pid"))
@@ -609,4 +609,55 @@ func TestMigrateArgsNamesArguments(t *testing.T) {
 	assert.True(t, f.skipAssert)
 	require.NotNil(t, o.Streams)
 	assert.Equal(t, 8, *o.Streams)
+}
+
+// agentProcesses returns the pids of running `wanmotion agent` processes
+// of migration id.
+func agentProcesses(t *testing.T, id string) []int {
+	t.Helper()
+	var pids []int
+	ents, err := os.ReadDir("/proc")
+	require.NoError(t, err)
+	for _, e := range ents {
+		var pid int
+		if _, err := fmt.Sscan(e.Name(), &pid); err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil || !strings.Contains(string(b), "\x00agent\x00") || !strings.Contains(string(b), "--migration-id\x00"+id+"\x00") {
+			continue
+		}
+		st, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		if i := strings.LastIndexByte(string(st), ')'); i >= 0 && i+2 < len(st) && st[i+2] == 'Z' {
+			continue
+		}
+		pids = append(pids, pid)
+	}
+	return pids
+}
+
+// TestHostPluginFailedPrepareStopsAgents: a migration whose storage
+// backend cannot start fails while preparing, after its destination agent
+// was started through agent-start; the rollback stops it (agent-stop), so
+// no agent of the migration runs once the task has failed.
+func TestHostPluginFailedPrepareStopsAgents(t *testing.T) {
+	e := newPluginEnv(t) // backends that exit at once
+	args := e.migrateArgs()
+	args["id"] = "wm-prepfail"
+	task, err := e.call(t, fnMigrate, args)
+	require.NoError(t, err)
+	rec := waitTaskEnd(t, e.src, task)
+	require.Equal(t, xapi.TaskStatusFailure, rec.Status)
+	require.GreaterOrEqual(t, len(rec.ErrorInfo), 2)
+	assert.Equal(t, "prepare", rec.ErrorInfo[1], "failed while preparing: %q", rec.ErrorInfo)
+	log, err := os.ReadFile(filepath.Join(e.stateDir, "plugin", "wm-prepfail.log"))
+	require.NoError(t, err)
+	require.Contains(t, string(log), "site agent started on host", "an agent was started before the failure")
+	assert.Eventually(t, func() bool { return len(agentProcesses(t, "wm-prepfail")) == 0 }, 30*time.Second, 100*time.Millisecond,
+		"no agent of the migration remains")
+	pids, _ := filepath.Glob(filepath.Join(e.stateDir, "agents", "wm-prepfail-*", "agent.pid"))
+	assert.Empty(t, pids, "agent-stop ran for every started agent")
 }
