@@ -71,8 +71,9 @@ type GuestVerify struct {
 var ErrNoGuest = errors.New("no guest workload on this VM")
 
 // guest is one VM's workload. The writer goroutine does each write (and
-// each memory-dirtying step) under mu, so freeze (taking mu) waits for the
-// write in flight and then holds the guest still.
+// each memory-dirtying step) under mu, releasing it between writes, so freeze
+// (taking mu) waits for at most the one write in flight and then holds the
+// guest still.
 type guest struct {
 	e   *simExt
 	vm  string
@@ -463,11 +464,23 @@ func (g *guest) step(budget, pageBudget *float64) {
 		return
 	}
 	buf := make([]byte, g.cfg.BlockSize)
-	for *budget >= float64(g.cfg.BlockSize) {
+	for first := true; *budget >= float64(g.cfg.BlockSize); first = false {
 		select {
 		case <-g.stop:
 			return
 		default:
+		}
+		if !first {
+			// Let a freeze (the pause of a migration's stop-and-copy) in
+			// between writes: a real guest's writes in flight finish in
+			// parallel, so a pause waits for at most one write, not for
+			// the rest of this tick's batch (each mirrored write costs a
+			// WAN round trip during migrate_send).
+			g.mu.Unlock()
+			g.mu.Lock()
+			if g.frozen > 0 {
+				return
+			}
 		}
 		*budget -= float64(g.cfg.BlockSize)
 		d := disks[g.rng.IntN(len(disks))]
