@@ -12,8 +12,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"net/http/httputil"
-	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -127,7 +125,7 @@ func newEnv(t *testing.T) *env {
 	e.store, err = engine.NewFileStore(e.stateDir)
 	require.NoError(t, err)
 	e.startSim()
-	e.gate = newGate(t, e.direct)
+	e.gate = newGate(t, e.direct, filepath.Join(e.dir, "gate.log"))
 	e.proxied = e.gate.urls()
 
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -343,28 +341,35 @@ type gate struct {
 	mu      sync.Mutex
 	cond    func(method string) bool
 	gen     int
+	client  *http.Client
+	log     *os.File
 	hit     chan string
 	release chan bool // true: answer 502 instead of forwarding
 }
 
 var methodRE = regexp.MustCompile(`<methodName>([^<]+)</methodName>`)
 
-func newGate(t *testing.T, upstream [2]string) *gate {
+func newGate(t *testing.T, upstream [2]string, logPath string) *gate {
 	g := &gate{t: t, hit: make(chan string, 1), release: make(chan bool, 1)}
+	logf, err := os.Create(logPath)
+	require.NoError(t, err)
+	g.log = logf
+	// a fresh upstream connection per call: no keep-alive reuse race
+	// between a killed controller's calls and its successor's
+	g.client = &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
 	for i, u := range upstream {
-		target, err := url.Parse(u)
-		require.NoError(t, err)
-		rp := httputil.NewSingleHostReverseProxy(target)
-		rp.FlushInterval = -1
-		// a fresh upstream connection per call: no keep-alive reuse race
-		// between a killed controller's calls and its successor's
-		rp.Transport = &http.Transport{DisableKeepAlives: true}
+		target := strings.TrimSuffix(u, "/")
 		g.servers[i] = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			if g.hold(r) {
+			body, err := io.ReadAll(r.Body)
+			if err != nil {
+				g.logf("read request %s: %v", r.URL, err)
+				return
+			}
+			if g.hold(r.Method, body) {
 				w.WriteHeader(http.StatusBadGateway)
 				return
 			}
-			rp.ServeHTTP(w, r)
+			g.forward(w, r, target, body)
 		}))
 	}
 	t.Cleanup(func() {
@@ -377,8 +382,54 @@ func newGate(t *testing.T, upstream [2]string) *gate {
 			s.CloseClientConnections()
 			s.Close()
 		}
+		g.mu.Lock()
+		_ = g.log.Close()
+		g.log = nil
+		g.mu.Unlock()
 	})
 	return g
+}
+
+// forward sends the call upstream and copies the answer back; a failure
+// is logged with the caller's state (gate.log in the test's directory).
+func (g *gate) forward(w http.ResponseWriter, r *http.Request, target string, body []byte) {
+	out, err := http.NewRequestWithContext(r.Context(), r.Method, target+r.URL.RequestURI(), bytes.NewReader(body))
+	if err != nil {
+		w.WriteHeader(http.StatusBadGateway)
+		return
+	}
+	for k, v := range r.Header {
+		out.Header[k] = v
+	}
+	resp, err := g.client.Do(out)
+	if err != nil {
+		g.logf("%s %s: upstream: %v (caller: %v)", r.Method, r.URL, err, r.Context().Err())
+		w.WriteHeader(http.StatusBadGateway)
+		return
+	}
+	defer resp.Body.Close()
+	rb, err := io.ReadAll(resp.Body)
+	if err != nil {
+		g.logf("%s %s: upstream body: %v (caller: %v)", r.Method, r.URL, err, r.Context().Err())
+		w.WriteHeader(http.StatusBadGateway)
+		return
+	}
+	for k, v := range resp.Header {
+		w.Header()[k] = v
+	}
+	w.Header().Set("Content-Length", strconv.Itoa(len(rb)))
+	w.WriteHeader(resp.StatusCode)
+	if _, err := w.Write(rb); err != nil {
+		g.logf("%s %s: write answer: %v (caller: %v)", r.Method, r.URL, err, r.Context().Err())
+	}
+}
+
+func (g *gate) logf(format string, args ...any) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.log != nil {
+		fmt.Fprintf(g.log, time.Now().UTC().Format(time.RFC3339Nano)+" "+format+"\n", args...)
+	}
 }
 
 func (g *gate) urls() [2]string {
@@ -395,9 +446,9 @@ func (g *gate) arm(cond func(method string) bool) {
 
 func (g *gate) disarm() { g.arm(nil) }
 
-// hold reports whether the request was held and must be dropped.
-func (g *gate) hold(r *http.Request) bool {
-	if r.Method != http.MethodPost {
+// hold reports whether the call was held and must be dropped.
+func (g *gate) hold(httpMethod string, body []byte) bool {
+	if httpMethod != http.MethodPost {
 		return false
 	}
 	g.mu.Lock()
@@ -406,12 +457,6 @@ func (g *gate) hold(r *http.Request) bool {
 	if cond == nil {
 		return false
 	}
-	body, err := io.ReadAll(io.LimitReader(r.Body, 64<<20))
-	if err != nil {
-		return false
-	}
-	r.Body = io.NopCloser(bytes.NewReader(body))
-	r.ContentLength = int64(len(body))
 	method := ""
 	if m := methodRE.FindSubmatch(body); m != nil {
 		method = string(m[1])
@@ -559,7 +604,7 @@ func (e *env) settled(want int) {
 func (e *env) dumpLogs() {
 	files, _ := filepath.Glob(filepath.Join(e.dir, "*.stderr"))
 	more, _ := filepath.Glob(filepath.Join(e.stateDir, "agents-run", "*", "agent.log"))
-	files = append(append(files, more...), filepath.Join(e.dir, "sim.log"))
+	files = append(append(files, more...), filepath.Join(e.dir, "sim.log"), filepath.Join(e.dir, "gate.log"))
 	for _, f := range files {
 		b, _ := os.ReadFile(f)
 		if len(b) > 20000 {
