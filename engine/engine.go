@@ -15,6 +15,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -356,7 +357,10 @@ func outcome(cp *Checkpoint, cause error) error {
 	case cp.Phase == PhaseDone:
 		return nil
 	case cp.Phase == PhaseRolledBack && cp.Cancelled:
-		return fmt.Errorf("%w: %s", ErrCancelled, cp.Error)
+		if cp.Error == "" || cp.Error == ErrCancelled.Error() {
+			return ErrCancelled
+		}
+		return fmt.Errorf("%w: %s", ErrCancelled, strings.TrimPrefix(cp.Error, ErrCancelled.Error()+": "))
 	case cause != nil:
 		return cause
 	}

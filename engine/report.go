@@ -106,7 +106,9 @@ func BuildReport(c *Checkpoint) Report {
 	for _, d := range c.Disks {
 		r.BytesToMove += allocated(d.Disk)
 	}
-	if len(c.Seed.Rounds) > 0 {
+	if len(c.Seed.Rounds) > 0 && c.Phase != PhaseRolledBack && c.Phase != PhaseRollingBack {
+		// the changed set of the last seed round is what xapi copied at
+		// Handoff; a rolled-back migration never handed off.
 		r.ResidualBytes = c.Seed.Rounds[len(c.Seed.Rounds)-1].ChangedBytes
 	}
 	r.BytesOffered, r.BytesOnWire = c.Stats.BytesOffered, c.Stats.BytesOnWire

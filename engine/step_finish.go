@@ -141,6 +141,11 @@ func (r *run) releaseAll(ctx context.Context, rollback bool) error {
 		}
 	}
 	if cp.GatewayUp && !cp.GatewayDown {
+		if rollback { // keep the counters of what crossed the link for the report
+			if st, err := r.d.Gateway.Stats(ctx, cp.MigrationID); err == nil && st.BytesOnWire > cp.Stats.BytesOnWire {
+				cp.Stats = st
+			}
+		}
 		if err := r.d.Gateway.Stop(ctx, cp.MigrationID); err != nil {
 			errs = append(errs, fmt.Errorf("stop gateway: %w", err))
 		} else {
