@@ -565,10 +565,15 @@ func TestCancelDuringLongSync(t *testing.T) {
 	}
 	rep, err := newEngine(t, w, mustStore(t)).Run(context.Background(), testRequest())
 	require.ErrorIs(t, err, ErrCancelled)
+	assert.Equal(t, "migration cancelled", err.Error(), "the cause is not repeated")
 	assert.Equal(t, ResultCancelled, rep.Result)
 	assert.True(t, w.vmAtSource)
 	assert.Zero(t, w.live("replica"))
 	assert.Zero(t, w.live("snapshot"))
+	// the report of a rolled-back migration keeps what crossed the link
+	// (read before the gateway stopped) and claims no residual delta.
+	assert.Equal(t, int64(1<<30), rep.BytesOnWire)
+	assert.Zero(t, rep.ResidualBytes)
 }
 
 // The controller dies after VM.migrate_send returned but before its task
