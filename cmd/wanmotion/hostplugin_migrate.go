@@ -193,6 +193,9 @@ type migrationRecord struct {
 	PID         int       `json:"pid"`
 	Log         string    `json:"log"`
 	Started     time.Time `json:"started"`
+	// Args are migrate's arguments without dest_password (resume needs
+	// them to reach the destination again).
+	Args map[string]string `json:"args,omitempty"`
 }
 
 func recordDir(cfg hostplugin.Config) string     { return filepath.Join(cfg.StateDir, "plugin") }
@@ -243,6 +246,9 @@ type pluginJob struct {
 	Session      string            `json:"session"`
 	Env          hostplugin.Env    `json:"env"`
 	Config       hostplugin.Config `json:"config"`
+	// Resume: continue the migration from its checkpoint (engine Resume)
+	// instead of starting it.
+	Resume bool `json:"resume,omitempty"`
 }
 
 func (p *pluginCall) migrate(ctx context.Context) (string, error) {
@@ -307,7 +313,8 @@ const workerMarker = "__wanmotion-plugin-controller"
 // startWorker starts the detached controller (own session, stdin the job,
 // stdout and stderr its log) and returns at once.
 func (p *pluginCall) startWorker(job pluginJob) (migrationRecord, error) {
-	rec := migrationRecord{MigrationID: job.ID, Task: job.Task, VMUUID: job.VMUUID, DestURL: job.Args[argDestURL], Started: time.Now().UTC()}
+	rec := migrationRecord{MigrationID: job.ID, Task: job.Task, VMUUID: job.VMUUID, DestURL: job.Args[argDestURL], Started: time.Now().UTC(),
+		Args: job.Args}
 	dir := recordDir(p.cfg)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return rec, perr(hostplugin.CodeInternal, fmt.Errorf("state dir: %w", err))
@@ -536,6 +543,85 @@ func (p *pluginCall) cancel(ctx context.Context) (string, error) {
 			return "", err
 		}
 		p.log.Info("cancel requested", "task", task, "migration_id", s.MigrationID)
+	}
+	return jsonString(s)
+}
+
+// resume starts a new detached controller for a migration started on this
+// host whose controller is gone (host reboot, killed): it continues from
+// the checkpoint (engine Resume), re-attaching to the site agents that
+// still run and the xapi task. Arguments: id or task, and dest_password
+// (never stored). It returns the status object; a migration already
+// finished (done, rolled back) is reported as it is.
+func (p *pluginCall) resume(ctx context.Context) (string, error) {
+	if err := p.checkArgs(argTask, argID, argDestPassword); err != nil {
+		return "", err
+	}
+	pw := p.call.Args[argDestPassword]
+	targetArgs := map[string]string{}
+	for _, k := range []string{argTask, argID} {
+		if v, ok := p.call.Args[k]; ok {
+			targetArgs[k] = v
+		}
+	}
+	tp := *p
+	tp.call.Args = targetArgs
+	task, r, ok, err := tp.target()
+	if err != nil {
+		return "", err
+	}
+	if !ok || r.Args == nil {
+		return "", perr(hostplugin.CodeNotFound, fmt.Errorf("task %s: no migration started on this host can be resumed from here", task))
+	}
+	if processRunning(r.PID, r.MigrationID) {
+		return "", invalidArg("migration %s: its controller (pid %d) still runs", r.MigrationID, r.PID)
+	}
+	store, err := engine.NewFileStore(checkpointDir(p.cfg))
+	if err != nil {
+		return "", perr(hostplugin.CodeInternal, err)
+	}
+	cp, err := store.Load(ctx, r.MigrationID)
+	if err != nil {
+		return "", perr(hostplugin.CodeNotFound, fmt.Errorf("migration %s has no checkpoint: %w", r.MigrationID, err))
+	}
+	c, closeFn, err := p.pool()
+	if err != nil {
+		return "", err
+	}
+	defer closeFn()
+	if cp.Phase == engine.PhaseDone || cp.Phase == engine.PhaseRolledBack {
+		s, err := p.taskStatus(ctx, c, task, r, ok)
+		if err != nil {
+			return "", err
+		}
+		return jsonString(s)
+	}
+	if strings.TrimSpace(pw) == "" {
+		return "", invalidArg("%s is required", argDestPassword)
+	}
+	args := map[string]string{argDestPassword: pw}
+	for k, v := range r.Args {
+		args[k] = v
+	}
+	f, _, err := migrateArgs(args)
+	if err != nil {
+		return "", err
+	}
+	dst, err := connectDest(ctx, f, pw, p)
+	if err != nil {
+		return "", err
+	}
+	_ = dst.Close(context.WithoutCancel(ctx))
+	job := pluginJob{ID: r.MigrationID, Task: r.Task, VMUUID: r.VMUUID, Args: r.Args, DestPassword: pw,
+		Session: p.call.Session, Env: p.env, Config: p.cfg, Resume: true}
+	nr, err := p.startWorker(job)
+	if err != nil {
+		return "", err
+	}
+	p.log.Info("migration resumed", "migration_id", r.MigrationID, "task", r.Task, "phase", cp.Phase.String(), "pid", nr.PID)
+	s, err := p.taskStatus(ctx, c, task, nr, true)
+	if err != nil {
+		return "", err
 	}
 	return jsonString(s)
 }

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -660,4 +661,120 @@ func TestHostPluginFailedPrepareStopsAgents(t *testing.T) {
 		"no agent of the migration remains")
 	pids, _ := filepath.Glob(filepath.Join(e.stateDir, "agents", "wm-prepfail-*", "agent.pid"))
 	assert.Empty(t, pids, "agent-stop ran for every started agent")
+}
+
+// nbdPluginEnv is the plugin environment with the real nbd storage
+// backend and a controller that logs in on its own.
+func nbdPluginEnv(t *testing.T) pluginEnv {
+	t.Helper()
+	plugins := t.TempDir()
+	gobin := filepath.Join(runtime.GOROOT(), "bin", "go")
+	out, err := exec.Command(gobin, "build", "-buildvcs=false", "-o", filepath.Join(plugins, "wanmotion-storage-nbd"),
+		"../../storage-backends/nbd/cmd/wanmotion-storage-nbd").CombinedOutput()
+	require.NoError(t, err, "go build: %s", out)
+	pwFile := filepath.Join(t.TempDir(), "local-password")
+	require.NoError(t, os.WriteFile(pwFile, []byte("xenroot\n"), 0o600))
+	e := newPluginEnvWith(t, plugins, "local_password_file = "+pwFile+"\n")
+	t.Cleanup(func() {
+		if t.Failed() {
+			logs, _ := filepath.Glob(filepath.Join(e.stateDir, "agents", "*", "agent.log"))
+			for _, l := range logs {
+				b, _ := os.ReadFile(l)
+				t.Logf("%s:\n%s", l, b)
+			}
+		}
+	})
+	return e
+}
+
+// TestHostPluginResumeAfterControllerKilled: the detached controller of a
+// plugin-started migration is killed during Seed; the plugin's resume
+// starts a new controller that re-attaches to the agents and the task, and
+// the migration completes with the VM in exactly one place.
+func TestHostPluginResumeAfterControllerKilled(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the nbd backend and moves a VM")
+	}
+	e := nbdPluginEnv(t)
+	ctx := context.Background()
+	args := e.migrateArgs()
+	args["id"] = "wm-resume"
+	args["bandwidth"] = "8Mbit" // a seed that lasts a few seconds
+	task, err := e.call(t, fnMigrate, args)
+	require.NoError(t, err)
+
+	var st pluginStatus
+	require.Eventually(t, func() bool {
+		out, err := e.call(t, fnStatus, map[string]string{"id": "wm-resume"})
+		require.NoError(t, err)
+		require.NoError(t, json.Unmarshal([]byte(out), &st))
+		require.Equal(t, "pending", st.Status, "the migration ended before seed: %s", out)
+		return st.Phase == "seed"
+	}, 60*time.Second, 50*time.Millisecond, "the migration reaches seed")
+	r, err := loadRecord(hostplugin.Config{StateDir: e.stateDir}, "wm-resume")
+	require.NoError(t, err)
+	require.True(t, processRunning(r.PID, "wm-resume"))
+	require.NoError(t, syscall.Kill(r.PID, syscall.SIGKILL))
+	require.Eventually(t, func() bool { return !processRunning(r.PID, "wm-resume") }, 10*time.Second, 20*time.Millisecond)
+
+	out, err := e.call(t, fnStatus, map[string]string{"task": task})
+	require.NoError(t, err)
+	require.NoError(t, json.Unmarshal([]byte(out), &st))
+	assert.Equal(t, "pending", st.Status, "the task waits for a controller")
+	assert.False(t, st.ControllerRunning)
+
+	_, err = e.call(t, fnResume, map[string]string{"id": "wm-resume"})
+	requireAPIError(t, err, hostplugin.CodeInvalidArgument) // dest_password is required
+	_, err = e.call(t, fnResume, map[string]string{"id": "wm-nosuch", argDestPassword: "x"})
+	requireAPIError(t, err, hostplugin.CodeNotFound)
+	_, err = e.call(t, fnResume, map[string]string{"task": task, argDestPassword: "wrong"})
+	requireAPIError(t, err, hostplugin.CodeInvalidArgument) // wrong destination credentials
+
+	out, err = e.call(t, fnResume, map[string]string{"task": task, argDestPassword: e.info.Pools[1].Password})
+	require.NoError(t, err)
+	require.NoError(t, json.Unmarshal([]byte(out), &st))
+	assert.Equal(t, "wm-resume", st.MigrationID)
+	_, err = e.call(t, fnResume, map[string]string{"id": "wm-resume", argDestPassword: e.info.Pools[1].Password})
+	requireAPIError(t, err, hostplugin.CodeInvalidArgument) // its controller runs
+
+	rec := waitTaskEnd(t, e.src, task)
+	require.Equal(t, xapi.TaskStatusSuccess, rec.Status, "error_info %q", rec.ErrorInfo)
+	pb := e.info.Pools[1]
+	dst, err := xapi.New(xapi.Config{URL: pb.URL, Username: pb.Username, Password: pb.Password, Logger: testutil.Logger(t)})
+	require.NoError(t, err)
+	require.NoError(t, dst.Login(ctx))
+	t.Cleanup(func() { _ = dst.Close(context.Background()) })
+	moved, err := dst.VMGetByNameLabel(ctx, "demo-vm")
+	require.NoError(t, err)
+	assert.Len(t, moved, 1, "the VM is in the destination pool")
+	left, err := e.src.VMGetByNameLabel(ctx, "demo-vm")
+	require.NoError(t, err)
+	assert.Empty(t, left, "and gone from the source")
+	b, err := os.ReadFile(r.Log)
+	require.NoError(t, err)
+	assert.Contains(t, string(b), "resuming from the checkpoint")
+	assert.Contains(t, string(b), "migration done")
+	assert.NotContains(t, string(b), pb.Password, "never log a password")
+	assert.Empty(t, agentProcesses(t, "wm-resume"), "the agents were stopped")
+
+	out, err = e.call(t, fnResume, map[string]string{"id": "wm-resume"})
+	require.NoError(t, err, "a finished migration is reported, nothing started")
+	require.NoError(t, json.Unmarshal([]byte(out), &st))
+	assert.Equal(t, "success", st.Status)
+	assert.False(t, st.ControllerRunning)
+}
+
+// TestCLIResumeOfPluginMigrationPointsToThePlugin: `wanmotion migrate
+// resume` of a migration a plugin controller started on a host (its pool
+// recorded as the local socket) says to resume it through the plugin.
+func TestCLIResumeOfPluginMigrationPointsToThePlugin(t *testing.T) {
+	dir := t.TempDir()
+	ctx := context.Background()
+	st, err := engine.NewFileStore(dir)
+	require.NoError(t, err)
+	require.NoError(t, st.Save(ctx, &engine.Checkpoint{Version: engine.CheckpointVersion, MigrationID: "wm-onhost", Phase: engine.PhaseSeed}))
+	require.NoError(t, saveConnInfo(dir, "wm-onhost", connInfo{From: xapi.SocketURL(xapi.LocalSocket), To: "https://pool-b.example"}))
+	_, _, err = run(t, migrateResume, "wm-onhost", "--state-dir", dir)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), `"wanmotion", "resume", {"id": "wm-onhost"`)
 }

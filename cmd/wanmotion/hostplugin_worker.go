@@ -70,6 +70,9 @@ func workerSource(ctx context.Context, job pluginJob, log hclog.Logger) (*xapi.C
 }
 
 func runJob(ctx context.Context, job pluginJob, src *xapi.Client, stderr io.Writer, log hclog.Logger) error {
+	if job.Resume {
+		return resumeJob(ctx, job, src, stderr, log)
+	}
 	if rec, err := src.TaskGetRecord(ctx, xapi.TaskRef(job.Task)); err == nil && rec.CancelRequested() {
 		return fmt.Errorf("%w before it started", engine.ErrCancelled)
 	}
@@ -107,20 +110,56 @@ func runJob(ctx context.Context, job pluginJob, src *xapi.Client, stderr io.Writ
 		CAFile: f.tls.caFile, Thumbprints: f.tls.thumbprints, PluginDir: job.Config.PluginDir}); err != nil {
 		log.Warn("cannot save the connection details", "error", err)
 	}
+	return driveJob(ctx, job, src, dst, store, stderr, log, func(rctx context.Context, eng *engine.Engine) (engine.Report, error) {
+		return eng.Run(rctx, req)
+	})
+}
+
+// resumeJob continues a migration from its checkpoint (the plugin's
+// resume): the destination from the recorded arguments and the new
+// password, the settings and state from the checkpoint.
+func resumeJob(ctx context.Context, job pluginJob, src *xapi.Client, stderr io.Writer, log hclog.Logger) error {
+	args := map[string]string{argDestPassword: job.DestPassword}
+	for k, v := range job.Args {
+		args[k] = v
+	}
+	f, _, err := migrateArgs(args)
+	if err != nil {
+		return err
+	}
+	pc := &pluginCall{env: job.Env, cfg: job.Config, log: log}
+	dst, err := connectDest(ctx, f, job.DestPassword, pc)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = dst.Close(context.WithoutCancel(ctx)) }()
+	store, err := engine.NewFileStore(checkpointDir(job.Config))
+	if err != nil {
+		return err
+	}
+	log.Info("resuming from the checkpoint")
+	return driveJob(ctx, job, src, dst, store, stderr, log, func(rctx context.Context, eng *engine.Engine) (engine.Report, error) {
+		return eng.Resume(rctx, job.ID)
+	})
+}
+
+// driveJob builds the plugin controller's engine and runs do with it. The
+// agents start on the VM's resident host and on the destination host
+// through their pools' host plugin (agent-start); their backends use that
+// host's local xapi socket (the simulator's hosts share the pools' URLs
+// instead).
+func driveJob(ctx context.Context, job pluginJob, src, dst *xapi.Client, store engine.Store, stderr io.Writer, log hclog.Logger,
+	do func(context.Context, *engine.Engine) (engine.Report, error)) error {
 	sim := isSimulator(ctx, dst)
-	// The agents start on the VM's resident host and on the destination
-	// host through their pools' host plugin (agent-start); their backends
-	// use that host's local xapi socket (the simulator's hosts share the
-	// pools' URLs instead).
-	eng, cleanup, err := buildEngine(ctx, engineOpts{Source: src, Dest: dst, Store: store, PluginDir: job.Config.PluginDir, StateDir: dir,
-		Logger: log, Simulator: sim, HostXAPI: !sim,
+	eng, cleanup, err := buildEngine(ctx, engineOpts{Source: src, Dest: dst, Store: store, PluginDir: job.Config.PluginDir,
+		StateDir: checkpointDir(job.Config), Logger: log, Simulator: sim, HostXAPI: !sim,
 		Launcher: &hostplugin.PluginLauncher{Source: src, Dest: dst, HostListen: true, Logger: log}})
 	if err != nil {
 		return fmt.Errorf("build the engine: %w", err)
 	}
 	defer cleanup()
 	rep, err := runWithSignals(ctx, eng, job.ID, stderr, func(rctx context.Context) (engine.Report, error) {
-		return eng.Run(rctx, req)
+		return do(rctx, eng)
 	})
 	if rep.MigrationID != "" {
 		_ = writeReport(stderr, rep)

@@ -241,6 +241,12 @@ func (m *migration) resume(ctx context.Context, o *opFlags, id string) error {
 	if err != nil {
 		return err
 	}
+	if _, local, _ := xapi.SocketPath(ci.From); local {
+		// Started through the host plugin: its agents run on the pools'
+		// hosts and only the plugin's controller drives them.
+		return fmt.Errorf("%w: migration %s was started through the host plugin; resume it there: "+
+			`host.call_plugin(<coordinator>, "wanmotion", "resume", {"id": %q, "dest_password": ...})`, errUsage, id, id)
+	}
 	p, err := openPools(ctx, ci, o.tlsFor(ci), o.logLevel, m.stderr)
 	if err != nil {
 		return err
