@@ -548,13 +548,15 @@ func (e *env) tagged(site int) []string {
 	return out
 }
 
-// agents lists the live `wanmotion agent` processes of this env.
-func (e *env) agents() []int {
+// agents lists the live `wanmotion agent` processes of this env and the
+// backend processes of this run (tests run one at a time, so any live
+// backend belongs to the current test).
+func (e *env) agents() []string {
 	ents, _ := os.ReadDir("/proc")
-	var out []int
+	backend := filepath.Join(bins.plugins, "wanmotion-storage-nbd")
+	var out []string
 	for _, ent := range ents {
-		pid, err := strconv.Atoi(ent.Name())
-		if err != nil {
+		if _, err := strconv.Atoi(ent.Name()); err != nil {
 			continue
 		}
 		b, err := os.ReadFile(filepath.Join("/proc", ent.Name(), "cmdline"))
@@ -562,8 +564,9 @@ func (e *env) agents() []int {
 			continue
 		}
 		args := strings.Split(string(b), "\x00")
-		if len(args) > 2 && args[0] == bins.wanmotion && args[1] == "agent" && strings.Contains(string(b), e.stateDir) {
-			out = append(out, pid)
+		agent := len(args) > 2 && args[0] == bins.wanmotion && args[1] == "agent" && strings.Contains(string(b), e.stateDir)
+		if agent || args[0] == backend {
+			out = append(out, ent.Name()+" "+strings.Join(args, " "))
 		}
 	}
 	return out
@@ -580,8 +583,11 @@ func (e *env) agentPID(id, role string) int {
 }
 
 func (e *env) killAgents() {
-	for _, pid := range e.agents() {
-		_ = syscall.Kill(pid, syscall.SIGKILL)
+	for _, p := range e.agents() {
+		pid, _, _ := strings.Cut(p, " ")
+		if n, err := strconv.Atoi(pid); err == nil {
+			_ = syscall.Kill(n, syscall.SIGKILL)
+		}
 	}
 }
 
@@ -598,7 +604,7 @@ func (e *env) settled(want int) {
 	for len(e.agents()) > 0 && time.Now().Before(deadline) {
 		time.Sleep(100 * time.Millisecond)
 	}
-	assert.Empty(e.t, e.agents(), "no agent process left")
+	assert.Empty(e.t, e.agents(), "no agent or backend process left")
 }
 
 func (e *env) dumpLogs() {
