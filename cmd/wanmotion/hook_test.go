@@ -16,6 +16,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/wanmotion/wanmotion/hostplugin"
 	"github.com/wanmotion/wanmotion/internal/testutil"
 	"github.com/wanmotion/wanmotion/xapi"
 	"github.com/wanmotion/wanmotion/xapi/xapisim"
@@ -92,6 +93,7 @@ func TestHooksThroughSimulator(t *testing.T) {
 	pre, post := hookScript(t, bin, hookPreMigrate), hookScript(t, bin, hookPostMigrate)
 	require.NoError(t, s.InstallHook(xapisim.HookVMPreMigrate, "50wanmotion", pre))
 	require.NoError(t, s.InstallHook(xapisim.HookVMPostMigrate, "50wanmotion", post))
+	require.NoError(t, s.InstallPlugin(hostplugin.PluginName, bin)) // hook-release
 
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -116,19 +118,35 @@ func TestHooksThroughSimulator(t *testing.T) {
 	src, dst := hosts[0].Ref, hosts[1].Ref
 	records := filepath.Join(stateDir, "hooks", vm.UUID)
 
-	// Direct run: what xenopsd would see as the exit code.
-	direct := func(host, hook string, args ...string) int {
+	// Direct run: what xenopsd would see as the exit code, and the output.
+	directOut := func(host, hook string, args ...string) (int, string) {
 		cmd := exec.CommandContext(ctx, filepath.Join(s.HookDir(host, hook), "50wanmotion"), args...)
 		cmd.Env = []string{"PATH=/sbin:/usr/sbin:/bin:/usr/bin"}
 		cmd.Dir = "/"
 		out, err := cmd.CombinedOutput()
 		t.Logf("%s %v: %s", hook, args, out)
 		if err == nil {
-			return 0
+			return 0, string(out)
 		}
 		var ee *exec.ExitError
 		require.ErrorAs(t, err, &ee)
-		return ee.ExitCode()
+		return ee.ExitCode(), string(out)
+	}
+	direct := func(host, hook string, args ...string) int {
+		code, _ := directOut(host, hook, args...)
+		return code
+	}
+	hostUUID := func(ref string) string {
+		r, err := c.HostGetRecord(ctx, xapi.HostRef(ref))
+		require.NoError(t, err)
+		return r.UUID
+	}
+	readRecord := func(role string) hookRecord {
+		b, err := os.ReadFile(filepath.Join(records, role+".json"))
+		require.NoError(t, err, "the %s hook recorded its side (exit 0, not 1)", role)
+		var rec hookRecord
+		require.NoError(t, json.Unmarshal(b, &rec))
+		return rec
 	}
 
 	// Strategy none (unset): nothing to do, success.
@@ -141,19 +159,51 @@ func TestHooksThroughSimulator(t *testing.T) {
 			require.NoError(t, os.RemoveAll(records))
 			s.SetHookReasonFirst(reasonFirst)
 			require.NoError(t, s.RunHooks(ctx, string(src), xapisim.HookVMPreMigrate, vm.UUID, "source", "3"))
+			rec := readRecord("source")
+			assert.Equal(t, "noop", rec.Backend)
+			assert.Equal(t, "source", string(rec.Role))
+			assert.Equal(t, hostUUID(src), rec.HostUUID)
+			assert.NotEmpty(t, rec.Handle.ID)
+			// The destination's hook activates, has the source host
+			// release its side (hook-release), cleans up both: no record
+			// is left.
 			require.NoError(t, s.RunHooks(ctx, string(dst), xapisim.HookVMPostMigrate, vm.UUID, "destination", "9"))
-			for _, role := range []string{"source", "destination"} {
-				b, err := os.ReadFile(filepath.Join(records, role+".json"))
-				require.NoError(t, err, "the %s hook prepared the network (exit 0, not 1)", role)
-				var rec hookRecord
-				require.NoError(t, json.Unmarshal(b, &rec))
-				assert.Equal(t, "noop", rec.Backend)
-				assert.Equal(t, role, string(rec.Role))
-				assert.NotEmpty(t, rec.Handle.ID)
-			}
+			assert.NoDirExists(t, records, "both sides released and cleaned up")
 		})
 	}
 	s.SetHookReasonFirst(false)
+
+	// Who releases the source side: the source host, asked by the destination's hook.
+	require.Equal(t, 0, direct(src, hookPreMigrate, "-vmuuid", vm.UUID, "-reason", "source"))
+	code, out := directOut(dst, hookPostMigrate, "-reason", "destination", "-vmuuid", vm.UUID, "-vmdomid", "4")
+	require.Equal(t, 0, code)
+	assert.Contains(t, out, "source released on host "+hostUUID(src))
+	assert.Contains(t, out, "cleaned up")
+	assert.NoDirExists(t, records)
+
+	// A source side nobody released (the destination's hook did not reach
+	// this host) is swept by this host's next hook once the VM has left it.
+	require.Equal(t, 0, direct(src, hookPreMigrate, "-vmuuid", vm.UUID, "-reason", "source"))
+	readRecord("source")
+	vm, err = c.VMGetRecord(ctx, vms[0])
+	require.NoError(t, err)
+	setNetwork("") // the move itself runs no hook work
+	away := hosts[0].Ref
+	if string(vm.ResidentOn) == away {
+		away = hosts[1].Ref
+	}
+	require.NoError(t, c.VMPoolMigrate(ctx, vms[0], xapi.HostRef(away), map[string]string{"live": "true"}))
+	if away == src {
+		// The VM is on the record's host again: nothing to sweep there.
+		assert.Equal(t, 0, direct(src, hookPreMigrate, "-vmuuid", vm.UUID, "-reason", "suspend"))
+		readRecord("source")
+		require.NoError(t, c.VMPoolMigrate(ctx, vms[0], xapi.HostRef(dst), map[string]string{"live": "true"}))
+	}
+	code, out = directOut(src, hookPreMigrate, "-vmuuid", vm.UUID, "-reason", "suspend")
+	assert.Equal(t, 0, code)
+	assert.Contains(t, out, "released earlier hook records")
+	assert.NoDirExists(t, records, "swept")
+	setNetwork("noop")
 
 	// Our side unavailable: log and continue (1), never another code.
 	setNetwork("no-such-backend")
@@ -173,9 +223,9 @@ func TestHooksThroughSimulator(t *testing.T) {
 		other = hosts[1].Ref
 	}
 	require.NoError(t, c.VMPoolMigrate(ctx, vms[0], xapi.HostRef(other), map[string]string{"live": "true"}))
-	for _, role := range []string{"source", "destination"} {
-		assert.FileExists(t, filepath.Join(records, role+".json"), "VM.pool_migrate ran the %s hook", role)
-	}
+	// Both hooks ran: the source side was prepared, then released and
+	// cleaned up with the destination's after the move.
+	assert.NoDirExists(t, records, "VM.pool_migrate ran both hooks and nothing is left behind")
 	// ... and is not blocked when our side is broken.
 	setNetwork("no-such-backend")
 	back := hosts[0].Ref

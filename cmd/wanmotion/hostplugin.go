@@ -160,7 +160,7 @@ func servePlugin(ctx context.Context, call xapiplugin.Call, stderr io.Writer) (s
 	fns := map[string]func(context.Context) (string, error){
 		fnVersion: p.version, fnConfigGet: p.configGet, fnConfigSet: p.configSet,
 		fnMigrate: p.migrate, fnPlan: p.plan, fnStatus: p.status, fnCancel: p.cancel,
-		fnResume: p.resume,
+		fnResume: p.resume, fnHookRelease: p.hookRelease,
 		hostplugin.FnAgentStart: p.agentStart, hostplugin.FnAgentStop: p.agentStop,
 	}
 	fn, ok := fns[call.Method]
