@@ -104,7 +104,7 @@ func runJob(ctx context.Context, job pluginJob, src *xapi.Client, stderr io.Writ
 	}
 	from := job.Env.PoolURL
 	if from == "" {
-		from = "unix://" + job.Env.Socket
+		from = xapi.SocketURL(job.Env.Socket)
 	}
 	if err := saveConnInfo(dir, job.ID, connInfo{From: from, To: f.to, ToUser: f.toUser, Insecure: f.tls.insecure,
 		CAFile: f.tls.caFile, Thumbprints: f.tls.thumbprints, PluginDir: job.Config.PluginDir}); err != nil {
