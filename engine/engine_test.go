@@ -447,6 +447,9 @@ func TestDryRunPlanHasNoSideEffects(t *testing.T) {
 	assert.Equal(t, int64(5<<30/4), p.Estimate.BytesToMove)
 	assert.Greater(t, p.Estimate.TotalSeconds, p.Estimate.SeedSeconds)
 	assert.Contains(t, p.Text(), "estimated total")
+	assert.Contains(t, p.Text(), "-> SR "+p.Disks[0].DestSR, "without labels the ref is printed")
+	p.SRLabels = map[string]string{p.Disks[0].DestSR: "fast (uuid-1)"}
+	assert.Contains(t, p.Text(), "-> SR fast (uuid-1)")
 	for _, m := range []string{"task.Create", "agents.Start", "dst.CreateVDI", "src.SnapshotVDI", "src.EnableCBT"} {
 		assert.Zero(t, w.count(m), m)
 	}

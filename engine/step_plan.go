@@ -27,6 +27,9 @@ type PlanResult struct {
 	Estimate    Estimate
 	// Assumptions lists guesses the estimate rests on.
 	Assumptions []string
+	// SRLabels optionally names destination SRs for people: SR ref →
+	// "name (uuid)". Text prints the ref of an SR not in it.
+	SRLabels map[string]string
 }
 
 // Text renders a plan for people (--dry-run).
@@ -36,7 +39,11 @@ func (p PlanResult) Text() string {
 	fmt.Fprintf(&b, "plan for VM %s (%s)\n", p.VMName, p.VMUUID)
 	fmt.Fprintf(&b, "  backends:          storage %s, network %s\n", p.Settings.Storage, p.Settings.Network)
 	for _, d := range p.Disks {
-		fmt.Fprintf(&b, "  disk %-4s %s: %s allocated of %s -> SR %s\n", d.Disk.Device, d.Disk.VDIUUID, HumanBytes(allocated(d.Disk)), HumanBytes(d.Disk.VirtualSize), d.DestSR)
+		sr := d.DestSR
+		if l := p.SRLabels[sr]; l != "" {
+			sr = l
+		}
+		fmt.Fprintf(&b, "  disk %-4s %s: %s allocated of %s -> SR %s\n", d.Disk.Device, d.Disk.VDIUUID, HumanBytes(allocated(d.Disk)), HumanBytes(d.Disk.VirtualSize), sr)
 	}
 	fmt.Fprintf(&b, "  link:              %s/s, rtt %s\n", HumanBytes(e.LinkBytesPerSec), time.Duration(e.RTTSeconds*float64(time.Second)))
 	fmt.Fprintf(&b, "  bytes to move:     %s, memory %s\n", HumanBytes(e.BytesToMove), HumanBytes(e.MemoryBytes))

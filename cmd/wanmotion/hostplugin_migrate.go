@@ -407,7 +407,7 @@ func (p *pluginCall) plan(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	return jsonString(planJSON(plan))
+	return jsonString(planJSON(plan, srNames(ctx, dst, plan)))
 }
 
 // pluginStatus is status's and cancel's result.

@@ -376,9 +376,14 @@ func (m *migration) run(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
+		srs := srNames(ctx, p.dst, plan)
+		plan.SRLabels = map[string]string{}
+		for ref, sr := range srs {
+			plan.SRLabels[ref] = fmt.Sprintf("%s (%s)", sr.NameLabel, sr.UUID)
+		}
 		if f.asJSON {
 			m.printed = true
-			return writeJSON(m.stdout, planJSON(plan))
+			return writeJSON(m.stdout, planJSON(plan, srs))
 		}
 		fmt.Fprint(m.stdout, plan.Text())
 		return nil
@@ -543,14 +548,31 @@ type planDisk struct {
 	VirtualSize int64  `json:"virtual_size"`
 	Allocated   int64  `json:"allocated"`
 	DestSR      string `json:"dest_sr"`
+	DestSRUUID  string `json:"dest_sr_uuid"`
+	DestSRName  string `json:"dest_sr_name"`
 }
 
-func planJSON(p engine.PlanResult) planView {
+// srNames looks up the name and uuid of each destination SR of the plan
+// (the plan holds refs); an SR that cannot be read is left out.
+func srNames(ctx context.Context, c *xapi.Client, p engine.PlanResult) map[string]xapi.SRRecord {
+	out := map[string]xapi.SRRecord{}
+	for _, d := range p.Disks {
+		if _, ok := out[d.DestSR]; ok || d.DestSR == "" {
+			continue
+		}
+		if rec, err := c.SRGetRecord(ctx, xapi.SRRef(d.DestSR)); err == nil {
+			out[d.DestSR] = rec
+		}
+	}
+	return out
+}
+
+func planJSON(p engine.PlanResult, srs map[string]xapi.SRRecord) planView {
 	v := planView{DryRun: true, VMUUID: p.VMUUID, VMName: p.VMName, Storage: p.Settings.Storage, Network: p.Settings.Network,
 		Disks: []planDisk{}, Settings: p.Settings, Estimate: p.Estimate, Assumptions: append([]string{}, p.Assumptions...)}
 	for _, d := range p.Disks {
 		v.Disks = append(v.Disks, planDisk{VDIUUID: d.Disk.VDIUUID, Device: d.Disk.Device, VirtualSize: d.Disk.VirtualSize,
-			Allocated: d.Disk.PhysicalUtilisation, DestSR: d.DestSR})
+			Allocated: d.Disk.PhysicalUtilisation, DestSR: d.DestSR, DestSRUUID: srs[d.DestSR].UUID, DestSRName: srs[d.DestSR].NameLabel})
 	}
 	return v
 }

@@ -83,9 +83,10 @@ func TestMigrateDryRun(t *testing.T) {
 	out, _, err := run(t, runMigrate, args...)
 	require.NoError(t, err)
 	for _, want := range []string{"plan for VM demo-vm", "storage nbd, network none", "bytes to move:",
-		"estimated total:", "estimated pause:", "target 500ms", "rtt 50ms"} {
+		"estimated total:", "estimated pause:", "target 500ms", "rtt 50ms", "-> SR site-b storage ("} {
 		assert.Contains(t, out, want)
 	}
+	assert.NotContains(t, out, "OpaqueRef", "the plan names SRs for people")
 
 	out, stderr, err := run(t, runMigrate, append(args, "--json")...)
 	require.NoError(t, err, stderr)
@@ -96,7 +97,11 @@ func TestMigrateDryRun(t *testing.T) {
 	assert.Equal(t, float64(12_500_000), est["link_bytes_per_sec"])
 	assert.Positive(t, est["total_seconds"])
 	assert.Positive(t, est["downtime_seconds"])
-	assert.Len(t, v["disks"], 1)
+	require.Len(t, v["disks"], 1)
+	disk := v["disks"].([]any)[0].(map[string]any)
+	assert.Equal(t, "site-b storage", disk["dest_sr_name"])
+	assert.Regexp(t, `^[0-9a-f-]{36}$`, disk["dest_sr_uuid"])
+	assert.Contains(t, out, "site-b storage")
 
 	// By UUID, with an explicit SR and network map, no checkpoint written.
 	vmUUID := v["vm_uuid"].(string)
