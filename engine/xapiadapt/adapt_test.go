@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -330,6 +331,7 @@ func TestMigrate(t *testing.T) {
 	// Integrity before any guest wrote: nothing to compare → an error (skipped).
 	_, err = SimIntegrity{Dest: e.dst}.Check(ctx, engine.IntegrityRequest{VMUUID: vm.UUID})
 	require.Error(t, err)
+	assert.Equal(t, 1, strings.Count(err.Error(), "sim.guest_verify"), "the method is named once: %v", err)
 	require.NoError(t, e.sim.StartGuest(vm.UUID, xapisim.GuestConfig{Rate: 2 << 20, DirtyRate: 1 << 20}))
 	t.Cleanup(func() { _ = e.sim.StopGuest(vm.UUID) })
 

@@ -87,7 +87,7 @@ func (s SimIntegrity) Check(ctx context.Context, req engine.IntegrityRequest) (b
 		if xapi.IsCode(err, xapi.CodeMessageMethodUnknown) {
 			return false, fmt.Errorf("integrity check: %w", ErrNotSimulator)
 		}
-		return false, fmt.Errorf("sim.guest_verify: %w", mapErr(err))
+		return false, mapErr(err) // the xapi error names the method
 	}
 	if n, _ := strconv.Atoi(res["disks"]); n == 0 {
 		return false, errors.New("sim.guest_verify: the guest wrote to no disk; nothing to compare")
