@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
-	"strings"
 	"time"
 )
 
@@ -71,7 +70,7 @@ func registerVM() {
 			return nil, Errorf(ErrOperationNotAllowed, "This operation is not allowed on dom0")
 		}
 		if ps := o.str("power_state"); ps != Halted && ps != Suspended {
-			return nil, Errorf(ErrVMBadPowerState, o.Ref, "Halted, Suspended", ps)
+			return nil, badPowerState(o.Ref, ps, Halted, Suspended)
 		}
 		for _, vbd := range c.db().find("VBD", "VM", o.Ref) {
 			c.db().destroy(vbd)
@@ -133,7 +132,7 @@ func (c *Call) vmPowerOp(op string) error {
 	rule := powerOps[op]
 	ps := o.str("power_state")
 	if !slices.Contains(rule.from, ps) {
-		return Errorf(ErrVMBadPowerState, o.Ref, strings.Join(rule.from, ", "), ps)
+		return badPowerState(o.Ref, ps, rule.from...)
 	}
 	if o.bool("is_control_domain") && op != "start" && op != "start_on" {
 		return Errorf(ErrOperationNotAllowed, "This operation is not allowed on a control domain")
@@ -299,7 +298,7 @@ func vbdPlug(c *Call) (any, error) {
 		return nil, err
 	}
 	if ps := vm.str("power_state"); ps != Running && ps != Paused {
-		return nil, Errorf(ErrVMBadPowerState, vm.Ref, Running, ps)
+		return nil, badPowerState(vm.Ref, ps, Running)
 	}
 	if vm.bool("is_control_domain") {
 		vdi, err := c.db().get("VDI", o.str("VDI"))

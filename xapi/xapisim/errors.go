@@ -73,3 +73,15 @@ func asFault(err error) *Fault {
 	}
 	return Errorf(ErrInternal, fmt.Sprint(err))
 }
+
+// badPowerState is VM_BAD_POWER_STATE [vm, expected, actual] as xapi's
+// report_power_state_error writes it: the power states in lower case
+// (Record_util.vm_power_state_to_lowercase_string), the expected ones
+// joined by ", " ("halted, suspended").
+func badPowerState(vm, actual string, expected ...string) *Fault {
+	low := make([]string, len(expected))
+	for i, s := range expected {
+		low[i] = strings.ToLower(s)
+	}
+	return Errorf(ErrVMBadPowerState, vm, strings.Join(low, ", "), strings.ToLower(actual))
+}

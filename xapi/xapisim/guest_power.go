@@ -1,7 +1,6 @@
 package xapisim
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -33,7 +32,7 @@ func (s *Sim) poolMigrate(c *Call) error {
 	}
 	if ps := vm.str("power_state"); ps != Running {
 		p.mu.Unlock()
-		return Errorf(ErrVMBadPowerState, vm.Ref, Running, ps)
+		return badPowerState(vm.Ref, ps, Running)
 	}
 	target, err := p.db.get("host", c.Str(1))
 	if err != nil {
@@ -224,7 +223,7 @@ func checkPowerOp(o *object, op string) error {
 		ok = ok || f == ps
 	}
 	if !ok {
-		return Errorf(ErrVMBadPowerState, o.Ref, joinStates(rule.from), ps)
+		return badPowerState(o.Ref, ps, rule.from...)
 	}
 	if o.bool("is_control_domain") {
 		return Errorf(ErrOperationNotAllowed, "This operation is not allowed on a control domain")
@@ -236,17 +235,6 @@ func checkPowerOp(o *object, op string) error {
 		return Errorf("VM_IS_TEMPLATE", o.Ref, op)
 	}
 	return nil
-}
-
-func joinStates(s []string) string {
-	var b bytes.Buffer
-	for i, x := range s {
-		if i > 0 {
-			b.WriteString(", ")
-		}
-		b.WriteString(x)
-	}
-	return b.String()
 }
 
 // resumeVM implements VM.resume / resume_on: the memory image is read

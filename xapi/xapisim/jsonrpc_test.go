@@ -44,7 +44,7 @@ func TestJSONRPC(t *testing.T) {
 
 	// Typed params: a JSON bool and number.
 	out, _ = jsonCall(t, url, `{"jsonrpc":"2.0","method":"VM.start","params":["`+sess+`","`+vm+`",false,false],"id":2}`)
-	assert.Equal(t, map[string]any{"code": 1.0, "message": ErrVMBadPowerState, "data": []any{vm, "Halted", "Running"}}, out["error"])
+	assert.Equal(t, map[string]any{"code": 1.0, "message": ErrVMBadPowerState, "data": []any{vm, "halted", "running"}}, out["error"])
 
 	// v1: no "jsonrpc" member.
 	out, _ = jsonCall(t, url, `{"method":"VM.get_all","params":["OpaqueRef:bad"],"id":3}`)

@@ -454,7 +454,7 @@ func (s *Sim) planMigration(c *Call) (*migPlan, error) {
 	}
 	ps := vm.str("power_state")
 	if ps != Halted && ps != Suspended && ps != Running {
-		return nil, Errorf(ErrVMBadPowerState, vm.Ref, "Halted, Suspended, Running", ps)
+		return nil, badPowerState(vm.Ref, ps, Halted, Suspended, Running)
 	}
 	for _, k := range []string{"SM", "xenops", "host", "session_id", "master"} {
 		if _, ok := dest[k]; !ok {

@@ -256,7 +256,7 @@ func TestMigrateInteropPythonXenAPI(t *testing.T) {
 	require.Len(t, e["cbt"], 3)
 	assert.Equal(t, []string{ErrVDICBTEnabled, e["cbt"][2]}, e["cbt"][:2])
 	require.Len(t, e["power"], 5)
-	assert.Equal(t, []string{ErrVMBadPowerState, e["power"][4], "Halted, Suspended, Running", Paused}, e["power"][:4])
+	assert.Equal(t, []string{ErrVMBadPowerState, e["power"][4], "halted, suspended, running", "paused"}, e["power"][:4])
 	assert.Equal(t, []string{ErrHandleInvalid, "SR", "OpaqueRef:nosr"}, e["bad_sr"])
 	require.NotEmpty(t, e["no_vif"])
 	assert.Equal(t, "VIF_NOT_IN_MAP", e["no_vif"][0])

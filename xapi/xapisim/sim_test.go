@@ -119,18 +119,18 @@ func TestPowerStateMachine(t *testing.T) {
 		want   string // resulting power state, or error expected/actual
 		err    []string
 	}{
-		{"VM.unpause", nil, "", []string{"Paused", "Running"}},
-		{"VM.start", []any{false, false}, "", []string{"Halted", "Running"}},
-		{"VM.resume", []any{false, false}, "", []string{"Suspended", "Running"}},
+		{"VM.unpause", nil, "", []string{"paused", "running"}},
+		{"VM.start", []any{false, false}, "", []string{"halted", "running"}},
+		{"VM.resume", []any{false, false}, "", []string{"suspended", "running"}},
 		{"VM.pause", nil, Paused, nil},
-		{"VM.pause", nil, "", []string{"Running", "Paused"}},
-		{"VM.clean_shutdown", nil, "", []string{"Running", "Paused"}},
+		{"VM.pause", nil, "", []string{"running", "paused"}},
+		{"VM.clean_shutdown", nil, "", []string{"running", "paused"}},
 		{"VM.unpause", nil, Running, nil},
 		{"VM.suspend", nil, Suspended, nil},
-		{"VM.unpause", nil, "", []string{"Paused", "Suspended"}},
+		{"VM.unpause", nil, "", []string{"paused", "suspended"}},
 		{"VM.resume", []any{true, false}, Paused, nil},
 		{"VM.hard_shutdown", nil, Halted, nil},
-		{"VM.hard_shutdown", nil, "", []string{"Paused, Suspended, Running", "Halted"}},
+		{"VM.hard_shutdown", nil, "", []string{"paused, suspended, running", "halted"}},
 		{"VM.start", []any{false, false}, Running, nil},
 		{"VM.clean_reboot", nil, Running, nil},
 		{"VM.clean_shutdown", nil, Halted, nil},
@@ -197,7 +197,7 @@ func TestAsyncAndTasks(t *testing.T) {
 	require.Eventually(t, func() bool { return ok(t, url, "task.get_status", sess, task) != "pending" }, 10*time.Second, 10*time.Millisecond)
 	rec = ok(t, url, "task.get_record", sess, task).(map[string]any)
 	assert.Equal(t, "failure", rec["status"])
-	assert.Equal(t, []any{ErrVMBadPowerState, vm, "Running", "Halted"}, rec["error_info"])
+	assert.Equal(t, []any{ErrVMBadPowerState, vm, "running", "halted"}, rec["error_info"])
 
 	// Async returning a ref stores it as an XML-RPC value string.
 	vdi, _ := demoVDI(t, url, sess)
