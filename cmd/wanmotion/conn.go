@@ -236,6 +236,9 @@ func connect(ctx context.Context, poolURL, user, password string, tf tlsFlags, l
 		return nil, fmt.Errorf("%w: %v", errUsage, err)
 	}
 	if err := c.Login(ctx); err != nil {
+		if errors.Is(err, xapi.ErrSessionAuthenticationFailed) {
+			return nil, fmt.Errorf("log in to %s as %s: wrong user name or password (check the pool's password in the environment, the credentials file or at the prompt; see 'Passwords and credentials' in docs/cli.md): %w", poolURL, user, err)
+		}
 		return nil, fmt.Errorf("log in to %s as %s: %w", poolURL, user, err)
 	}
 	return c, nil

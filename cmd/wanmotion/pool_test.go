@@ -119,8 +119,9 @@ func TestPoolConfigureErrors(t *testing.T) {
 
 	_, _, err = run(t, runPool, "show")
 	require.ErrorIs(t, err, errUsage, "--url is required")
-	t.Setenv(EnvPassword, "wrong")
+	t.Setenv(EnvPassword, "not-the-pw")
 	_, _, err = run(t, runPool, "show", "--url", e.a)
-	require.Error(t, err)
-	assert.NotContains(t, err.Error(), "wrong")
+	require.ErrorIs(t, err, xapi.ErrSessionAuthenticationFailed)
+	assert.NotContains(t, err.Error(), "not-the-pw")
+	assert.Contains(t, err.Error(), "wrong user name or password", "says what to fix")
 }
