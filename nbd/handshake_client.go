@@ -105,14 +105,16 @@ func tlsConfigFor(opts DialOptions, addr string) (*tls.Config, error) {
 			return nil, errors.New("nbd: PinnedCertPEM holds no CERTIFICATE block")
 		}
 		// The exact-match check below replaces chain and name verification.
+		// It is a VerifyConnection (not VerifyPeerCertificate) so that it
+		// also runs on resumed sessions.
 		cfg.InsecureSkipVerify = true
-		cfg.VerifyConnection = nil
-		cfg.VerifyPeerCertificate = func(raw [][]byte, _ [][]*x509.Certificate) error {
-			if len(raw) == 0 {
+		cfg.VerifyPeerCertificate = nil
+		cfg.VerifyConnection = func(cs tls.ConnectionState) error {
+			if len(cs.PeerCertificates) == 0 {
 				return errors.New("nbd: server sent no certificate")
 			}
 			for _, p := range pins {
-				if bytes.Equal(raw[0], p) {
+				if bytes.Equal(cs.PeerCertificates[0].Raw, p) {
 					return nil
 				}
 			}

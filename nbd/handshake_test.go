@@ -354,3 +354,30 @@ func TestTLSClientVariants(t *testing.T) {
 	_, err = QueryExport(ctx, "tcp", ts.addr, DialOptions{Export: "nope", PinnedCertPEM: p.serverPEM})
 	assert.ErrorIs(t, err, ErrUnknownExport)
 }
+
+// A pinned client that shares a TLS session cache must check the pin on
+// resumed connections too: a session established under one pin must not
+// let a client pinning another certificate in.
+func TestPinnedCertCheckedOnResumption(t *testing.T) {
+	checkNoLeak(t)
+	p := newPKI(t)
+	other := newPKI(t)
+	ts := startStatic(t, p.serverTLS(), true, &Export{Name: "t", Backend: NewMemBackend(1 << 20)})
+	ctx := context.Background()
+	cache := tls.NewLRUClientSessionCache(4)
+	opts := func(pin []byte) DialOptions {
+		return DialOptions{Export: "t", PinnedCertPEM: pin, ServerName: "nbd.test",
+			TLS: &tls.Config{ClientSessionCache: cache}}
+	}
+	c, err := Dial(ctx, "tcp", ts.addr, opts(p.serverPEM))
+	require.NoError(t, err)
+	b := make([]byte, 8)
+	require.NoError(t, c.ReadAt(ctx, b, 0)) // reads the session ticket too
+	require.NoError(t, c.Close())
+
+	c, err = Dial(ctx, "tcp", ts.addr, opts(other.serverPEM))
+	if c != nil {
+		_ = c.Close()
+	}
+	require.Error(t, err, "the wrong pin must be refused even when the session resumes")
+}
