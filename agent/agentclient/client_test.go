@@ -484,3 +484,124 @@ func TestDestinationAgentLostMidRound(t *testing.T) {
 		t.Fatal("SyncRound did not notice the lost destination agent")
 	}
 }
+
+// TestDestinationBackendLostMidRound: the destination agent's storage
+// backend (the receiver) dies while a round runs on the source. SyncRound
+// fails soon with an error matching contract.ErrPluginExited (the agent
+// relaunched the backend, whose receiver may listen elsewhere), and the
+// engine's re-attach (recover the receiver, forward its address again,
+// recover the sender) lets the repeated round complete.
+func TestDestinationBackendLostMidRound(t *testing.T) {
+	const size = 8 << 20
+	p := newPair(t, size, 8e6) // slow: the round takes ~8 s
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cfg := p.config(t)
+	cfg.PeerWatch = 200 * time.Millisecond
+	c, err := New(cfg)
+	require.NoError(t, err)
+	defer c.Close()
+	p.c = c
+	require.NoError(t, c.Start(ctx, p.spec))
+	st := c.Storage()
+	info, sstate, _ := p.prepare(t, ctx)
+	img0, _ := p.fx.writeSnapshot(t, 0, nil)
+	spec := engine.SyncSpec{Key: p.key(), Round: 0, Snapshot: "OpaqueRef:snap-0", Full: true}
+
+	errc := make(chan error, 1)
+	go func() {
+		_, err := st.SyncRound(ctx, spec)
+		errc <- err
+	}()
+	require.Eventually(t, func() bool {
+		s, err := st.SyncStatus(ctx, p.key())
+		return err == nil && s.BytesCopied > 0
+	}, 30*time.Second, 20*time.Millisecond)
+	lr, err := callRole[agent.LaunchRequest, agent.LaunchResponse](ctx, c, p.id, contract.RoleDestination, agent.MethodLaunchStorage,
+		agent.LaunchRequest{Name: "filecopy", Config: cfg.StorageConfig["filecopy"]})
+	require.NoError(t, err)
+	require.True(t, lr.Existing)
+	proc, err := os.FindProcess(lr.PID)
+	require.NoError(t, err)
+	require.NoError(t, proc.Kill())
+	select {
+	case err := <-errc:
+		// filecopy's sender fails by itself on the broken stream
+		// (unavailable); the nbd sender keeps reconnecting, and the watch
+		// ends the round (plugin exited, TestWatchReceiverSeesBackendRestart)
+		require.Error(t, err)
+		assert.True(t, errors.Is(err, contract.ErrPluginExited) || errors.Is(err, contract.ErrUnavailable), "error: %v", err)
+	case <-time.After(20 * time.Second):
+		t.Fatal("SyncRound did not notice the lost destination backend")
+	}
+
+	// Re-attach as the engine's retry does, then repeat the round.
+	require.NoError(t, c.Start(ctx, p.spec))
+	rinfo, err := st.RecoverReceiver(ctx, p.key(), info.State)
+	require.NoError(t, err)
+	local, err := c.Gateway().Forward(ctx, p.id, rinfo.Address)
+	require.NoError(t, err)
+	require.NoError(t, st.RecoverSender(ctx, p.key(), sstate, engine.Peer{Address: local, Endpoint: rinfo.Endpoint}))
+	p.link.SetBandwidth(0)
+	res, err := st.SyncRound(ctx, spec)
+	require.NoError(t, err)
+	assert.Equal(t, int64(size), res.BytesToCopy)
+	_, err = st.Finalize(ctx, p.key())
+	require.NoError(t, err)
+	assert.Equal(t, sum(img0), sum(p.replica(t)), "replica correct after the receiver was relaunched")
+}
+
+// TestWatchReceiverSeesBackendRestart: the watch SyncRound runs reports a
+// destination storage backend that exited (and was relaunched by the
+// agent) as plugin-exited, and a stopped destination agent as unavailable.
+func TestWatchReceiverSeesBackendRestart(t *testing.T) {
+	p := newPair(t, 1<<20, 0)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cfg := p.config(t)
+	cfg.PeerWatch = 100 * time.Millisecond
+	c, err := New(cfg)
+	require.NoError(t, err)
+	defer c.Close()
+	require.NoError(t, c.Start(ctx, p.spec))
+	m, err := c.lookup(p.id, false)
+	require.NoError(t, err)
+	watch := func() (context.Context, func()) {
+		wctx, lost := context.WithCancelCause(ctx)
+		stop := c.watchReceiver(wctx, m, "filecopy", lost)
+		return wctx, func() { stop(); lost(nil) }
+	}
+
+	// a healthy receiver: nothing reported
+	wctx, stop := watch()
+	time.Sleep(500 * time.Millisecond)
+	require.NoError(t, context.Cause(wctx))
+	stop()
+
+	lr, err := callRole[agent.LaunchRequest, agent.LaunchResponse](ctx, c, p.id, contract.RoleDestination, agent.MethodLaunchStorage,
+		agent.LaunchRequest{Name: "filecopy", Config: cfg.StorageConfig["filecopy"]})
+	require.NoError(t, err)
+	wctx, stop = watch()
+	defer stop()
+	time.Sleep(300 * time.Millisecond) // the watch saw the running backend
+	proc, err := os.FindProcess(lr.PID)
+	require.NoError(t, err)
+	require.NoError(t, proc.Kill())
+	select {
+	case <-wctx.Done():
+		assert.ErrorIs(t, context.Cause(wctx), contract.ErrPluginExited)
+	case <-time.After(10 * time.Second):
+		t.Fatal("the watch did not see the backend restart")
+	}
+	stop()
+
+	require.NoError(t, p.l.Stop(ctx, AgentLaunchSpec{MigrationID: p.id, Role: contract.RoleDestination}))
+	wctx, stop = watch()
+	defer stop()
+	select {
+	case <-wctx.Done():
+		assert.ErrorIs(t, context.Cause(wctx), contract.ErrUnavailable)
+	case <-time.After(10 * time.Second):
+		t.Fatal("the watch did not see the lost agent")
+	}
+}

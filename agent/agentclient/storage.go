@@ -237,7 +237,7 @@ func (s *Storage) SyncRound(ctx context.Context, spec engine.SyncSpec) (engine.S
 	if err != nil {
 		return engine.SyncResult{}, err
 	}
-	h, _, err := m.handleOf(spec.Key, contract.RoleSource)
+	h, backend, err := m.handleOf(spec.Key, contract.RoleSource)
 	if err != nil {
 		return engine.SyncResult{}, err
 	}
@@ -248,14 +248,16 @@ func (s *Storage) SyncRound(ctx context.Context, spec engine.SyncSpec) (engine.S
 	req := contract.SyncRoundRequest{Handle: h.ID, Round: spec.Round, Full: spec.Full, ChangedBlocks: spec.Bitmap,
 		BlockSize: int64(spec.BlockSize), Snapshot: contract.SnapshotRef{UUID: snapUUID, Ref: spec.Snapshot, ContentID: spec.SnapshotContentID}}
 	// The round runs on the source agent; the destination agent receives.
-	// If the destination agent dies, the source would only notice through
-	// its own (long) stall timeouts: watch it, and cancel the round at once.
+	// If the destination agent or its backend dies, the source would only
+	// notice through its own (long) stall timeouts, or never (a receiver
+	// relaunched on a new address): watch them, and cancel the round at
+	// once so that the engine's retry re-attaches the receiver.
 	rctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	stopWatch := c.watchAgent(rctx, m, contract.RoleDestination, cancel)
+	stopWatch := c.watchReceiver(rctx, m, backend, cancel)
 	resp, err := callRole[contract.SyncRoundRequest, contract.SyncRoundResponse](rctx, c, m.id, contract.RoleSource, agent.MethodStorageSyncRound, req)
 	stopWatch()
-	if cause := context.Cause(rctx); err != nil && ctx.Err() == nil && errors.Is(cause, agent.ErrAgentUnreachable) {
+	if cause := context.Cause(rctx); err != nil && ctx.Err() == nil && cause != nil && !errors.Is(cause, context.Canceled) {
 		err = cause
 	}
 	if err != nil {
@@ -437,11 +439,16 @@ func (s *Storage) Cleanup(ctx context.Context, key engine.DiskKey, receiverState
 	return errors.Join(errs...)
 }
 
-// watchAgent heartbeats the agent of role every PeerWatch until the
-// returned stop is called or ctx ends. Two transport failures in a row (a
-// dead agent: the connection drops, then a redial is refused) call lost
-// with an error wrapping agent.ErrAgentUnreachable.
-func (c *Client) watchAgent(ctx context.Context, m *migration, role contract.Role, lost context.CancelCauseFunc) (stop func()) {
+// watchReceiver checks the destination agent every PeerWatch until the
+// returned stop is called or ctx ends, by asking it to launch the storage
+// backend (idempotent: it answers with the running backend's pid). Two
+// transport failures in a row (a dead agent: the connection drops, then a
+// redial is refused) call lost with an error wrapping
+// agent.ErrAgentUnreachable; a backend that was relaunched (it exited,
+// and the receiver it served is gone) calls lost with an error wrapping
+// contract.ErrPluginExited.
+func (c *Client) watchReceiver(ctx context.Context, m *migration, backend string, lost context.CancelCauseFunc) (stop func()) {
+	const role = contract.RoleDestination
 	done := make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Add(1)
@@ -449,7 +456,7 @@ func (c *Client) watchAgent(ctx context.Context, m *migration, role contract.Rol
 		defer wg.Done()
 		t := time.NewTicker(c.cfg.PeerWatch)
 		defer t.Stop()
-		failures := 0
+		failures, pid := 0, 0
 		for {
 			select {
 			case <-done:
@@ -459,26 +466,39 @@ func (c *Client) watchAgent(ctx context.Context, m *migration, role contract.Rol
 			case <-t.C:
 			}
 			ac, err := m.conn(role)
+			var resp agent.LaunchResponse
 			if err == nil {
 				hctx, hcancel := context.WithTimeout(ctx, max(c.cfg.PeerWatch, c.cfg.DialTimeout))
-				_, err = call[agent.Empty, agent.Empty](hctx, ac, agent.MethodHeartbeat, agent.Empty{})
+				resp, err = call[agent.LaunchRequest, agent.LaunchResponse](hctx, ac, agent.MethodLaunchStorage,
+					agent.LaunchRequest{Name: backend, Config: c.cfg.StorageConfig[backend]})
 				hcancel()
 			}
-			if err == nil || !errors.Is(err, agent.ErrAgentUnreachable) || ctx.Err() != nil {
+			switch {
+			case ctx.Err() != nil:
+				return
+			case err == nil && (!resp.Existing || pid != 0 && resp.PID != pid):
+				c.log.Warn("storage backend restarted at the destination during a round; cancelling the round",
+					"migration_id", m.id, "backend", backend, "pid", resp.PID)
+				lost(fmt.Errorf("the %s agent's storage backend %s was restarted (now pid %d) during the round: %w",
+					role, backend, resp.PID, contract.ErrPluginExited))
+				return
+			case err == nil:
+				failures, pid = 0, resp.PID
+			case !errors.Is(err, agent.ErrAgentUnreachable):
 				failures = 0
-				continue
+			default:
+				failures++
+				if failures >= 2 {
+					c.log.Warn("agent lost during a round; cancelling the round", "migration_id", m.id, "role", string(role), "error", err)
+					lost(fmt.Errorf("%s agent lost during the round: %w", role, err))
+					return
+				}
 			}
-			failures++
-			if failures < 2 {
-				continue
-			}
-			c.log.Warn("agent lost during a round; cancelling the round", "migration_id", m.id, "role", string(role), "error", err)
-			lost(fmt.Errorf("%s agent lost during the round: %w", role, err))
-			return
 		}
 	}()
+	var once sync.Once
 	return func() {
-		close(done)
+		once.Do(func() { close(done) })
 		wg.Wait()
 	}
 }
