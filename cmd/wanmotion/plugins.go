@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -136,6 +137,7 @@ func pluginsList(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if err != nil {
 		return err
 	}
+	warnDiscovery(stderr, dirs, *f.dir != "" || os.Getenv(host.EnvPluginDir) != "")
 	opts := f.options(stderr)
 	opts.SkipConfigure = true
 	rows := []pluginRow{}
@@ -172,6 +174,46 @@ func pluginsList(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	return tw.Flush()
 }
 
+// warnDiscovery tells on stderr why backends may be missing: the install
+// directory does not exist, or a file named like a backend is not an
+// executable (discovery skips both silently). A missing install directory
+// is only worth a word when the user named it (--dir, $WANMOTION_PLUGIN_DIR).
+func warnDiscovery(stderr io.Writer, dirs []string, named bool) {
+	if named && len(dirs) > 0 {
+		if _, err := os.Stat(dirs[0]); errors.Is(err, os.ErrNotExist) {
+			fmt.Fprintf(stderr, "warning: plugin directory %s does not exist (set --dir or %s)\n", dirs[0], host.EnvPluginDir)
+		}
+	}
+	for _, dir := range dirs {
+		entries, err := os.ReadDir(dir)
+		if err != nil {
+			continue
+		}
+		for _, e := range entries {
+			name := e.Name()
+			if !strings.HasPrefix(name, host.BinaryPrefix) {
+				continue
+			}
+			p := filepath.Join(dir, name)
+			if _, _, ok := host.ParseBinaryName(name); !ok {
+				if strings.HasPrefix(name, host.BinaryPrefix+"storage-") || strings.HasPrefix(name, host.BinaryPrefix+"network-") {
+					fmt.Fprintf(stderr, "warning: %s skipped: a backend name is lower-case letters, digits, '-', '_' or '.'\n", p)
+				}
+				continue
+			}
+			fi, err := os.Stat(p)
+			switch {
+			case err != nil:
+				fmt.Fprintf(stderr, "warning: %s skipped: %v\n", p, err)
+			case !fi.Mode().IsRegular():
+				fmt.Fprintf(stderr, "warning: %s skipped: not a regular file\n", p)
+			case fi.Mode().Perm()&0o111 == 0:
+				fmt.Fprintf(stderr, "warning: %s skipped: not executable (chmod 0755 %s)\n", p, p)
+			}
+		}
+	}
+}
+
 func firstLine(s string) string {
 	l, _, _ := strings.Cut(s, "\n")
 	return l
@@ -199,10 +241,12 @@ func pluginsCheck(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		}
 		kinds = []contract.Kind{k}
 	}
-	bins, err := host.Discover(host.SearchDirs(*f.dir))
+	dirs := host.SearchDirs(*f.dir)
+	bins, err := host.Discover(dirs)
 	if err != nil {
 		return err
 	}
+	warnDiscovery(stderr, dirs, *f.dir != "" || os.Getenv(host.EnvPluginDir) != "")
 	var found []host.Binary
 	var lastErr error
 	for _, k := range kinds {

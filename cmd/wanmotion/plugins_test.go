@@ -136,3 +136,27 @@ func TestPluginsUsage(t *testing.T) {
 	_, _, err := runCmd(t, "--help")
 	require.NoError(t, err)
 }
+
+// A backend copied without the executable bit, or a --dir that does not
+// exist, is skipped by discovery; the command says so on stderr.
+func TestPluginsListExplainsSkipped(t *testing.T) {
+	t.Setenv("WANMOTION_PLUGIN_DIR", "")
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "wanmotion-network-copied")
+	require.NoError(t, os.WriteFile(bin, []byte("#!/bin/sh\n"), 0o644))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "wanmotion-storage-Bad"), []byte("x"), 0o755))
+	out, stderr, err := runCmd(t, "list", "--dir", dir)
+	require.NoError(t, err)
+	assert.NotContains(t, out, "copied")
+	assert.Contains(t, stderr, bin+" skipped: not executable (chmod 0755 "+bin+")")
+	assert.Contains(t, stderr, "wanmotion-storage-Bad skipped: a backend name is lower-case")
+
+	_, stderr, err = runCmd(t, "check", "copied", "--dir", dir)
+	require.Error(t, err)
+	assert.Contains(t, stderr, "not executable")
+
+	missing := filepath.Join(dir, "nope")
+	_, stderr, err = runCmd(t, "list", "--dir", missing)
+	require.NoError(t, err)
+	assert.Contains(t, stderr, "plugin directory "+missing+" does not exist")
+}
