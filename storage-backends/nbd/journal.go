@@ -36,11 +36,22 @@ func (r *journalRecord) isSet(i int64) bool {
 
 // journal tracks writes of the current round; a FLUSH makes the pending
 // blocks durable (file fsync first, then the journal file).
+//
+// Each (round, snapshot) key is a generation. A data export is bound to the
+// generation current when it was opened, and its writes are fenced: once a
+// new key begins, a write still arriving on an older export (a connection
+// the sender gave up on, delivered late through the WAN) is refused instead
+// of overwriting newer data and being recorded as applied in the new round.
 type journal struct {
 	path    string
 	nblocks int64
 
+	// fence is held shared by every write (check, write, mark) and
+	// exclusively by begin when the key changes.
+	fence sync.RWMutex
+
 	mu      sync.Mutex
+	gen     uint64 // bumped by begin on a new key
 	rec     journalRecord
 	pending []byte // blocks written since the last flush
 	applied int64  // bytes applied in this round (status)
@@ -85,17 +96,51 @@ func decodeJournal(b []byte) (*journalRecord, error) {
 	return &rec, nil
 }
 
-// begin switches the journal to (round, snapshot); a new key clears it.
-func (j *journal) begin(round int, snapshot string) {
+// errStaleRound refuses a write made through the data export of a round
+// that is no longer the journal's current one.
+var errStaleRound = errors.New("write for a round that is no longer current")
+
+// begin switches the journal to (round, snapshot) and returns the key's
+// generation; a new key clears the record and waits for writes in flight.
+func (j *journal) begin(round int, snapshot string) uint64 {
+	j.mu.Lock()
+	if j.rec.Round == round && j.rec.Snapshot == snapshot {
+		defer j.mu.Unlock()
+		return j.gen
+	}
+	j.mu.Unlock()
+	j.fence.Lock()
+	defer j.fence.Unlock()
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	if j.rec.Round == round && j.rec.Snapshot == snapshot {
-		return
+		return j.gen
 	}
+	j.gen++
 	j.rec.Round, j.rec.Snapshot = round, snapshot
 	clear(j.rec.Applied)
 	clear(j.pending)
 	j.applied = 0
+	return j.gen
+}
+
+// write runs fn (a write of [off, off+n)) for generation gen and records
+// the blocks it covered; it refuses with errStaleRound when gen is not
+// the current generation.
+func (j *journal) write(gen uint64, off, n, size int64, fn func() error) error {
+	j.fence.RLock()
+	defer j.fence.RUnlock()
+	j.mu.Lock()
+	cur := j.gen
+	j.mu.Unlock()
+	if cur != gen {
+		return errStaleRound
+	}
+	if err := fn(); err != nil {
+		return err
+	}
+	j.mark(off, n, size)
+	return nil
 }
 
 // mark records the blocks wholly covered by [off, off+n) as written.
@@ -114,20 +159,31 @@ func (j *journal) mark(off, n, size int64) {
 	j.applied += n
 }
 
-// snapshotPending returns and clears the pending set.
-func (j *journal) takePending() []byte {
+// pendingSet is the set of blocks taken by takePending, with the
+// generation they were written in.
+type pendingSet struct {
+	gen    uint64
+	blocks []byte
+}
+
+// takePending returns and clears the pending set.
+func (j *journal) takePending() pendingSet {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	p := append([]byte(nil), j.pending...)
 	clear(j.pending)
-	return p
+	return pendingSet{gen: j.gen, blocks: p}
 }
 
 // commit merges blocks made durable into the record and persists it.
-func (j *journal) commit(durable []byte) error {
+// Blocks of an older generation (a new round began since takePending)
+// are dropped: they belong to the previous round's record.
+func (j *journal) commit(durable pendingSet) error {
 	j.mu.Lock()
-	for i, b := range durable {
-		j.rec.Applied[i] |= b
+	if durable.gen == j.gen {
+		for i, b := range durable.blocks {
+			j.rec.Applied[i] |= b
+		}
 	}
 	b, err := msgpack.Marshal(&j.rec)
 	j.mu.Unlock()
@@ -183,6 +239,7 @@ func writeFileSync(path string, b []byte) error {
 type replicaBackend struct {
 	f    *nbd.FileBackend
 	j    *journal
+	gen  uint64 // journal generation of the round this export serves
 	size int64
 	// syncMu orders journal commits (two FLUSHes on two connections).
 	syncMu *sync.Mutex
@@ -202,19 +259,17 @@ func (r *replicaBackend) Extents(off, n int64) ([]nbd.Extent, error) {
 }
 
 func (r *replicaBackend) WriteAt(p []byte, off int64) (int, error) {
-	n, err := r.f.WriteAt(p, off)
-	if err == nil {
-		r.j.mark(off, int64(n), r.size)
-	}
+	var n int
+	err := r.j.write(r.gen, off, int64(len(p)), r.size, func() error {
+		var err error
+		n, err = r.f.WriteAt(p, off)
+		return err
+	})
 	return n, err
 }
 
 func (r *replicaBackend) ZeroAt(off, n int64, noHole bool) error {
-	err := r.f.ZeroAt(off, n, noHole)
-	if err == nil {
-		r.j.mark(off, n, r.size)
-	}
-	return err
+	return r.j.write(r.gen, off, n, r.size, func() error { return r.f.ZeroAt(off, n, noHole) })
 }
 
 func (r *replicaBackend) Trim(off, n int64) error {

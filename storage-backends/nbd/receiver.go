@@ -63,8 +63,8 @@ func (r *receiver) exports(token string) nbd.ExportFunc {
 			if !ok || err != nil || round < 0 {
 				return nil, fmt.Errorf("%w: bad data export %q", nbd.ErrUnknownExport, rest)
 			}
-			r.j.begin(round, snap)
-			return &nbd.Export{Name: name, Backend: &replicaBackend{f: r.file, j: r.j, size: r.size, syncMu: &r.syncMu},
+			gen := r.j.begin(round, snap)
+			return &nbd.Export{Name: name, Backend: &replicaBackend{f: r.file, j: r.j, gen: gen, size: r.size, syncMu: &r.syncMu},
 				MultiConn: true}, nil
 		}
 		return nil, fmt.Errorf("%w: %q", nbd.ErrUnknownExport, rest)
