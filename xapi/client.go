@@ -54,8 +54,11 @@ type Client struct {
 	mu      sync.RWMutex
 	base    *url.URL // current coordinator, path "/"
 	session SessionRef
-	gen     uint64 // incremented on every login
-	members []string
+	// borrowed marks a session given to UseSession: the client does not
+	// log in to replace it.
+	borrowed bool
+	gen      uint64 // incremented on every login
+	members  []string
 }
 
 // New validates cfg and builds a client. It does no I/O; call Login.
@@ -139,15 +142,17 @@ func (c *Client) snapshot() (*url.URL, SessionRef, uint64) {
 // it follows the named coordinator (same scheme and port) once.
 //
 // Calling Login again replaces the session and logs the old one out (best
-// effort), so sessions are not leaked (xapi caps them per originator).
+// effort), so sessions are not leaked (xapi caps them per originator); a
+// session given to UseSession is replaced but not logged out.
 func (c *Client) Login(ctx context.Context) error {
 	c.loginMu.Lock()
 	defer c.loginMu.Unlock()
 	base, old, _ := c.snapshot()
+	borrowed := c.isBorrowed()
 	if err := c.loginLocked(ctx, base); err != nil {
 		return err
 	}
-	if old != "" {
+	if old != "" && !borrowed { // a borrowed session belongs to someone else
 		if _, err := roundTrip(ctx, c.rpc, base.String(), "session.logout", []any{old}); err != nil {
 			c.log.Debug("logout of the replaced session failed", "error", err)
 		}
@@ -163,7 +168,7 @@ func (c *Client) loginLocked(ctx context.Context, base *url.URL) error {
 		return err
 	}
 	c.mu.Lock()
-	c.base, c.session = at, sess
+	c.base, c.session, c.borrowed = at, sess, false
 	c.gen++
 	c.mu.Unlock()
 	c.log.Debug("logged in", "url", at.String(), "originator", c.cfg.Originator)
@@ -257,6 +262,12 @@ func (c *Client) Logout(ctx context.Context) error {
 	return nil
 }
 
+func (c *Client) isBorrowed() bool {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return c.borrowed
+}
+
 // relogin replaces the session unless another goroutine already did since
 // generation gen was observed.
 func (c *Client) relogin(ctx context.Context, gen uint64, base *url.URL) error {
@@ -332,6 +343,9 @@ func (c *Client) do(ctx context.Context, hc *http.Client, method string, args ..
 	var ae *APIError
 	var te *TransportError
 	switch {
+	case c.isBorrowed():
+		// No credentials of our own: the session's owner decides.
+		return nil, err
 	case errors.As(err, &ae) && ae.Code == CodeSessionInvalid:
 		c.log.Debug("session invalid, logging in again", "method", method)
 		if lerr := c.relogin(ctx, gen, base); lerr != nil {

@@ -42,3 +42,36 @@ func TestUseSessionWithoutLogin(t *testing.T) {
 	_, err = c.VMGetAll(context.Background())
 	require.ErrorIs(t, err, ErrSessionInvalid, "an invalid borrowed session is reported, not replaced")
 }
+
+// A borrowed session is never replaced by a login of the client's own, even
+// where a login would succeed (over a host's local socket xapi admits any
+// root process): the caller gets SESSION_INVALID, and a later Login does
+// not log the borrowed session out.
+func TestBorrowedSessionIsNotReplaced(t *testing.T) {
+	f := newFake(t, func(method string, params []any) string {
+		switch method {
+		case "VM.get_all":
+			if params[0] != "OpaqueRef:root" {
+				return failureXML("SESSION_INVALID", params[0].(string))
+			}
+			return successXML(xv([]any{"OpaqueRef:vm1"}))
+		case "session.logout":
+			return successXML(xv(""))
+		case "session.login_with_password":
+			return successXML(xv("OpaqueRef:root"))
+		}
+		return failureXML("MESSAGE_METHOD_UNKNOWN", method)
+	})
+	c := newTestClient(t, f.URL())
+	c.UseSession("OpaqueRef:caller")
+	_, err := c.VMGetAll(context.Background())
+	require.ErrorIs(t, err, ErrSessionInvalid)
+	assert.Equal(t, 0, f.count("session.login_with_password"), "no login behind the caller's back")
+	assert.Equal(t, SessionRef("OpaqueRef:caller"), c.Session())
+
+	require.NoError(t, c.Login(context.Background()))
+	assert.Equal(t, 0, f.count("session.logout"), "Login does not log out the borrowed session")
+	vms, err := c.VMGetAll(context.Background())
+	require.NoError(t, err)
+	assert.Equal(t, []VMRef{"OpaqueRef:vm1"}, vms)
+}
