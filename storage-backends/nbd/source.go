@@ -153,6 +153,11 @@ func dialXapiNBD(ctx context.Context, in xapi.VDINBDServerInfo, cfg Config) (sou
 	opts := nbd.DialOptions{Export: in.Exportname, MaxInFlight: 16}
 	if in.Cert != "" {
 		opts.PinnedCertPEM = []byte(in.Cert)
+	} else if !cfg.AllowInsecureNBD {
+		// The export name carries the xapi session: never send it in
+		// clear unless the administrator allowed it.
+		return nil, fmt.Errorf("%s: VDI.get_nbd_info returned no certificate to pin and allow_insecure_nbd is off: %w",
+			addr, contract.ErrFailedPrecondition)
 	}
 	p, err := nbd.DialPool(ctx, "tcp", addr, opts, min(cfg.Connections, 4))
 	var oe *nbd.OptionError
