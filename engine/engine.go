@@ -275,6 +275,9 @@ func (e *Engine) Abort(ctx context.Context, migrationID string) (Report, error) 
 	if err != nil || vm.PowerState != "Running" {
 		return BuildReport(cp), fmt.Errorf("%w: the vm does not run at the source; refusing to roll back (%v)", ErrVMLocation, err)
 	}
+	if task := migrateSendTask(vm); task != "" {
+		return BuildReport(cp), fmt.Errorf("%w: VM.migrate_send task %s is moving the vm; refusing to roll back (resume follows the task)", ErrVMLocation, task)
+	}
 	cp.Phase = PhaseRollingBack
 	cp.Cancelled = true
 	cp.TaskFinished = false
@@ -489,6 +492,7 @@ func (r *run) onStepError(ctx context.Context, from Phase, err error) Phase {
 		return PhaseRollingBack
 	case from == PhaseHandoff:
 		where, destVM, lerr := r.locate(ctx)
+		movingTask := destVM
 		switch where {
 		case "dest":
 			// xapi finished the move although we saw an error: go on.
@@ -496,6 +500,13 @@ func (r *run) onStepError(ctx context.Context, from Phase, err error) Phase {
 			r.cp.Error, r.cp.ErrorInfo, r.cp.FailedIn, r.cause = "", nil, PhaseUnknown, nil
 			r.cp.DestVM, r.cp.Handoff.Done = destVM, true
 			return PhaseSwitch
+		case "moving":
+			// the error was ours (e.g. polling the task), not xapi's: the
+			// migration still runs; resume follows its task.
+			r.cp.Handoff.Task, r.cp.Handoff.SendIntent = movingTask, true
+			r.cause = &PhaseError{Phase: from, Err: fmt.Errorf("%w: VM.migrate_send task %s is still running (resume to follow it): %w", ErrVMLocation, movingTask, err)}
+			r.cp.Error = r.cause.Error()
+			r.plog.Error("handoff step failed while VM.migrate_send still runs", "error", err, "task", movingTask)
 		case "source":
 			r.cp.Handoff.Task, r.cp.Handoff.SendIntent = "", false
 			r.cause = &PhaseError{Phase: from, Err: fmt.Errorf("%w: %w", ErrHandoffFailed, err)}
@@ -513,10 +524,15 @@ func (r *run) onStepError(ctx context.Context, from Phase, err error) Phase {
 	}
 }
 
-// locate finds where the VM runs: "source", "dest" or "unknown".
+// locate finds where the VM runs: "source", "dest" (with the destination
+// VM's ref), "moving" (at the source with a VM.migrate_send in progress;
+// with that task's ref) or "unknown".
 func (r *run) locate(ctx context.Context) (string, string, error) {
 	sv, serr := r.d.Source.VMByUUID(ctx, r.cp.Request.VMUUID)
 	if serr == nil && sv.PowerState == "Running" {
+		if task := migrateSendTask(sv); task != "" {
+			return "moving", task, nil
+		}
 		return "source", "", nil
 	}
 	dv, derr := r.d.Dest.VMByUUID(ctx, r.cp.Request.VMUUID)
@@ -524,6 +540,16 @@ func (r *run) locate(ctx context.Context) (string, string, error) {
 		return "dest", dv.Ref, nil
 	}
 	return "unknown", "", errors.Join(serr, derr)
+}
+
+// migrateSendTask returns the task of a VM.migrate_send in progress on vm, or "".
+func migrateSendTask(vm VMRecord) string {
+	for task, op := range vm.CurrentOperations {
+		if op == "migrate_send" {
+			return task
+		}
+	}
+	return ""
 }
 
 // finish completes the xapi task once the migration stopped.

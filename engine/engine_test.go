@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"testing"
 
 	"github.com/hashicorp/go-hclog"
@@ -275,6 +276,37 @@ func TestAbortAfterFailedHandoff(t *testing.T) {
 	assert.Zero(t, w.live("replica"))
 	assert.Zero(t, w.live("snapshot"))
 	assert.Equal(t, []bool{true, false}, w.srcCBT(), "cbt restored to the original state")
+}
+
+// A handoff step that fails on our side (polling the task) while xapi's
+// VM.migrate_send is still moving the VM must not roll back under it: Abort
+// refuses, and Resume follows the same task instead of sending again.
+func TestHandoffPollErrorWhileMigrateSendRuns(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	var failed atomic.Bool
+	w.Hook = func(m string) error {
+		if m == "task.Record" && w.count("src.MigrateSend") == 1 && failed.CompareAndSwap(false, true) {
+			return errors.New("connection reset by peer")
+		}
+		return nil
+	}
+	e := newEngine(t, w, mustStore(t))
+	rep, err := e.Run(context.Background(), testRequest())
+	require.ErrorIs(t, err, ErrVMLocation)
+	assert.Equal(t, ResultFailed, rep.Result)
+	assert.Contains(t, rep.Error, "still running")
+	assert.True(t, w.vmAtSource, "the fake migrate_send has not finished")
+
+	_, err = e.Abort(context.Background(), "wm-test")
+	require.ErrorIs(t, err, ErrVMLocation, "no rollback while migrate_send moves the vm")
+	assert.Positive(t, w.live("replica"), "replicas kept for the running migrate_send")
+
+	rep, err = e.Resume(context.Background(), "wm-test")
+	require.NoError(t, err)
+	assert.Equal(t, ResultSuccess, rep.Result)
+	assert.Equal(t, 1, w.count("src.MigrateSend"), "the running task was followed, not sent again")
+	assert.True(t, w.vmAtDst)
 }
 
 func TestHandoffErrorButVMArrived(t *testing.T) {

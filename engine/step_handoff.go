@@ -68,11 +68,9 @@ func (r *run) stepHandoff(ctx context.Context) (Phase, error) {
 		case err != nil:
 			return PhaseHandoff, fmt.Errorf("look up vm: %w", err)
 		default:
-			for task, op := range vm.CurrentOperations {
-				if op == "migrate_send" {
-					r.plog.Info("adopting the running VM.migrate_send task", "task", task)
-					h.Task = task
-				}
+			if task := migrateSendTask(vm); task != "" {
+				r.plog.Info("adopting the running VM.migrate_send task", "task", task)
+				h.Task = task
 			}
 		}
 		if err := r.save(ctx); err != nil {
