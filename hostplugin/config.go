@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -130,8 +131,18 @@ func ReadConfig(path string) (Config, error) {
 		case "plugin_dir":
 			c.PluginDir = v
 		case "log_level":
+			switch strings.ToLower(v) {
+			case "", "trace", "debug", "info", "warn", "error":
+			default:
+				return c, fmt.Errorf("%w: %s line %d: log_level %q: want trace, debug, info, warn or error", ErrConfig, path, n, v)
+			}
 			c.LogLevel = v
 		case "agent_listen":
+			if v != "" {
+				if _, _, err := net.SplitHostPort(v); err != nil {
+					return c, fmt.Errorf("%w: %s line %d: agent_listen %q: want host:port (0.0.0.0:0 for any address and a free port)", ErrConfig, path, n, v)
+				}
+			}
 			c.AgentListen = v
 		case "local_password_file":
 			c.LocalPasswordFile = v

@@ -75,7 +75,8 @@ func TestConfig(t *testing.T) {
 	assert.Equal(t, inEtc, c.Path, "etc first")
 	assert.Equal(t, "/opt/p", c.PluginDir)
 
-	for _, bad := range []string{"colour = blue\n", "no equals\n", "state_dir = relative\n"} {
+	for _, bad := range []string{"colour = blue\n", "no equals\n", "state_dir = relative\n",
+		"log_level = debgu\n", "agent_listen = 0.0.0.0\n"} {
 		require.NoError(t, os.WriteFile(inEtc, []byte(bad), 0o644))
 		_, err = LoadConfig(ConfigCandidates(filepath.Join(dir, "etc"), ""))
 		require.ErrorIs(t, err, ErrConfig, bad)
