@@ -609,6 +609,9 @@ func TestCancelDuringLongSync(t *testing.T) {
 	// (read before the gateway stopped) and claims no residual delta.
 	assert.Equal(t, int64(1<<30), rep.BytesOnWire)
 	assert.Zero(t, rep.ResidualBytes)
+	assert.Zero(t, rep.GuestPauseMS, "the guest was never paused")
+	assert.Contains(t, rep.Text(), "guest pause:     none (rolled back before handoff)")
+	assert.Positive(t, rep.Estimate.DowntimeSeconds, "the plan's estimate stays in estimate")
 }
 
 // The controller dies after VM.migrate_send returned but before its task

@@ -129,13 +129,20 @@ func BuildReport(c *Checkpoint) Report {
 	}
 	if c.PauseMeasured {
 		r.GuestPauseMS, r.GuestPauseMeasured = time.Duration(c.PauseNS).Milliseconds(), true
-	} else {
+	} else if !neverHandedOff(c) {
 		r.GuestPauseMS = int64(c.Plan.DowntimeSeconds * 1000)
 	}
 	if r.Integrity == "" {
 		r.Integrity = IntegritySkipped
 	}
 	return r
+}
+
+// neverHandedOff reports a migration that rolled back (or is rolling back):
+// xapi never paused its guest.
+func neverHandedOff(c *Checkpoint) bool {
+	return c.Phase == PhaseRollingBack || c.Phase == PhaseRolledBack ||
+		c.Phase == PhaseFailed && c.FailedIn == PhaseRollingBack
 }
 
 // JSON renders the report as one JSON object (no trailing newline).
@@ -190,7 +197,11 @@ func (r Report) Text() string {
 	if r.GuestPauseMeasured {
 		pause = "measured"
 	}
-	fmt.Fprintf(&b, "  guest pause:     %d ms (%s)\n", r.GuestPauseMS, pause)
+	if r.GuestPauseMS == 0 && !r.GuestPauseMeasured && (r.Phase == PhaseRolledBack.String() || r.Phase == PhaseRollingBack.String()) {
+		fmt.Fprintf(&b, "  guest pause:     none (rolled back before handoff)\n")
+	} else {
+		fmt.Fprintf(&b, "  guest pause:     %d ms (%s)\n", r.GuestPauseMS, pause)
+	}
 	fmt.Fprintf(&b, "  integrity:       %s\n", r.Integrity)
 	return b.String()
 }
