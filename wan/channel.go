@@ -2,6 +2,7 @@ package wan
 
 import (
 	"sort"
+	"sync"
 	"sync/atomic"
 )
 
@@ -42,7 +43,8 @@ type inFrame struct {
 	pos  int // bytes already read (byte streams)
 }
 
-// channel is one multiplexed flow. Every field is guarded by Session.mu.
+// channel is one multiplexed flow. Every field but cbMu is guarded by
+// Session.mu.
 type channel struct {
 	s    *Session
 	id   uint32
@@ -60,6 +62,10 @@ type channel struct {
 	finAcked   bool
 	ackedBytes int64
 	onAck      func(off, n int64)
+	ackCB      []*outFrame // acknowledged block frames not yet passed to onAck
+	// cbMu serialises onAck calls (stream readers ack concurrently);
+	// whoever holds it drains ackCB, so the calls keep the sender's order.
+	cbMu sync.Mutex
 
 	// receive side
 	rnext    uint64 // next expected sequence number

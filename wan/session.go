@@ -655,10 +655,27 @@ func (s *Session) onAck(id uint32, seq uint64) {
 	}
 	acked := ch.ack(seq)
 	cb := ch.onAck
+	if cb != nil {
+		ch.ackCB = append(ch.ackCB, acked...)
+	}
 	s.maybeRemove(ch)
 	s.mu.Unlock()
-	if cb != nil {
-		for _, f := range acked {
+	if cb == nil || len(acked) == 0 {
+		return
+	}
+	// Readers of several streams get here at once: one at a time, each
+	// draining what is queued, so onAck sees the extents in order.
+	ch.cbMu.Lock()
+	defer ch.cbMu.Unlock()
+	for {
+		s.mu.Lock()
+		fs := ch.ackCB
+		ch.ackCB = nil
+		s.mu.Unlock()
+		if len(fs) == 0 {
+			return
+		}
+		for _, f := range fs {
 			cb(f.off, int64(f.n))
 		}
 	}

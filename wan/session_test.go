@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -230,9 +231,16 @@ func runBlocks(t *testing.T, p *pair, size int, during func(stop <-chan struct{}
 	require.NoError(t, err)
 	var ackMu sync.Mutex
 	var ackedSum int64
+	var ackedOffs []int64
+	var inCB, overlaps atomic.Int32
 	bs, err := p.src.OpenBlockChannel(ctx, "disk0", func(off, n int64) {
+		if inCB.Add(1) > 1 {
+			overlaps.Add(1)
+		}
+		defer inCB.Add(-1)
 		ackMu.Lock()
 		ackedSum += n
+		ackedOffs = append(ackedOffs, off)
 		ackMu.Unlock()
 	})
 	require.NoError(t, err)
@@ -265,7 +273,13 @@ func runBlocks(t *testing.T, p *pair, size int, during func(stop <-chan struct{}
 	assert.Equal(t, int64(size), sink.Applied())
 	ackMu.Lock()
 	assert.Equal(t, int64(size), ackedSum, "ack callbacks cover every byte once")
+	var wantOffs []int64
+	for _, b := range order {
+		wantOffs = append(wantOffs, int64(b*blk))
+	}
+	assert.Equal(t, wantOffs, ackedOffs, "ack callbacks run in the sender's order")
 	ackMu.Unlock()
+	assert.Zero(t, overlaps.Load(), "ack callbacks never run at the same time")
 }
 
 func TestBlockChannel(t *testing.T) {
