@@ -87,9 +87,9 @@ func migrateStatus(ctx context.Context, args []string, stdout, stderr io.Writer)
 		return err
 	}
 	if len(pos) == 1 {
-		cp, err := store.Load(ctx, pos[0])
+		cp, err := loadCheckpoint(ctx, store, pos[0])
 		if err != nil {
-			return fmt.Errorf("migration %s: %w", pos[0], err)
+			return err
 		}
 		rep := engine.BuildReport(cp)
 		if o.asJSON {
@@ -172,9 +172,9 @@ func migrateCancel(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if err != nil {
 		return err
 	}
-	cp, err := store.Load(ctx, id)
+	cp, err := loadCheckpoint(ctx, store, id)
 	if err != nil {
-		return fmt.Errorf("migration %s: %w", id, err)
+		return err
 	}
 	if cp.Phase.Stopped() {
 		return fmt.Errorf("migration %s has already ended (%s)", id, cp.Phase)
@@ -232,9 +232,9 @@ func (m *migration) resume(ctx context.Context, o *opFlags, id string) error {
 	if err != nil {
 		return err
 	}
-	cp, err := store.Load(ctx, id)
+	cp, err := loadCheckpoint(ctx, store, id)
 	if err != nil {
-		return fmt.Errorf("migration %s: %w", id, err)
+		return err
 	}
 	m.vmUUID = cp.Request.VMUUID
 	ci, err := o.conn(id)
@@ -265,4 +265,17 @@ func (m *migration) resume(ctx context.Context, o *opFlags, id string) error {
 	})
 	view.Done()
 	return m.finish(rep, err)
+}
+
+// loadCheckpoint loads a migration's checkpoint; an unknown id says where
+// it looked and how to list what is there.
+func loadCheckpoint(ctx context.Context, store *engine.FileStore, id string) (*engine.Checkpoint, error) {
+	cp, err := store.Load(ctx, id)
+	switch {
+	case errors.Is(err, engine.ErrNotFound):
+		return nil, fmt.Errorf("%w in %s ('wanmotion migrate status' lists the migrations there; --state-dir chooses another directory)", err, store.Dir())
+	case err != nil:
+		return nil, fmt.Errorf("migration %s: %w", id, err)
+	}
+	return cp, nil
 }

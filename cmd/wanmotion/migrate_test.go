@@ -205,6 +205,11 @@ func TestMigrateStatusFromCheckpoint(t *testing.T) {
 
 	_, _, err = run(t, runMigrate, "status", "wm-nope", "--state-dir", dir)
 	require.ErrorIs(t, err, engine.ErrNotFound)
+	assert.Equal(t, 1, strings.Count(err.Error(), "wm-nope"), "the id is named once: %v", err)
+	assert.Contains(t, err.Error(), "not found in "+dir)
+	_, _, err = run(t, runMigrate, "resume", "wm-nope", "--state-dir", dir)
+	require.ErrorIs(t, err, engine.ErrNotFound)
+	assert.Contains(t, err.Error(), "migrate status' lists")
 	_, _, err = run(t, runMigrate, "cancel", "wm-000000000001", "--state-dir", dir)
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "already ended")
