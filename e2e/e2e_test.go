@@ -283,3 +283,46 @@ func (e *env) assertCBTRestored() {
 	}
 	assert.Empty(e.t, on, "CBT restored to off on the VM's disks")
 }
+
+// TestXapiCallFails answers one of the controller's pool API calls with an
+// HTTP error (the call never reaches the pool): a seed snapshot, and
+// VM.migrate_send itself. A failed seed step is retried or rolled back; a
+// failed Handoff leaves the VM at the source (exit 1, phase failed) and
+// `migrate resume` completes it.
+func TestXapiCallFails(t *testing.T) {
+	for _, tc := range []struct {
+		f      fault
+		method string
+	}{
+		{fault{name: "seed-snapshot", phase: engine.PhaseSeed}, "VDI.snapshot"},
+		{fault{name: "handoff-migrate-send", phase: engine.PhaseHandoff}, "Async.VM.migrate_send"},
+	} {
+		t.Run(tc.f.name, func(t *testing.T) {
+			e := newEnv(t)
+			id := "wm-xapi-" + tc.f.name
+			tc.f.more = func(m string, _ *engine.Checkpoint) bool { return m == tc.method }
+			p, _ := e.inject(id, tc.f)
+			e.releaseGate(true)
+			rep, code := p.report(t)
+			t.Logf("after the failed %s: exit %d, %s in %s (%s)", tc.method, code, rep.Result, rep.Phase, rep.Error)
+			switch {
+			case code == 0:
+				assert.Equal(t, "success", rep.Result)
+			case rep.Phase == "rolled_back":
+				assert.Equal(t, "failed", rep.Result)
+				e.settled(siteA)
+				return
+			default:
+				require.Equal(t, "failed", rep.Phase, "report %+v", rep)
+				assert.Equal(t, siteA, e.location(), "a failed handoff leaves the VM at the source")
+				e.guestVerify(siteA)
+				rep, code = e.resume(id)
+				require.Equal(t, 0, code, "resume: report %+v", rep)
+			}
+			assert.Equal(t, "success", rep.Result)
+			assert.Equal(t, "ok", rep.Integrity)
+			e.settled(siteB)
+			e.assertLittleResent(1.5)
+		})
+	}
+}
