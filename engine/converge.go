@@ -142,7 +142,7 @@ func Decide(in ConvergeInput) Decision {
 		return d
 	}
 	if in.LinkBytesPerSec > 0 && d.WriteRate >= in.LinkBytesPerSec {
-		d.Advice = fmt.Sprintf("the guest writes about %s/s and the link carries %s/s; raise the bandwidth, reduce the guest's writes, use convergence_policy throttle, or use the suspend cutover",
+		d.Advice = fmt.Sprintf("the guest writes about %s/s and the link carries %s/s; raise the bandwidth, reduce the guest's writes, or use convergence_policy throttle",
 			HumanBytes(d.WriteRate), HumanBytes(in.LinkBytesPerSec))
 		switch in.Policy {
 		case PolicyStop:
