@@ -55,9 +55,9 @@ func registerCore() {
 				return nil, err
 			}
 			if o.str("status") == "pending" || o.str("status") == "cancelling" {
-				o.strMap("current_operations")[NewRef()] = "destroy"
-				c.db().touch(o)
-				return "", nil
+				// Xapi_task.destroy: add_to_current_operations key "task"
+				// (a second destroy is MAP_DUPLICATE_KEY).
+				return "", c.db().addToMap(o, "current_operations", "task", "destroy")
 			}
 			c.db().destroy(o)
 			return "", nil
@@ -71,8 +71,9 @@ func registerCore() {
 			if o.str("status") != "pending" {
 				return nil, Errorf(ErrOperationNotAllowed, "Task is not pending")
 			}
-			o.strMap("current_operations")[NewRef()] = "cancel"
-			c.db().touch(o)
+			// Xapi_task.cancel replaces current_operations with
+			// {<calling task>: cancel}.
+			c.db().set(o, "current_operations", map[string]string{NewRef(): "cancel"})
 			return "", nil
 		}})
 	Register(&Method{Name: "task.set_status", NoAsync: true, Params: []Param{p("self", KRef), p("value", KEnum)},
@@ -85,11 +86,10 @@ func registerCore() {
 			if !slices.Contains([]string{"pending", "success", "failure", "cancelling", "cancelled"}, v) {
 				return nil, Errorf(ErrInvalidValue, "value", c.Str(1))
 			}
-			o.Fields["status"] = v
-			if v != "pending" && v != "cancelling" && o.Fields["finished"].(time.Time).Equal(Never) {
-				o.Fields["finished"] = time.Now().UTC().Truncate(time.Second)
-			}
-			c.db().touch(o)
+			// Xapi_task.set_status sets the status only: finished (and
+			// progress) are left alone, so a task a client finishes
+			// this way keeps finished = 19700101T00:00:00Z.
+			c.db().set(o, "status", v)
 			return "", nil
 		}})
 	Register(&Method{Name: "task.set_progress", NoAsync: true, Params: []Param{p("self", KRef), p("value", KFloat)},

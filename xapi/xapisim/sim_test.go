@@ -221,9 +221,21 @@ func TestAsyncAndTasks(t *testing.T) {
 	assert.Equal(t, "pending", ok(t, url, "task.get_status", sess, my))
 	ok(t, url, "task.destroy", sess, my)
 	assert.Equal(t, "pending", ok(t, url, "task.get_status", sess, my), "destroy of a pending task is deferred")
+	assert.Equal(t, "destroy", ok(t, url, "task.get_current_operations", sess, my).(map[string]any)["task"],
+		"Xapi_task.destroy records the deferred destroy under key \"task\"")
+	_, f := call(t, url, "task.destroy", sess, my)
+	require.NotNil(t, f, "a second deferred destroy is a duplicate key")
+	assert.Equal(t, ErrMapDuplicateKey, f.Code)
+	ok(t, url, "task.set_progress", sess, my, 0.5)
 	ok(t, url, "task.set_status", sess, my, "cancelled")
+	// Xapi_task.set_status sets the status only: finished stays the
+	// epoch (XenCenter's completion test, finished.Year > 1970, does
+	// not see a client-finished task) and progress stays where it was.
+	assert.Equal(t, "cancelled", ok(t, url, "task.get_status", sess, my))
+	assert.Equal(t, Never, ok(t, url, "task.get_finished", sess, my))
+	assert.Equal(t, 0.5, ok(t, url, "task.get_progress", sess, my))
 	ok(t, url, "task.destroy", sess, my)
-	_, f := call(t, url, "task.get_status", sess, my)
+	_, f = call(t, url, "task.get_status", sess, my)
 	require.NotNil(t, f)
 	assert.Equal(t, ErrHandleInvalid, f.Code)
 }
