@@ -454,27 +454,9 @@ func EncodeValue(b *bytes.Buffer, v any) {
 		}
 		b.WriteString("</data></array></value>")
 	case map[string]string:
-		keys := make([]string, 0, len(x))
-		for k := range x {
-			keys = append(keys, k)
-		}
-		sort.Strings(keys)
-		b.WriteString("<value><struct>")
-		for _, k := range keys {
-			writeMember(b, k, x[k])
-		}
-		b.WriteString("</struct></value>")
+		writeSortedStruct(b, x)
 	case map[string]any:
-		keys := make([]string, 0, len(x))
-		for k := range x {
-			keys = append(keys, k)
-		}
-		sort.Strings(keys)
-		b.WriteString("<value><struct>")
-		for _, k := range keys {
-			writeMember(b, k, x[k])
-		}
-		b.WriteString("</struct></value>")
+		writeSortedStruct(b, x)
 	case Struct:
 		b.WriteString("<value><struct>")
 		for _, m := range x {
@@ -487,6 +469,20 @@ func EncodeValue(b *bytes.Buffer, v any) {
 		// Programming error in a handler: encode as a string rather than crash.
 		writeString(b, fmt.Sprint(x))
 	}
+}
+
+// writeSortedStruct writes a map as a struct with its keys sorted.
+func writeSortedStruct[V any](b *bytes.Buffer, m map[string]V) {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	b.WriteString("<value><struct>")
+	for _, k := range keys {
+		writeMember(b, k, m[k])
+	}
+	b.WriteString("</struct></value>")
 }
 
 func writeMember(b *bytes.Buffer, name string, v any) {
