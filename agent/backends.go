@@ -92,6 +92,7 @@ func (s *backendSlot) launch(ctx context.Context, a *Agent, req LaunchRequest) (
 			return LaunchResponse{}, err
 		}
 		if err := s.recoverAllLocked(ctx, a); err != nil {
+			s.crashed = true // relaunch and recover again on the next call
 			return LaunchResponse{}, err
 		}
 	}
@@ -121,6 +122,9 @@ func (s *backendSlot) get(ctx context.Context, a *Agent) (*host.Instance, error)
 		return nil, err
 	}
 	if err := s.recoverAllLocked(ctx, a); err != nil {
+		// A backend missing some of its handles must not serve calls:
+		// relaunch and recover again on the next call.
+		s.crashed = true
 		return nil, err
 	}
 	return s.inst, nil
