@@ -266,11 +266,11 @@ func (r run) migrate(ctx context.Context, poolURL, session, vmUUID string, noWai
 			args[q.key] = v
 		}
 	}
-	pools, err := c.PoolGetAll(ctx)
-	if err != nil || len(pools) == 0 {
-		return fmt.Errorf("pool.get_all: %w", err)
+	pool, err := c.ThePool(ctx)
+	if err != nil {
+		return err
 	}
-	coord, err := c.PoolGetMaster(ctx, pools[0])
+	coord, err := c.PoolGetMaster(ctx, pool)
 	if err != nil {
 		return fmt.Errorf("pool.get_master: %w", err)
 	}

@@ -299,11 +299,11 @@ func (p *pluginCall) configSet(ctx context.Context) (string, error) {
 	}
 	defer closeFn()
 	c := pl.Client()
-	pools, err := c.PoolGetAll(ctx)
-	if err != nil || len(pools) != 1 {
-		return "", fmt.Errorf("pool.get_all: %d pools: %w", len(pools), err)
+	pool, err := c.ThePool(ctx)
+	if err != nil {
+		return "", err
 	}
-	cur, err := c.PoolGetOtherConfig(ctx, pools[0])
+	cur, err := c.PoolGetOtherConfig(ctx, pool)
 	if err != nil {
 		return "", err
 	}
@@ -320,13 +320,13 @@ func (p *pluginCall) configSet(ctx context.Context) (string, error) {
 		if cur[k] == entries[k] {
 			continue
 		}
-		if err := c.PoolRemoveFromOtherConfig(ctx, pools[0], k); err != nil {
+		if err := c.PoolRemoveFromOtherConfig(ctx, pool, k); err != nil {
 			return "", err
 		}
 		if entries[k] == "" {
 			continue
 		}
-		if err := c.PoolAddToOtherConfig(ctx, pools[0], k, entries[k]); err != nil {
+		if err := c.PoolAddToOtherConfig(ctx, pool, k, entries[k]); err != nil {
 			return "", err
 		}
 	}
