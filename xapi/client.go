@@ -243,7 +243,8 @@ func (c *Client) discoverMembers(ctx context.Context, base *url.URL, sess Sessio
 	c.mu.Unlock()
 }
 
-// Logout ends the session (session.logout). It is a no-op when not logged in.
+// Logout ends the session (session.logout). It is a no-op when not logged in;
+// a session given to UseSession is only dropped, not logged out.
 func (c *Client) Logout(ctx context.Context) error {
 	c.loginMu.Lock()
 	defer c.loginMu.Unlock()
@@ -252,9 +253,13 @@ func (c *Client) Logout(ctx context.Context) error {
 		return nil
 	}
 	c.mu.Lock()
-	c.session = ""
+	borrowed := c.borrowed
+	c.session, c.borrowed = "", false
 	c.gen++
 	c.mu.Unlock()
+	if borrowed {
+		return nil // someone else's session (UseSession): dropped, never logged out
+	}
 	_, err := roundTrip(ctx, c.rpc, base.String(), "session.logout", []any{sess})
 	if err != nil && !errors.Is(err, ErrSessionInvalid) {
 		return fmt.Errorf("xapi: logout: %w", err)

@@ -7,8 +7,8 @@ package xapi
 // caller as is. (Over a host's local socket xapi lets any root process in
 // whatever the credentials, so a re-login would silently swap the caller's
 // identity for root's and leak that session.) Login replaces the borrowed
-// session with one of the client's own. Call Forget before Close so the
-// borrowed session is not logged out.
+// session with one of the client's own. Logout and Close drop a borrowed
+// session without logging it out (Forget does the same explicitly).
 func (c *Client) UseSession(s SessionRef) {
 	c.loginMu.Lock()
 	defer c.loginMu.Unlock()

@@ -75,3 +75,26 @@ func TestBorrowedSessionIsNotReplaced(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, []VMRef{"OpaqueRef:vm1"}, vms)
 }
+
+// Close without Forget must not log out a borrowed session either: it
+// belongs to the caller (XenCenter, the plugin's caller).
+func TestCloseDoesNotLogOutBorrowedSession(t *testing.T) {
+	f := newFake(t, func(method string, params []any) string {
+		switch method {
+		case "session.logout":
+			return successXML(xv(""))
+		case "session.login_with_password":
+			return successXML(xv("OpaqueRef:own"))
+		}
+		return failureXML("MESSAGE_METHOD_UNKNOWN", method)
+	})
+	c := newTestClient(t, f.URL())
+	c.UseSession("OpaqueRef:caller")
+	require.NoError(t, c.Close(context.Background()))
+	assert.Equal(t, 0, f.count("session.logout"), "a borrowed session is dropped, not logged out")
+	assert.Equal(t, SessionRef(""), c.Session())
+
+	require.NoError(t, c.Login(context.Background()))
+	require.NoError(t, c.Close(context.Background()))
+	assert.Equal(t, 1, f.count("session.logout"), "the client's own session is logged out")
+}
