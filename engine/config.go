@@ -235,11 +235,8 @@ func Resolve(src, dst, flags Overrides, inst Installed) (Settings, error) {
 	if s.Network, err = pickBackend("network", src.Network, dst.Network, flags.Network, DefaultNetwork); err != nil {
 		return s, err
 	}
-	if !slices.Contains(inst.Storage, s.Storage) {
-		return s, fmt.Errorf("%w: storage backend %q is not installed (installed: %s)", ErrUnknownBackend, s.Storage, listOrNone(inst.Storage))
-	}
-	if s.Network != NetworkNone && !slices.Contains(inst.Network, s.Network) {
-		return s, fmt.Errorf("%w: network backend %q is not installed (installed: %s)", ErrUnknownBackend, s.Network, listOrNone(append([]string{NetworkNone}, inst.Network...)))
+	if err := inst.Check(s.Storage, s.Network); err != nil {
+		return s, err
 	}
 	switch {
 	case flags.BandwidthBytesPerSec != nil:
@@ -293,6 +290,19 @@ func minCap(a, b *int64) int64 {
 		return *a
 	}
 	return min(*a, *b)
+}
+
+// Check returns an error wrapping ErrUnknownBackend, naming the installed
+// backends, when storage or network (if not "" or NetworkNone) is not in
+// inst. An empty storage name is not checked.
+func (inst Installed) Check(storage, network string) error {
+	if storage != "" && !slices.Contains(inst.Storage, storage) {
+		return fmt.Errorf("%w: storage backend %q is not installed (installed: %s; 'wanmotion plugins list' shows what is installed where)", ErrUnknownBackend, storage, listOrNone(inst.Storage))
+	}
+	if network != "" && network != NetworkNone && !slices.Contains(inst.Network, network) {
+		return fmt.Errorf("%w: network backend %q is not installed (installed: %s; 'wanmotion plugins list' shows what is installed where)", ErrUnknownBackend, network, listOrNone(append([]string{NetworkNone}, inst.Network...)))
+	}
+	return nil
 }
 
 func listOrNone(l []string) string {

@@ -306,21 +306,13 @@ func installedBackends(pluginDir string) (engine.Installed, error) {
 }
 
 func checkBackendNames(inst engine.Installed, setStorage bool, storage string, setNetwork bool, network string) error {
-	if setStorage && storage != "" && !slices.Contains(inst.Storage, storage) {
-		return fmt.Errorf("%w: storage backend %q is not installed (installed: %s)", engine.ErrUnknownBackend, storage, listOrNone(inst.Storage))
+	if !setStorage {
+		storage = ""
 	}
-	if setNetwork && network != "" && network != engine.NetworkNone && !slices.Contains(inst.Network, network) {
-		return fmt.Errorf("%w: network backend %q is not installed (installed: %s)", engine.ErrUnknownBackend, network,
-			strings.Join(append([]string{engine.NetworkNone}, inst.Network...), ", "))
+	if !setNetwork {
+		network = ""
 	}
-	return nil
-}
-
-func listOrNone(l []string) string {
-	if len(l) == 0 {
-		return "none"
-	}
-	return strings.Join(l, ", ")
+	return inst.Check(storage, network)
 }
 
 // newPoolEntries computes the wanmotion:* entries to write from the

@@ -89,7 +89,7 @@ func TestPoolConfigureErrors(t *testing.T) {
 		usage bool
 		want  []string
 	}{
-		{"unknown storage", []string{"--storage", "zfs-magic"}, false, []string{`storage backend "zfs-magic" is not installed`, "installed: drbd, nbd"}},
+		{"unknown storage", []string{"--storage", "zfs-magic"}, false, []string{`storage backend "zfs-magic" is not installed`, "installed: drbd, nbd", "wanmotion plugins list"}},
 		{"unknown network", []string{"--network", "mipv6"}, false, []string{`network backend "mipv6"`, "installed: none, l2tunnel"}},
 		{"unknown field", []string{"--set", "colour=blue"}, true, []string{`unknown field "colour"`, "bandwidth"}},
 		{"bad value", []string{"--set", "streams=0"}, false, []string{"streams 0"}},
