@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"testing"
 
@@ -767,4 +768,33 @@ func TestCrashBeforeCheckpointAtEverySave(t *testing.T) {
 			assertMovedClean(t, w, rep)
 		})
 	}
+}
+
+// A short blip of the source pool's API while Handoff follows xapi's
+// VM.migrate_send task is ridden out: the migration completes without a
+// second migrate_send and without the operator having to resume.
+func TestHandoffPollSurvivesTransientErrors(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	var mu sync.Mutex
+	failed := 0
+	w.Hook = func(m string) error {
+		if m != "task.Record" || w.count("src.MigrateSend") == 0 {
+			return nil
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if failed < handoffPollAttempts-1 {
+			failed++
+			return errors.New("connection reset by peer")
+		}
+		return nil
+	}
+	rep, err := newEngine(t, w, mustStore(t)).Run(context.Background(), testRequest())
+	require.NoError(t, err)
+	assert.Equal(t, ResultSuccess, rep.Result)
+	assert.Equal(t, handoffPollAttempts-1, failed, "the blip really happened")
+	assert.Equal(t, 1, w.count("src.MigrateSend"))
+	assert.True(t, w.vmAtDst)
+	assert.False(t, w.vmAtSource)
 }

@@ -112,6 +112,7 @@ func (r *run) stepHandoff(ctx context.Context) (Phase, error) {
 			return PhaseHandoff, err
 		}
 	}
+	pollFailures := 0
 	for !h.Done {
 		rec, err := r.d.Tasks.TaskRecord(ctx, h.Task)
 		if errors.Is(err, ErrNotFound) {
@@ -123,8 +124,20 @@ func (r *run) stepHandoff(ctx context.Context) (Phase, error) {
 			break
 		}
 		if err != nil {
-			return PhaseHandoff, fmt.Errorf("poll VM.migrate_send task: %w", err)
+			// xapi's task keeps running whatever happens to our poll: ride
+			// out a short blip of the source pool's API before giving up
+			// (a resume would follow the task anyway).
+			pollFailures++
+			if pollFailures >= handoffPollAttempts || ctx.Err() != nil {
+				return PhaseHandoff, fmt.Errorf("poll VM.migrate_send task (%d attempts): %w", pollFailures, err)
+			}
+			r.plog.Warn("poll of VM.migrate_send task failed; retrying", "attempt", pollFailures, "error", err)
+			if err := r.sleep(ctx); err != nil {
+				return PhaseHandoff, err
+			}
+			continue
 		}
+		pollFailures = 0
 		switch rec.Status {
 		case TaskSuccess:
 			cp.DestVM, h.Done = rec.Result, true
@@ -151,3 +164,7 @@ func (r *run) stepHandoff(ctx context.Context) (Phase, error) {
 	}
 	return PhaseSwitch, nil
 }
+
+// handoffPollAttempts is how many polls of the VM.migrate_send task in a row
+// may fail before Handoff stops (resumable) with the VM's location unknown.
+const handoffPollAttempts = 5
