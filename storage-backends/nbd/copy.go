@@ -40,6 +40,7 @@ type peer struct {
 	reconnects atomic.Int64
 	active     atomic.Int64 // requests in flight through do
 	progress   atomic.Int64 // requests completed through do
+	lastOK     atomic.Int64 // unix ns of the last request completed through do (or of newPeer)
 	stop       chan struct{}
 	watching   sync.WaitGroup
 
@@ -54,6 +55,7 @@ func newPeer(cfg peerConfig, onWire *atomic.Int64, log hclog.Logger) *peer {
 		cfg.conns = 1
 	}
 	p := &peer{cfg: cfg, onWire: onWire, log: log, stop: make(chan struct{})}
+	p.lastOK.Store(time.Now().UnixNano())
 	if cfg.stall > 0 {
 		p.watching.Add(1)
 		go p.watch()
@@ -287,7 +289,10 @@ func transient(err error) bool {
 
 // do runs fn on the pool, reconnecting and running it again after a
 // connection failure (fn must be idempotent: writes of the same data are).
+// It gives up when no request has completed for the reconnect timeout
+// (connections that open but never carry a request through).
 func (p *peer) do(ctx context.Context, fn func(ctx context.Context, pool *nbd.Pool) error) error {
+	backoff := 10 * time.Millisecond
 	for {
 		pool, gen, err := p.get(ctx)
 		if err != nil {
@@ -298,6 +303,7 @@ func (p *peer) do(ctx context.Context, fn func(ctx context.Context, pool *nbd.Po
 		p.active.Add(-1)
 		if err == nil {
 			p.progress.Add(1)
+			p.lastOK.Store(time.Now().UnixNano())
 			return nil
 		}
 		if ctx.Err() != nil {
@@ -307,6 +313,16 @@ func (p *peer) do(ctx context.Context, fn func(ctx context.Context, pool *nbd.Po
 			return fmt.Errorf("receiver refused a request: %v: %w", err, classifyNBD(err))
 		}
 		p.fail(gen, err)
+		if idle := time.Since(time.Unix(0, p.lastOK.Load())); idle > p.cfg.timeout {
+			return fmt.Errorf("no request to the receiver completed for %s (connections open but fail): %v: %w",
+				idle.Round(time.Second), redact(err, p.cfg.token), contract.ErrUnavailable)
+		}
+		select { // do not spin on a receiver that fails every request at once
+		case <-ctx.Done():
+			return fmt.Errorf("%w: %v", contract.ErrCancelled, ctx.Err())
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, time.Second)
 	}
 }
 

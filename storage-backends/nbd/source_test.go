@@ -1,14 +1,19 @@
 package nbdstore
 
 import (
+	"context"
+	"fmt"
 	"net"
 	"strconv"
 	"sync/atomic"
 	"testing"
+	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/wanmotion/wanmotion/nbd"
 	"github.com/wanmotion/wanmotion/plugins/contract"
 	"github.com/wanmotion/wanmotion/xapi"
 )
@@ -48,4 +53,37 @@ func TestXapiNBDWithoutCertNeedsAllowInsecure(t *testing.T) {
 	require.Error(t, err, "the fake host hangs up")
 	assert.NotContains(t, err.Error(), "OpaqueRef:secret")
 	assert.NotZero(t, accepted.Load(), "allowed: the host was dialled")
+}
+
+// A receiver that accepts connections but whose requests always fail on
+// the connection must not keep a round retrying forever: after the
+// reconnect timeout without any completed request, the round gives up
+// with unavailable.
+func TestPeerGivesUpWhenNoRequestCompletes(t *testing.T) {
+	const token = "tok-secret"
+	look, _ := nbd.StaticExports(&nbd.Export{Name: dataExport(token, 0, "s"), Backend: nbd.NewMemBackend(1 << 20), MultiConn: true})
+	srv, err := nbd.NewServer(nbd.ServerOptions{Exports: look})
+	require.NoError(t, err)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ctx, ln) }()
+	t.Cleanup(func() { cancel(); require.NoError(t, <-served) })
+
+	var wire atomic.Int64
+	p := newPeer(peerConfig{network: "tcp", addr: ln.Addr().String(), token: token, snapshot: "s", conns: 1, inFlight: 1,
+		chunk: 1 << 20, timeout: 300 * time.Millisecond}, &wire, hclog.NewNullLogger())
+	defer p.close()
+	rctx, rcancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer rcancel()
+	attempts := 0
+	err = p.do(rctx, func(context.Context, *nbd.Pool) error {
+		attempts++
+		return fmt.Errorf("write: %w", nbd.ErrClosed) // the connection broke under the request
+	})
+	require.ErrorIs(t, err, contract.ErrUnavailable)
+	assert.NotErrorIs(t, err, contract.ErrCancelled)
+	assert.NotContains(t, err.Error(), token)
+	assert.Greater(t, attempts, 1, "the request was retried on new connections first")
 }
