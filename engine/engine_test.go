@@ -285,9 +285,10 @@ func TestAbortAfterFailedHandoff(t *testing.T) {
 func TestHandoffPollErrorWhileMigrateSendRuns(t *testing.T) {
 	t.Parallel()
 	w := newWorld()
-	var failed atomic.Bool
+	var down atomic.Bool // the source pool's API stays unreachable
+	down.Store(true)
 	w.Hook = func(m string) error {
-		if m == "task.Record" && w.count("src.MigrateSend") == 1 && failed.CompareAndSwap(false, true) {
+		if m == "task.Record" && w.count("src.MigrateSend") == 1 && down.Load() {
 			return errors.New("connection reset by peer")
 		}
 		return nil
@@ -295,6 +296,7 @@ func TestHandoffPollErrorWhileMigrateSendRuns(t *testing.T) {
 	e := newEngine(t, w, mustStore(t))
 	rep, err := e.Run(context.Background(), testRequest())
 	require.ErrorIs(t, err, ErrVMLocation)
+	down.Store(false)
 	assert.Equal(t, ResultFailed, rep.Result)
 	assert.Contains(t, rep.Error, "still running")
 	assert.True(t, w.vmAtSource, "the fake migrate_send has not finished")
