@@ -244,6 +244,15 @@ func connect(ctx context.Context, poolURL, user, password string, tf tlsFlags, l
 	return c, nil
 }
 
+// checkLogLevel refuses a --log-level hclog does not know (it would
+// silently log nothing).
+func checkLogLevel(level string) error {
+	if level == "" || hclog.LevelFromString(level) != hclog.NoLevel {
+		return nil
+	}
+	return fmt.Errorf("%w: --log-level %q: want trace, debug, info, warn or error", errUsage, level)
+}
+
 // newCLILogger logs to stderr at level (default warn).
 func newCLILogger(level string, stderr io.Writer) hclog.Logger {
 	if level == "" {

@@ -137,6 +137,9 @@ func parseMigrateFlags(args []string, stderr io.Writer) (*migrateFlags, engine.O
 	}
 	f.given = map[string]bool{}
 	fs.Visit(func(fl *flag.Flag) { f.given[fl.Name] = true })
+	if err := checkLogLevel(f.logLevel); err != nil {
+		return nil, o, err
+	}
 	for _, req := range []struct{ name, v string }{{"vm", f.vm}, {"from", f.from}, {"to", f.to}} {
 		if req.v == "" {
 			return nil, o, fmt.Errorf("%w: --%s is required", errUsage, req.name)
@@ -144,7 +147,7 @@ func parseMigrateFlags(args []string, stderr io.Writer) (*migrateFlags, engine.O
 	}
 	for _, u := range []struct{ name, v string }{{"from", f.from}, {"to", f.to}} {
 		if _, err := xapi.New(xapi.Config{URL: u.v}); err != nil {
-			return nil, o, fmt.Errorf("%w: --%s: %v", errUsage, u.name, err)
+			return nil, o, fmt.Errorf("%w: --%s %q: %v (give the pool coordinator's URL, e.g. https://pool-a.example.com)", errUsage, u.name, u.v, err)
 		}
 	}
 	if strings.TrimRight(f.from, "/") == strings.TrimRight(f.to, "/") {
@@ -240,6 +243,9 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 			fs.SetOutput(stdout)
 			fs.Usage()
 			return nil
+		}
+		if !strings.HasPrefix(args[0], "-") {
+			return fmt.Errorf("%w: unknown migrate command %q: want status, cancel or resume, or flags (--vm, --from, --to ...) to start a migration", errUsage, args[0])
 		}
 	}
 	f, o, err := parseMigrateFlags(args, stderr)

@@ -48,7 +48,7 @@ func (o *opFlags) parse(args []string) ([]string, error) {
 		}
 		args = o.fs.Args()
 		if len(args) == 0 {
-			return pos, nil
+			return pos, checkLogLevel(o.logLevel)
 		}
 		pos = append(pos, args[0])
 		args = args[1:]

@@ -29,6 +29,8 @@ func TestParseMigrateFlags(t *testing.T) {
 			"--gateway-advertise", "gw.example:7000", "--compression", "none", "--dry-run", "--json", "--thumbprint", "ab:cd"}, ""},
 		{"no vm", []string{"--vm", ""}, "--vm"},
 		{"bad from", []string{"--from", "ftp://x"}, "--from"},
+		{"bare host", []string{"--from", "pool-a.example"}, "e.g. https://"},
+		{"bad log level", []string{"--log-level", "loud"}, "--log-level"},
 		{"same pool", []string{"--to", "https://a.example/"}, "--from and --to"},
 		{"bad bandwidth", []string{"--bandwidth", "fast"}, "--bandwidth"},
 		{"bad policy", []string{"--policy", "pray"}, "--policy"},
@@ -203,6 +205,12 @@ func TestMigrateStatusFromCheckpoint(t *testing.T) {
 	require.NoError(t, err)
 	assert.Len(t, oneJSONObject(t, out)["migrations"], 2)
 
+	_, _, err = run(t, runMigrate, "statuss", "--state-dir", dir)
+	require.ErrorIs(t, err, errUsage)
+	assert.Contains(t, err.Error(), `unknown migrate command "statuss": want status, cancel or resume`)
+	_, _, err = run(t, runMigrate, "resume", "wm-000000000001", "--state-dir", dir, "--log-level", "loud")
+	require.ErrorIs(t, err, errUsage)
+	assert.Contains(t, err.Error(), "--log-level")
 	_, _, err = run(t, runMigrate, "status", "wm-nope", "--state-dir", dir)
 	require.ErrorIs(t, err, engine.ErrNotFound)
 	assert.Equal(t, 1, strings.Count(err.Error(), "wm-nope"), "the id is named once: %v", err)

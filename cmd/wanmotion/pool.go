@@ -75,6 +75,9 @@ func (p *poolConn) open(ctx context.Context, stderr io.Writer) (*xapiadapt.Pool,
 	if err := p.tls.check(); err != nil {
 		return nil, nil, err
 	}
+	if err := checkLogLevel(p.logLevel); err != nil {
+		return nil, nil, err
+	}
 	src := credSource{env: EnvPassword, file: p.credentials, fileGiven: p.credentials != "", label: "pool"}
 	pw, err := src.password(p.url, p.user, stderr)
 	if err != nil {
