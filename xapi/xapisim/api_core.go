@@ -68,10 +68,8 @@ func registerCore() {
 			if err != nil {
 				return nil, err
 			}
-			if o.str("status") != "pending" {
-				return nil, Errorf(ErrOperationNotAllowed, "Task is not pending")
-			}
-			// Xapi_task.cancel replaces current_operations with
+			// Xapi_task.cancel checks only who may touch the task, not
+			// its status, and replaces current_operations with
 			// {<calling task>: cancel}.
 			c.db().set(o, "current_operations", map[string]string{NewRef(): "cancel"})
 			return "", nil

@@ -234,6 +234,8 @@ func TestAsyncAndTasks(t *testing.T) {
 	assert.Equal(t, "cancelled", ok(t, url, "task.get_status", sess, my))
 	assert.Equal(t, Never, ok(t, url, "task.get_finished", sess, my))
 	assert.Equal(t, 0.5, ok(t, url, "task.get_progress", sess, my))
+	ok(t, url, "task.cancel", sess, my) // xapi does not check the status
+	assert.Equal(t, "cancelled", ok(t, url, "task.get_status", sess, my))
 	ok(t, url, "task.destroy", sess, my)
 	_, f = call(t, url, "task.get_status", sess, my)
 	require.NotNil(t, f)
