@@ -613,7 +613,7 @@ func TestCancelDuringLongSync(t *testing.T) {
 	assert.Equal(t, int64(1<<30), rep.BytesOnWire)
 	assert.Zero(t, rep.ResidualBytes)
 	assert.Zero(t, rep.GuestPauseMS, "the guest was never paused")
-	assert.Contains(t, rep.Text(), "guest pause:     none (rolled back before handoff)")
+	assert.Contains(t, rep.Text(), "guest pause:     none (rolled back)")
 	assert.Positive(t, rep.Estimate.DowntimeSeconds, "the plan's estimate stays in estimate")
 }
 

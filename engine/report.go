@@ -198,7 +198,7 @@ func (r Report) Text() string {
 		pause = "measured"
 	}
 	if r.GuestPauseMS == 0 && !r.GuestPauseMeasured && (r.Phase == PhaseRolledBack.String() || r.Phase == PhaseRollingBack.String()) {
-		fmt.Fprintf(&b, "  guest pause:     none (rolled back before handoff)\n")
+		fmt.Fprintf(&b, "  guest pause:     none (rolled back)\n")
 	} else {
 		fmt.Fprintf(&b, "  guest pause:     %d ms (%s)\n", r.GuestPauseMS, pause)
 	}

@@ -432,6 +432,9 @@ func outcomeError(rep engine.Report, err error) error {
 		return &exitError{code: exitCancelled, err: fmt.Errorf("migration %s cancelled and rolled back: %w", rep.MigrationID, err)}
 	case errors.Is(err, engine.ErrInterrupted):
 		return &exitError{code: exitFailed, err: fmt.Errorf("%w; continue with: wanmotion migrate resume %s", err, rep.MigrationID)}
+	case errors.Is(err, engine.ErrHandoffFailed):
+		return &exitError{code: exitFailed, err: fmt.Errorf("%w; the replicas are kept: retry with: wanmotion migrate resume %s, or roll back with: wanmotion migrate cancel %s",
+			err, rep.MigrationID, rep.MigrationID)}
 	}
 	return &exitError{code: exitFailed, err: err}
 }

@@ -176,6 +176,19 @@ func migrateCancel(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if err != nil {
 		return err
 	}
+	if cp.Phase == engine.PhaseFailed && (cp.FailedIn == engine.PhaseHandoff || cp.FailedIn == engine.PhaseRollingBack) {
+		// The VM did not leave the source: roll back now (engine.Abort,
+		// which refuses unless the VM runs at the source).
+		m := &migration{f: &migrateFlags{asJSON: o.asJSON, stateDir: o.stateDir}, stdout: stdout, stderr: stderr, id: id}
+		err := m.drive(ctx, o, id, true)
+		if o.asJSON && !m.printed {
+			m.printFailure(err)
+		}
+		return err
+	}
+	if cp.Phase == engine.PhaseFailed {
+		return fmt.Errorf("migration %s failed in %s, after the vm moved; it cannot be rolled back: finish it with wanmotion migrate resume %s", id, cp.FailedIn, id)
+	}
 	if cp.Phase.Stopped() {
 		return fmt.Errorf("migration %s has already ended (%s)", id, cp.Phase)
 	}
@@ -220,14 +233,16 @@ func migrateResume(ctx context.Context, args []string, stdout, stderr io.Writer)
 		return err
 	}
 	m := &migration{f: &migrateFlags{asJSON: o.asJSON, stateDir: o.stateDir}, stdout: stdout, stderr: stderr, id: id}
-	err = m.resume(ctx, o, id)
+	err = m.drive(ctx, o, id, false)
 	if o.asJSON && !m.printed {
 		m.printFailure(err)
 	}
 	return err
 }
 
-func (m *migration) resume(ctx context.Context, o *opFlags, id string) error {
+// drive resumes a migration from its checkpoint, or with abort rolls
+// back one that failed in handoff while the VM is at the source.
+func (m *migration) drive(ctx context.Context, o *opFlags, id string, abort bool) error {
 	store, err := engine.NewFileStore(o.stateDir)
 	if err != nil {
 		return err
@@ -261,6 +276,9 @@ func (m *migration) resume(ctx context.Context, o *opFlags, id string) error {
 	}
 	defer cleanup()
 	rep, err := runWithSignals(ctx, eng, id, m.stderr, func(rctx context.Context) (engine.Report, error) {
+		if abort {
+			return eng.Abort(rctx, id)
+		}
 		return eng.Resume(rctx, id)
 	})
 	view.Done()

@@ -243,4 +243,7 @@ func TestOutcomeExitCodes(t *testing.T) {
 	}
 	assert.NoError(t, outcomeError(rep, nil))
 	assert.Contains(t, outcomeError(rep, engine.ErrInterrupted).Error(), "wanmotion migrate resume wm-1")
+	hf := outcomeError(rep, fmt.Errorf("handoff: %w", engine.ErrHandoffFailed)).Error()
+	assert.Contains(t, hf, "wanmotion migrate resume wm-1")
+	assert.Contains(t, hf, "wanmotion migrate cancel wm-1")
 }
