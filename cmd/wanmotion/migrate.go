@@ -25,7 +25,7 @@ import (
 const migrateUsage = `Usage:
   wanmotion migrate --vm NAME|UUID --from URL --to URL [flags]   start a migration
   wanmotion migrate status [ID] [--json] [--state-dir D]         show one or all migrations
-  wanmotion migrate cancel ID [--state-dir D]                    cancel (rolls back before handoff)
+  wanmotion migrate cancel ID [--state-dir D]                    roll back (before handoff, or after a failed one)
   wanmotion migrate resume ID [--json] [--state-dir D]           continue after a crash or failure
 
 Passwords: $WANMOTION_FROM_PASSWORD / $WANMOTION_TO_PASSWORD, a credentials
