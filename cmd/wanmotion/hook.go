@@ -179,11 +179,11 @@ func hookNetwork(ctx context.Context, a hookArgs, env hostplugin.Env, cfg hostpl
 	if nothing != "" {
 		return nothing, nil
 	}
-	pools, err := c.PoolGetAll(ctx)
-	if err != nil || len(pools) == 0 {
-		return "", fmt.Errorf("pool.get_all: %w", err)
+	pool, err := c.ThePool(ctx)
+	if err != nil {
+		return "", err
 	}
-	oc, err := c.PoolGetOtherConfig(ctx, pools[0])
+	oc, err := c.PoolGetOtherConfig(ctx, pool)
 	if err != nil {
 		return "", err
 	}
