@@ -22,7 +22,7 @@ const (
 	ErrInternal               = "INTERNAL_ERROR"                   // [message]
 	ErrFieldTypeError         = "FIELD_TYPE_ERROR"                 // [field]
 	ErrEventTokenParse        = "EVENT_FROM_TOKEN_PARSE_FAILURE"   // [token]
-	ErrEventSubscriptionParse = "EVENT_SUBSCRIPTION_PARSE_FAILURE" // [sub]
+	ErrEventSubscriptionParse = "EVENT_SUBSCRIPTION_PARSE_FAILURE" // [sub]; xapi never raises it in practice
 	ErrTaskCancelled          = "TASK_CANCELLED"                   // [task]
 	ErrVDICBTEnabled          = "VDI_CBT_ENABLED"                  // [vdi]
 	ErrVDINoCBTMetadata       = "VDI_NO_CBT_METADATA"              // [vdi]

@@ -36,7 +36,7 @@ type subscription struct {
 	objects map[string]string // ref -> class
 }
 
-func parseSubs(subs []string) (*subscription, error) {
+func parseSubs(subs []string) *subscription {
 	s := &subscription{classes: map[string]bool{}, objects: map[string]string{}}
 	for _, sub := range subs {
 		l := strings.ToLower(sub)
@@ -44,20 +44,22 @@ func parseSubs(subs []string) (*subscription, error) {
 			s.all = true
 			continue
 		}
-		cls, ref, hasRef := strings.Cut(l, "/")
+		// As Xapi_event's Subscription.of_string: "<class>" or
+		// "<class>/<ref>", the class lower-cased. A class xapi (or the
+		// simulator) does not have is no error: it selects nothing.
+		cls, _, hasRef := strings.Cut(l, "/")
 		name, ok := classByLower(cls)
 		if !ok {
-			return nil, Errorf(ErrEventSubscriptionParse, sub)
+			name = cls
 		}
 		if hasRef {
 			_, orig, _ := strings.Cut(sub, "/")
-			_ = ref
 			s.objects[orig] = name
 		} else {
 			s.classes[name] = true
 		}
 	}
-	return s, nil
+	return s
 }
 
 func (s *subscription) wants(class, ref string) bool {
@@ -69,10 +71,7 @@ func (s *subscription) wants(class, ref string) bool {
 // xapi's Xapi_event.from does from DB generation stamps. It blocks until
 // there is at least one event or the timeout expires.
 func eventFrom(c *Call) (any, error) {
-	subs, err := parseSubs(c.Set(0))
-	if err != nil {
-		return nil, err
-	}
+	subs := parseSubs(c.Set(0))
 	since, ok := parseToken(c.Str(1))
 	if !ok {
 		return nil, Errorf(ErrEventTokenParse, c.Str(1))
