@@ -52,14 +52,7 @@ func TestMigrateEndToEnd(t *testing.T) {
 		t.Skip("builds the nbd backend")
 	}
 	e := newCLIEnv(t)
-	plugins := nbdBackend(t)
-	exe, err := os.Executable()
-	require.NoError(t, err)
-	// a loaded machine starts race binaries slowly
-	agentExec.binary, agentExec.args, agentExec.startTimeout = exe, []string{argRunAsCLI}, 2*time.Minute
-	t.Cleanup(func() {
-		agentExec.binary, agentExec.args, agentExec.startTimeout = "/nonexistent/wanmotion-test-agent", nil, 0
-	})
+	plugins := withTestAgents(t)
 
 	out, _, err := run(t, runMigrate, "--vm", "demo-vm", "--from", e.a, "--to", e.b, "--plugin-dir", plugins, "--dry-run", "--json")
 	require.NoError(t, err)

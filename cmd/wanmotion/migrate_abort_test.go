@@ -21,16 +21,10 @@ func TestMigrateCancelAfterFailedHandoff(t *testing.T) {
 		t.Skip("builds the nbd backend")
 	}
 	e := newCLIEnv(t)
-	plugins := nbdBackend(t)
-	exe, err := os.Executable()
-	require.NoError(t, err)
-	agentExec.binary, agentExec.args, agentExec.startTimeout = exe, []string{argRunAsCLI}, 2*time.Minute
-	t.Cleanup(func() {
-		agentExec.binary, agentExec.args, agentExec.startTimeout = "/nonexistent/wanmotion-test-agent", nil, 0
-	})
+	plugins := withTestAgents(t)
 	require.NoError(t, e.sim.InjectFault("memory"))
 	const id = "wm-abort-cli"
-	_, _, err = run(t, runMigrate, "--id", id, "--vm", "demo-vm", "--from", e.a, "--to", e.b, "--plugin-dir", plugins,
+	_, _, err := run(t, runMigrate, "--id", id, "--vm", "demo-vm", "--from", e.a, "--to", e.b, "--plugin-dir", plugins,
 		"--state-dir", e.stateDir)
 	require.ErrorIs(t, err, engine.ErrHandoffFailed)
 	assert.Contains(t, err.Error(), "wanmotion migrate cancel "+id)
@@ -61,4 +55,19 @@ func TestMigrateCancelAfterFailedHandoff(t *testing.T) {
 	out, _, err := run(t, runMigrate, "--vm", "demo-vm", "--from", e.a, "--to", e.b, "--plugin-dir", plugins, "--dry-run")
 	require.NoError(t, err, "demo-vm still runs at the source")
 	assert.Contains(t, out, "plan for VM demo-vm")
+}
+
+// withTestAgents builds the nbd backend and makes the CLI start its site
+// agents from this test binary; it returns the plugin directory.
+func withTestAgents(t *testing.T) string {
+	t.Helper()
+	plugins := nbdBackend(t)
+	exe, err := os.Executable()
+	require.NoError(t, err)
+	// a loaded machine starts race binaries slowly
+	agentExec.binary, agentExec.args, agentExec.startTimeout = exe, []string{argRunAsCLI}, 2*time.Minute
+	t.Cleanup(func() {
+		agentExec.binary, agentExec.args, agentExec.startTimeout = "/nonexistent/wanmotion-test-agent", nil, 0
+	})
+	return plugins
 }
