@@ -649,8 +649,9 @@ func (pl *migPlan) beginOperation() (string, error) {
 		return "", err
 	}
 	ops := vm.strMap("current_operations")
-	for ref := range ops {
-		return "", Errorf("OTHER_OPERATION_IN_PROGRESS", "VM", vm.Ref, ref)
+	for ref, op := range ops {
+		// xapi_vm_lifecycle: [class, object, operation, operation ref].
+		return "", Errorf("OTHER_OPERATION_IN_PROGRESS", "VM", vm.Ref, op, ref)
 	}
 	op := pl.c.Task
 	if op == "" {

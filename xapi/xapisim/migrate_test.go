@@ -632,3 +632,23 @@ func TestMigrateFaultsRollBack(t *testing.T) {
 	require.NoError(t, err)
 	assert.True(t, v.OK)
 }
+
+// A VM busy with another operation refuses migrate_send with xapi's
+// OTHER_OPERATION_IN_PROGRESS [class, object, operation, operation ref].
+func TestBusyVMNamesTheOtherOperation(t *testing.T) {
+	s := startSim(t, "")
+	url, sess := login(t, s, 0)
+	vm := demoVM(t, url, sess)
+	p := s.Pools()[0]
+	p.mu.Lock()
+	o, err := p.db.get("VM", vm)
+	require.NoError(t, err)
+	o.strMap("current_operations")["OpaqueRef:other"] = "clean_shutdown"
+	p.mu.Unlock()
+	pl := &migPlan{c: &Call{Pool: p}, vmRef: vm}
+	_, err = pl.beginOperation()
+	var f *Fault
+	require.ErrorAs(t, err, &f)
+	assert.Equal(t, "OTHER_OPERATION_IN_PROGRESS", f.Code)
+	assert.Equal(t, []string{"VM", vm, "clean_shutdown", "OpaqueRef:other"}, f.Params)
+}
