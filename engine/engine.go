@@ -217,11 +217,6 @@ func (e *Engine) Run(ctx context.Context, req Request) (Report, error) {
 	if !ValidMigrationID(id) {
 		return Report{}, fmt.Errorf("%w: invalid migration id %q", ErrConfig, id)
 	}
-	if _, err := e.d.Store.Load(ctx, id); err == nil {
-		return Report{}, fmt.Errorf("%w: %s (use resume)", ErrExists, id)
-	} else if !errors.Is(err, ErrNotFound) {
-		return Report{}, err
-	}
 	now := e.d.Now().UnixNano()
 	cp := &Checkpoint{
 		Version: CheckpointVersion, MigrationID: id, Phase: PhasePlan,
@@ -313,17 +308,34 @@ func (e *Engine) Status(ctx context.Context, migrationID string) (Report, error)
 }
 
 func (e *Engine) drive(ctx context.Context, cp *Checkpoint, resumed bool) (Report, error) {
+	// A new migration that does not start has no report: the checkpoint
+	// it would report on belongs to someone else (or to nobody).
+	notStarted := func() Report {
+		if resumed {
+			return BuildReport(cp)
+		}
+		return Report{}
+	}
 	flag, err := e.register(cp.MigrationID)
 	if err != nil {
-		return BuildReport(cp), err
+		return notStarted(), err
 	}
 	defer e.unregister(cp.MigrationID)
 	if l, ok := e.d.Store.(Locker); ok {
 		unlock, err := l.Lock(ctx, cp.MigrationID)
 		if err != nil {
-			return BuildReport(cp), err
+			return notStarted(), err
 		}
 		defer unlock()
+	}
+	if !resumed {
+		// checked under the lock: another process may have started the
+		// same id since; its checkpoint must not be overwritten.
+		if _, err := e.d.Store.Load(ctx, cp.MigrationID); err == nil {
+			return Report{}, fmt.Errorf("%w: %s (use resume, or another --id)", ErrExists, cp.MigrationID)
+		} else if !errors.Is(err, ErrNotFound) {
+			return Report{}, err
+		}
 	}
 	r := &run{
 		e: e, d: &e.d, cp: cp, cancel: flag, resumed: resumed,

@@ -109,6 +109,37 @@ func TestRunSuccess(t *testing.T) {
 	require.ErrorIs(t, err, ErrExists)
 }
 
+// lateStore is a FileStore on which another controller saves a checkpoint
+// of the same id just before this one takes the lock.
+type lateStore struct {
+	*FileStore
+	other *Checkpoint
+	once  sync.Once
+}
+
+func (s *lateStore) Lock(ctx context.Context, id string) (func(), error) {
+	s.once.Do(func() { _ = s.FileStore.Save(ctx, s.other) })
+	return s.FileStore.Lock(ctx, id)
+}
+
+// Two controllers started with the same id: the one that takes the lock
+// second must not overwrite the other's checkpoint, nor report on it.
+func TestRunSameIDStartedElsewhere(t *testing.T) {
+	t.Parallel()
+	fs, err := NewFileStore(t.TempDir())
+	require.NoError(t, err)
+	other := &Checkpoint{Version: CheckpointVersion, MigrationID: "wm-test", Phase: PhaseSeed,
+		Request: RequestState{VMUUID: "vm-uuid-1"}, Timings: map[string]float64{}}
+	w := newWorld()
+	rep, err := newEngine(t, w, &lateStore{FileStore: fs, other: other}).Run(context.Background(), testRequest())
+	require.ErrorIs(t, err, ErrExists)
+	assert.Empty(t, rep.MigrationID, "no report of a migration that did not start")
+	cp, err := fs.Load(context.Background(), "wm-test")
+	require.NoError(t, err)
+	assert.Equal(t, PhaseSeed, cp.Phase, "the other controller's checkpoint is intact")
+	assert.Zero(t, w.count("task.Create"))
+}
+
 // saves counts the checkpoint saves of an undisturbed run.
 func saves(t *testing.T) int {
 	w := newWorld()
