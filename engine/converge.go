@@ -142,7 +142,7 @@ func Decide(in ConvergeInput) Decision {
 		return d
 	}
 	if in.LinkBytesPerSec > 0 && d.WriteRate >= in.LinkBytesPerSec {
-		d.Advice = fmt.Sprintf("the guest writes about %s/s and the link carries %s/s; raise the bandwidth, reduce the guest's writes, or use convergence_policy throttle",
+		d.Advice = fmt.Sprintf("the guest writes about %s/s and the link carries %s/s; raise the bandwidth, reduce the guest's writes, or use convergence_policy keep-going (it hands off after max_rounds, with a longer guest pause)",
 			HumanBytes(d.WriteRate), HumanBytes(in.LinkBytesPerSec))
 		switch in.Policy {
 		case PolicyStop:

@@ -455,15 +455,17 @@ func TestConvergencePolicies(t *testing.T) {
 	t.Parallel()
 	diverging := func(w *world) { w.ChangedBlocks = func(int) int { return 1 << 16 } } // 4 GiB per round
 	cases := []struct {
-		name     string
-		policy   ConvergencePolicy
-		wantErr  error
-		result   string
-		throttle bool
+		name       string
+		policy     ConvergencePolicy
+		wantErr    error
+		result     string
+		throttle   bool
+		noThrottle bool // no GuestThrottle wired in (the CLI today)
 	}{
-		{"stop", PolicyStop, ErrNotConverging, ResultFailed, false},
-		{"throttle", PolicyThrottle, nil, ResultSuccess, true},
-		{"keep-going", PolicyKeepGoing, nil, ResultSuccess, false},
+		{"stop", PolicyStop, ErrNotConverging, ResultFailed, false, false},
+		{"throttle", PolicyThrottle, nil, ResultSuccess, true, false},
+		{"throttle unavailable", PolicyThrottle, ErrNotConverging, ResultFailed, false, true},
+		{"keep-going", PolicyKeepGoing, nil, ResultSuccess, false, false},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -474,10 +476,18 @@ func TestConvergencePolicies(t *testing.T) {
 			pol, rounds := tc.policy, 3
 			req.Overrides.Policy, req.Overrides.MaxRounds = &pol, &rounds
 			req.Link.BandwidthBytesPerSec = 10_000_000 // 10 MB/s: the guest out-writes it
-			rep, err := newEngine(t, w, mustStore(t)).Run(context.Background(), req)
+			eng := newEngine(t, w, mustStore(t))
+			if tc.noThrottle {
+				eng.d.Throttle = nil
+			}
+			rep, err := eng.Run(context.Background(), req)
 			if tc.wantErr != nil {
 				require.ErrorIs(t, err, tc.wantErr)
 				assert.Contains(t, err.Error(), "raise the bandwidth")
+				assert.Contains(t, err.Error(), "convergence_policy keep-going", "advice names a policy that works")
+				if tc.noThrottle {
+					assert.Contains(t, err.Error(), "no guest throttle is available")
+				}
 				assert.True(t, w.vmAtSource)
 				assert.Zero(t, w.live("replica"))
 			} else {

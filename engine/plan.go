@@ -141,7 +141,7 @@ func EstimateMigration(in PlanInput) (Estimate, error) {
 	e.HandoffSeconds = handoff + e.DowntimeSeconds + 4*in.Link.RTT.Seconds()
 	e.TotalSeconds = 5*fixedPhaseSeconds + e.SeedSeconds + e.HandoffSeconds
 	if !e.Converges {
-		e.Advice = fmt.Sprintf("the guest writes %s/s but the link carries %s/s: seed rounds cannot converge; raise the bandwidth or lower the guest's write rate (convergence_policy throttle)",
+		e.Advice = fmt.Sprintf("the guest writes %s/s but the link carries %s/s: seed rounds cannot converge; raise the bandwidth or lower the guest's write rate (convergence_policy keep-going hands off anyway after max_rounds, with a longer guest pause)",
 			HumanBytes(in.GuestWriteBytesPerSec), HumanBytes(int64(L)))
 	} else if e.DowntimeSeconds > target.Seconds()*1.5 {
 		e.Advice = fmt.Sprintf("expected guest pause %.1fs exceeds the downtime target %s (memory dirty rate vs link)", e.DowntimeSeconds, target)

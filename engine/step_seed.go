@@ -52,7 +52,7 @@ func (r *run) stepSeed(ctx context.Context) (Phase, error) {
 			return PhaseSeed, fmt.Errorf("%w: %s; %s", ErrNotConverging, dec.Reason, dec.Advice)
 		case ActionThrottle:
 			if r.d.Throttle == nil {
-				return PhaseSeed, fmt.Errorf("%w: %s, and no guest throttle is available; %s", ErrNotConverging, dec.Reason, dec.Advice)
+				return PhaseSeed, fmt.Errorf("%w: %s, but no guest throttle is available in this installation (convergence_policy throttle acts as stop); %s", ErrNotConverging, dec.Reason, dec.Advice)
 			}
 			if err := r.d.Throttle.ThrottleGuest(ctx, cp.MigrationID, cp.Request.VMUUID, dec.ThrottleBytesPS); err != nil {
 				return PhaseSeed, fmt.Errorf("throttle guest: %w", err)

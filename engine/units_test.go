@@ -97,7 +97,7 @@ func TestDecide(t *testing.T) {
 			assert.Contains(t, d.Reason, tc.reason)
 			assert.Equal(t, int64(100e6), d.ThresholdBytes)
 			if tc.want == ActionStop {
-				assert.Contains(t, d.Advice, "convergence_policy throttle")
+				assert.Contains(t, d.Advice, "convergence_policy keep-going")
 				assert.NotContains(t, d.Advice, "suspend", "no advice to use a mode that does not exist")
 			}
 			if tc.want == ActionThrottle {
