@@ -5,6 +5,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"encoding/xml"
 	"errors"
 	"fmt"
 	"io"
@@ -425,6 +426,10 @@ type pluginStatus struct {
 	Phase             string   `json:"phase,omitempty"`
 	ControllerRunning bool     `json:"controller_running"`
 	Log               string   `json:"log,omitempty"`
+	// TaskGone: xapi no longer has the task (its GC destroys finished
+	// tasks); status, progress, error_info and result come from the
+	// migration's checkpoint, as the controller set them on the task.
+	TaskGone bool `json:"task_gone,omitempty"`
 }
 
 // target resolves the task / id arguments of status and cancel.
@@ -458,6 +463,9 @@ func (p *pluginCall) target() (string, migrationRecord, bool, error) {
 func (p *pluginCall) taskStatus(ctx context.Context, c *xapi.Client, task string, r migrationRecord, ok bool) (pluginStatus, error) {
 	rec, err := c.TaskGetRecord(ctx, xapi.TaskRef(task))
 	if xapi.IsCode(err, xapi.CodeHandleInvalid) {
+		if s, found := p.goneTaskStatus(ctx, task, r, ok); found {
+			return s, nil
+		}
 		return pluginStatus{}, perr(hostplugin.CodeNotFound, fmt.Errorf("task %s: %w", task, err))
 	}
 	if err != nil {
@@ -480,6 +488,42 @@ func (p *pluginCall) taskStatus(ctx context.Context, c *xapi.Client, task string
 		}
 	}
 	return s, nil
+}
+
+// goneTaskStatus is the status of a migration started on this host whose
+// finished task xapi has destroyed (its GC destroys a task finished with
+// task.set_status at its next pass: finished stays the epoch). The
+// checkpoint says how the controller finished the task (engine finish).
+func (p *pluginCall) goneTaskStatus(ctx context.Context, task string, r migrationRecord, ok bool) (pluginStatus, bool) {
+	if !ok || !engine.ValidMigrationID(r.MigrationID) {
+		return pluginStatus{}, false
+	}
+	st, err := engine.NewFileStore(checkpointDir(p.cfg))
+	if err != nil {
+		return pluginStatus{}, false
+	}
+	cp, err := st.Load(ctx, r.MigrationID)
+	if err != nil || !cp.TaskFinished {
+		return pluginStatus{}, false
+	}
+	s := pluginStatus{MigrationID: r.MigrationID, Task: task, Label: engine.TaskLabel, ErrorInfo: []string{},
+		VMUUID: r.VMUUID, DestURL: r.DestURL, Phase: cp.Phase.String(), Log: r.Log,
+		ControllerRunning: processRunning(r.PID, r.MigrationID), TaskGone: true}
+	switch cp.Phase {
+	case engine.PhaseDone:
+		var b strings.Builder
+		_ = xml.EscapeText(&b, []byte(cp.DestVM))
+		s.Status, s.Progress, s.Result = string(xapi.TaskStatusSuccess), 1, "<value>"+b.String()+"</value>"
+	case engine.PhaseRolledBack, engine.PhaseFailed:
+		s.Status = string(xapi.TaskStatusFailure)
+		if cp.Phase == engine.PhaseRolledBack && cp.Cancelled {
+			s.Status = string(xapi.TaskStatusCancelled)
+		}
+		s.ErrorInfo = append(s.ErrorInfo, cp.ErrorInfo...)
+	default:
+		return pluginStatus{}, false
+	}
+	return s, true
 }
 
 // processRunning reports whether pid is the controller of id.

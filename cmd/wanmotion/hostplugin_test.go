@@ -311,6 +311,29 @@ func TestHostPluginMigrateStatusCancel(t *testing.T) {
 	}
 	_, err = e.call(t, fnMigrate, args)
 	requireAPIError(t, err, hostplugin.CodeInvalidArgument) // the id is taken
+
+	// xapi's GC destroys a task finished with set_status at its next pass
+	// (finished is the epoch): status by id then answers from the
+	// checkpoint, as the controller finished the task.
+	require.Eventually(t, func() bool {
+		out, err := e.call(t, fnStatus, map[string]string{"id": "plugin-alone"})
+		return err == nil && json.Unmarshal([]byte(out), &st) == nil && !st.ControllerRunning
+	}, 60*time.Second, 200*time.Millisecond, "the controller exits")
+	require.NoError(t, e.src.TaskDestroy(ctx, xapi.TaskRef(task)))
+	_, err = e.src.TaskGetRecord(ctx, xapi.TaskRef(task))
+	require.ErrorIs(t, err, xapi.ErrHandleInvalid, "the task is gone")
+	out, err = e.call(t, fnStatus, map[string]string{"id": "plugin-alone"})
+	require.NoError(t, err, "status of a migration whose task xapi destroyed")
+	var gone pluginStatus
+	require.NoError(t, json.Unmarshal([]byte(out), &gone))
+	assert.True(t, gone.TaskGone)
+	assert.Equal(t, task, gone.Task)
+	assert.Equal(t, "plugin-alone", gone.MigrationID)
+	assert.Equal(t, string(rec.Status), gone.Status)
+	assert.Equal(t, rec.ErrorInfo, gone.ErrorInfo)
+	assert.Equal(t, rec.Result, gone.Result)
+	_, err = e.call(t, fnStatus, map[string]string{"task": "OpaqueRef:never-existed"})
+	requireAPIError(t, err, hostplugin.CodeNotFound)
 }
 
 func waitTaskEnd(t *testing.T, c *xapi.Client, task string) xapi.TaskRecord {
@@ -572,6 +595,19 @@ func TestHostPluginMigrationEndToEnd(t *testing.T) {
 	assert.NotContains(t, string(log), callerSession, "never log a session")
 	assert.NotContains(t, string(log), "dest_password")
 	assert.NotContains(t, string(log), e.info.Pools[1].Password, "never log a password")
+
+	// Once xapi's GC has destroyed the finished task, status answers from
+	// the checkpoint with what the task said.
+	require.NoError(t, e.src.TaskDestroy(ctx, xapi.TaskRef(task)))
+	out2, err = e.call(t, fnStatus, map[string]string{"task": task})
+	require.NoError(t, err)
+	var gone pluginStatus
+	require.NoError(t, json.Unmarshal([]byte(out2), &gone))
+	assert.True(t, gone.TaskGone)
+	assert.Equal(t, "success", gone.Status)
+	assert.Equal(t, rec.Result, gone.Result, "the destination VM, as the task had it")
+	assert.InDelta(t, 1.0, gone.Progress, 1e-9)
+	assert.Empty(t, gone.ErrorInfo)
 }
 
 func TestMigrateArgsNamesArguments(t *testing.T) {
