@@ -817,3 +817,16 @@ func TestCLIResumeOfPluginMigrationPointsToThePlugin(t *testing.T) {
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), `"wanmotion", "resume", {"id": "wm-onhost"`)
 }
+
+func TestCLICancelOfPluginMigrationPointsToThePlugin(t *testing.T) {
+	dir := t.TempDir()
+	ctx := context.Background()
+	st, err := engine.NewFileStore(dir)
+	require.NoError(t, err)
+	require.NoError(t, st.Save(ctx, &engine.Checkpoint{Version: engine.CheckpointVersion, MigrationID: "wm-onhost", Phase: engine.PhaseFailed, FailedIn: engine.PhaseHandoff}))
+	require.NoError(t, saveConnInfo(dir, "wm-onhost", connInfo{From: xapi.SocketURL(xapi.LocalSocket), To: "https://pool-b.example"}))
+	_, _, err = run(t, migrateCancel, "wm-onhost", "--state-dir", dir)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "cancel it there")
+	assert.Contains(t, err.Error(), `"wanmotion", "cancel", {"id": "wm-onhost"}`)
+}

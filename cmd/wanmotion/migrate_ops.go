@@ -259,6 +259,10 @@ func (m *migration) drive(ctx context.Context, o *opFlags, id string, abort bool
 	if _, local, _ := xapi.SocketPath(ci.From); local {
 		// Started through the host plugin: its agents run on the pools'
 		// hosts and only the plugin's controller drives them.
+		if abort {
+			return fmt.Errorf("%w: migration %s was started through the host plugin; cancel it there: "+
+				`host.call_plugin(<coordinator>, "wanmotion", "cancel", {"id": %q}) or task.cancel on its task`, errUsage, id, id)
+		}
 		return fmt.Errorf("%w: migration %s was started through the host plugin; resume it there: "+
 			`host.call_plugin(<coordinator>, "wanmotion", "resume", {"id": %q, "dest_password": ...})`, errUsage, id, id)
 	}
