@@ -5,7 +5,11 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"net"
+	"os"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -373,4 +377,40 @@ func TestExportRelease(t *testing.T) {
 		defer mu.Unlock()
 		return opened == 2 && released == 2
 	}, 5*time.Second, 10*time.Millisecond, "every resolved export is released once")
+}
+
+// flakyListener fails its first Accept with EMFILE, as a listener does
+// when the process is out of file descriptors for a moment.
+type flakyListener struct {
+	net.Listener
+	failed atomic.Bool
+}
+
+func (l *flakyListener) Accept() (net.Conn, error) {
+	if !l.failed.Swap(true) {
+		return nil, &net.OpError{Op: "accept", Net: "tcp", Err: os.NewSyscallError("accept4", syscall.EMFILE)}
+	}
+	return l.Listener.Accept()
+}
+
+// A temporary accept error must not stop the server: every later client
+// would be refused while its owner believes it serves.
+func TestServeSurvivesTemporaryAcceptError(t *testing.T) {
+	checkNoLeak(t)
+	srv, err := NewServer(ServerOptions{Exports: func(context.Context, string) (*Export, error) {
+		return &Export{Backend: NewMemBackend(1 << 16)}, nil
+	}, Logger: nullLogger()})
+	require.NoError(t, err)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx, &flakyListener{Listener: ln}) }()
+	dctx, dcancel := context.WithTimeout(ctx, 20*time.Second)
+	defer dcancel()
+	c, err := Dial(dctx, "tcp", ln.Addr().String(), DialOptions{})
+	require.NoError(t, err, "the server still accepts after EMFILE")
+	require.NoError(t, c.Close())
+	cancel()
+	require.NoError(t, <-done)
 }
