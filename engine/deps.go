@@ -80,6 +80,7 @@ type TaskRecord struct {
 	Result            string   // for VM.migrate_send: the destination VM ref (decoded from the XML-RPC value string)
 	ErrorInfo         []string // code then params
 	CurrentOperations map[string]string
+	OtherConfig       map[string]string
 }
 
 // SourcePool is the source pool's xapi as the engine uses it.
@@ -367,6 +368,18 @@ type VDIFinder interface {
 	// FindVDIs returns ref → uuid of the VDIs (snapshots included, destroyed
 	// ones excluded) whose other_config holds every entry of match.
 	FindVDIs(ctx context.Context, match map[string]string) (map[string]string, error)
+}
+
+// TaskDestroyer may be implemented by the Tasks adapter. With it, the
+// engine destroys a task it owns (other_config TaskOwnerKey =
+// TaskOwnerController) once the migration stopped and the task's final
+// status, result and error_info were set, after Deps.TaskLinger: xapi's
+// task.set_status does not set the task's finished time, and XenCenter
+// counts a task as complete only when finished is set or the task is gone.
+type TaskDestroyer interface {
+	// DestroyTask calls task.destroy; an error wrapping ErrNotFound when
+	// the task is already gone.
+	DestroyTask(ctx context.Context, task string) error
 }
 
 // TaskFinder may be implemented by the Tasks adapter, so a resumed engine

@@ -27,6 +27,16 @@ import (
 // task only when its label is a VM operation it knows.
 const TaskLabel = "VM.migrate_send"
 
+// TaskOwnerKey in a task's other_config marks a task a wanmotion controller
+// created (value TaskOwnerController): the engine sets it on the tasks it
+// creates, the host plugin on the task it creates for its controller. Only
+// such tasks are destroyed when the migration stops (Deps.TaskLinger); a
+// task adopted from anyone else (Request.TaskRef) is left to its creator.
+const (
+	TaskOwnerKey        = "wanmotion:owner"
+	TaskOwnerController = "controller"
+)
+
 // Progress is sent to Deps.Observe while a migration runs.
 type Progress struct {
 	MigrationID string
@@ -67,6 +77,14 @@ type Deps struct {
 	PollInterval time.Duration
 	// Observe, if set, receives progress updates (CLI display).
 	Observe func(Progress)
+	// TaskLinger is how long the task stays after the engine set its final
+	// status, result and error_info before the engine destroys it (when
+	// the Tasks adapter implements TaskDestroyer and the task carries
+	// TaskOwnerKey = TaskOwnerController), so clients following it read
+	// the outcome first. 0 destroys it at once; negative never. The linger
+	// runs after the migration's lock is released; Run/Resume/Abort return
+	// after it. A cancelled ctx cuts it short (the task is still destroyed).
+	TaskLinger time.Duration
 }
 
 // Request starts a migration.
@@ -316,6 +334,13 @@ func (e *Engine) drive(ctx context.Context, cp *Checkpoint, resumed bool) (Repor
 		}
 		return Report{}
 	}
+	// runs last, after the lock is released: linger, then destroy the task
+	var release func()
+	defer func() {
+		if release != nil {
+			release()
+		}
+	}()
 	flag, err := e.register(cp.MigrationID)
 	if err != nil {
 		return notStarted(), err
@@ -357,6 +382,9 @@ func (e *Engine) drive(ctx context.Context, cp *Checkpoint, resumed bool) (Repor
 	err = r.loop(ctx)
 	if err == nil && cp.Phase.Stopped() {
 		err = r.finish(ctx) // idempotent; completes the task after a crash
+		if err == nil {
+			release = r.taskRelease(ctx)
+		}
 	}
 	rep := BuildReport(cp)
 	if err != nil {
@@ -592,6 +620,46 @@ func (r *run) finish(ctx context.Context) error {
 	}
 	cp.TaskFinished = true
 	return r.save(ctx)
+}
+
+// taskRelease returns what destroys the finished task after the linger,
+// or nil when the task stays: no task, TaskLinger negative, no
+// TaskDestroyer, or a task not marked as a wanmotion controller's.
+func (r *run) taskRelease(ctx context.Context) func() {
+	cp := r.cp
+	td, ok := r.d.Tasks.(TaskDestroyer)
+	if !ok || r.d.TaskLinger < 0 || cp.Task == "" || !cp.TaskFinished {
+		return nil
+	}
+	task := cp.Task
+	rec, err := r.d.Tasks.TaskRecord(ctx, task)
+	switch {
+	case errors.Is(err, ErrNotFound):
+		return nil
+	case err != nil:
+		r.log.Warn("could not read the task; it is not destroyed", "task", task, "error", err)
+		return nil
+	case rec.OtherConfig[TaskOwnerKey] != TaskOwnerController:
+		r.log.Debug("task not created by a wanmotion controller; it stays", "task", task)
+		return nil
+	case rec.Status == TaskPending:
+		return nil // someone else's status; never defer a destroy
+	}
+	linger := r.d.TaskLinger
+	return func() {
+		if linger > 0 {
+			r.log.Debug("task lingers before it is destroyed", "task", task, "linger", linger.String())
+			_ = r.sleepFor(ctx, linger)
+		}
+		err := td.DestroyTask(context.WithoutCancel(ctx), task)
+		switch {
+		case err == nil:
+			r.log.Info("task destroyed", "task", task)
+		case errors.Is(err, ErrNotFound):
+		default:
+			r.log.Warn("could not destroy the task; xapi's task gc removes it later", "task", task, "error", err)
+		}
+	}
 }
 
 // cancelRequested reports a cancel from Engine.Cancel or the xapi task.

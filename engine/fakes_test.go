@@ -591,6 +591,10 @@ func (t tasks) TaskRecord(ctx context.Context, task string) (TaskRecord, error) 
 		for k, v := range r.CurrentOperations {
 			out.CurrentOperations[k] = v
 		}
+		out.OtherConfig = map[string]string{}
+		for k, v := range t.w.taskOC[task] {
+			out.OtherConfig[k] = v
+		}
 	})
 	return out, err
 }
@@ -943,7 +947,7 @@ func (t tasks) FindPendingTasks(ctx context.Context, desc string) ([]string, err
 	defer t.w.mu.Unlock()
 	var out []string
 	for ref, d := range t.w.taskDesc {
-		if d == desc && t.w.tasks[ref].Status == TaskPending {
+		if r, ok := t.w.tasks[ref]; ok && d == desc && r.Status == TaskPending { // destroyed tasks are gone
 			out = append(out, ref)
 		}
 	}

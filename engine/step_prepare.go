@@ -45,7 +45,11 @@ func (r *run) ensureTask(ctx context.Context) error {
 	if cp.SourceHost != "" {
 		applies += "," + cp.SourceHost
 	}
-	for _, kv := range [][2]string{{"applies_to", applies}, {"wanmotion:migration_id", cp.MigrationID}} {
+	labels := [][2]string{{"applies_to", applies}, {"wanmotion:migration_id", cp.MigrationID}}
+	if cp.TaskCreated {
+		labels = append(labels, [2]string{TaskOwnerKey, TaskOwnerController})
+	}
+	for _, kv := range labels {
 		if err := r.d.Tasks.AddTaskOtherConfig(ctx, cp.Task, kv[0], kv[1]); err != nil {
 			r.plog.Warn("could not label the task", "key", kv[0], "error", err)
 		}

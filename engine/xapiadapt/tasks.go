@@ -16,8 +16,9 @@ type Tasks struct {
 }
 
 var (
-	_ engine.Tasks      = (*Tasks)(nil)
-	_ engine.TaskFinder = (*Tasks)(nil)
+	_ engine.Tasks         = (*Tasks)(nil)
+	_ engine.TaskFinder    = (*Tasks)(nil)
+	_ engine.TaskDestroyer = (*Tasks)(nil)
 )
 
 // NewTasks returns the task adapter for the pool c is logged in to.
@@ -121,8 +122,17 @@ func (t *Tasks) TaskRecord(ctx context.Context, task string) (engine.TaskRecord,
 	}
 	return engine.TaskRecord{
 		Status: st, Progress: rec.Progress, Result: res,
-		ErrorInfo: rec.ErrorInfo, CurrentOperations: rec.CurrentOperations,
+		ErrorInfo: rec.ErrorInfo, CurrentOperations: rec.CurrentOperations, OtherConfig: rec.OtherConfig,
 	}, nil
+}
+
+// DestroyTask implements engine.TaskDestroyer: task.destroy (xapi deletes
+// a completed task at once; a pending one only gets a deferred destroy).
+func (t *Tasks) DestroyTask(ctx context.Context, task string) error {
+	if err := t.c.TaskDestroy(ctx, xapi.TaskRef(task)); err != nil {
+		return fmt.Errorf("task.destroy: %w", mapErr(err))
+	}
+	return nil
 }
 
 // FindPendingTasks implements engine.TaskFinder.
