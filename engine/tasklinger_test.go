@@ -185,16 +185,18 @@ func TestTaskLingersBeforeDestroy(t *testing.T) {
 	tk := newDestroyingTasks(w)
 	e := newLingerEngine(t, w, tk, time.Hour)
 	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
 	type result struct {
 		rep Report
 		err error
 	}
 	done := make(chan result, 1)
+	exited := make(chan struct{})
 	go func() {
+		defer close(exited)
 		rep, err := e.Run(ctx, testRequest())
 		done <- result{rep, err}
 	}()
+	t.Cleanup(func() { cancel(); <-exited })
 	finished := func() bool {
 		w.mu.Lock()
 		defer w.mu.Unlock()
@@ -208,9 +210,12 @@ func TestTaskLingersBeforeDestroy(t *testing.T) {
 	rep, err := e.Status(context.Background(), "wm-test")
 	require.NoError(t, err, "the checkpoint is readable while the task lingers")
 	assert.Equal(t, ResultSuccess, rep.Result)
-	// the lock is released before the linger
-	_, err = e.Resume(context.Background(), "wm-test")
-	require.NoError(t, err, "a finished migration reports while its task lingers")
+	// the migration's lock is released before the linger: Resume of the
+	// finished migration then reports it
+	require.Eventually(t, func() bool {
+		_, err := e.Resume(context.Background(), "wm-test")
+		return err == nil
+	}, 30*time.Second, time.Millisecond, "a finished migration reports while its task lingers")
 	select {
 	case r := <-done:
 		t.Fatalf("Run returned during the linger: %v", r.err)
