@@ -221,10 +221,15 @@ func Listen(ctx context.Context, addr string, cfg Config) (*Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("wan: listen %s: %w", addr, err)
 	}
+	return serveListener(ln, cfg, tc, autoWindow), nil
+}
+
+// serveListener accepts gateway streams on ln (cfg has its defaults).
+func serveListener(ln net.Listener, cfg Config, tc *tls.Config, autoWindow bool) *Listener {
 	l := &Listener{autoWindow: autoWindow, cfg: cfg, tlsc: tc, ln: ln, sessions: map[string]*Session{}, accept: make(chan *Session, 16), done: make(chan struct{})}
 	l.wg.Add(1)
 	go l.serve()
-	return l, nil
+	return l
 }
 
 // Addr is the listening address.
@@ -270,11 +275,26 @@ func (l *Listener) Close() error {
 
 func (l *Listener) serve() {
 	defer l.wg.Done()
+	var backoff time.Duration
 	for {
 		c, err := l.ln.Accept()
 		if err != nil {
-			return
+			var t interface{ Temporary() bool }
+			if !errors.As(err, &t) || !t.Temporary() {
+				return
+			}
+			// Out of file descriptors, a connection aborted before
+			// accept...: keep listening, or no stream could reconnect.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			l.cfg.Logger.Warn("gateway accept failed, retrying", "error", err, "backoff", backoff)
+			select {
+			case <-l.done:
+				return
+			case <-time.After(backoff):
+			}
+			continue
 		}
+		backoff = 0
 		l.wg.Add(1)
 		go func() {
 			defer l.wg.Done()
