@@ -218,15 +218,30 @@ func (a *Agent) cleanup() {
 }
 
 func (a *Agent) acceptLoop() {
+	var backoff time.Duration
 	for {
 		c, err := a.ln.Accept()
 		if err != nil {
+			var t interface{ Temporary() bool }
+			if a.ctx.Err() == nil && errors.As(err, &t) && t.Temporary() {
+				// Out of file descriptors, a connection aborted before
+				// accept...: keep serving rather than stop the agent.
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				a.log.Warn("control accept failed, retrying", "error", err, "backoff", backoff)
+				select {
+				case <-a.ctx.Done():
+					return
+				case <-time.After(backoff):
+				}
+				continue
+			}
 			if a.ctx.Err() == nil {
 				a.log.Error("control accept failed", "error", err)
 				a.shutdown()
 			}
 			return
 		}
+		backoff = 0
 		a.connMu.Lock()
 		if a.ctx.Err() != nil {
 			a.connMu.Unlock()
