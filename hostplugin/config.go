@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/wanmotion/wanmotion/plugins/host"
 )
@@ -17,6 +18,9 @@ const (
 	DefaultConfigPath = "/etc/wanmotion/wanmotion.conf"
 	DefaultStateDir   = "/var/lib/wanmotion"
 	ConfigFileName    = "wanmotion.conf"
+	// DefaultTaskLinger is how long a finished migration's xapi task stays
+	// before the plugin's controller destroys it (task_linger).
+	DefaultTaskLinger = 30 * time.Second
 )
 
 // ErrConfig is wrapped by configuration file errors.
@@ -42,6 +46,12 @@ type Config struct {
 	// host: xapi lets root in over the local socket with an empty
 	// password. The simulator needs its pools' password here.
 	LocalPasswordFile string
+	// TaskLinger is how long the detached controller keeps a finished
+	// migration's task (its final status, result and error_info readable
+	// by task.get_record and event.from) before it destroys it, so that
+	// XenCenter shows the migration complete (task_linger: a duration,
+	// default 30s; "never" leaves the task to xapi's task GC, negative here).
+	TaskLinger time.Duration
 }
 
 // LocalPassword reads LocalPasswordFile ("" when unset). The file must not
@@ -87,7 +97,7 @@ func LoadConfig(candidates []string) (Config, error) {
 		}
 		return c, err
 	}
-	return withDefaults(Config{}), nil
+	return withDefaults(Config{TaskLinger: DefaultTaskLinger}), nil
 }
 
 func withDefaults(c Config) Config {
@@ -113,7 +123,7 @@ func ReadConfig(path string) (Config, error) {
 		return Config{}, err
 	}
 	defer f.Close()
-	c := Config{Path: path}
+	c := Config{Path: path, TaskLinger: DefaultTaskLinger}
 	sc := bufio.NewScanner(f)
 	for n := 1; sc.Scan(); n++ {
 		line := strings.TrimSpace(sc.Text())
@@ -146,6 +156,19 @@ func ReadConfig(path string) (Config, error) {
 			c.AgentListen = v
 		case "local_password_file":
 			c.LocalPasswordFile = v
+		case "task_linger":
+			switch d, err := time.ParseDuration(v); {
+			case strings.EqualFold(v, "never"):
+				c.TaskLinger = -1
+			case v == "":
+				c.TaskLinger = DefaultTaskLinger
+			case v == "0":
+				c.TaskLinger = 0
+			case err != nil || d < 0:
+				return c, fmt.Errorf("%w: %s line %d: task_linger %q: want a duration such as 30s (0: destroy at once) or never", ErrConfig, path, n, v)
+			default:
+				c.TaskLinger = d
+			}
 		default:
 			return c, fmt.Errorf("%w: %s line %d: unknown key %q", ErrConfig, path, n, k)
 		}

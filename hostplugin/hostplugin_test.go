@@ -57,6 +57,7 @@ func TestConfig(t *testing.T) {
 	assert.Equal(t, "", c.Path)
 	assert.Equal(t, DefaultStateDir, c.StateDir)
 	assert.Equal(t, "info", c.LogLevel)
+	assert.Equal(t, DefaultTaskLinger, c.TaskLinger)
 
 	next := filepath.Join(dir, "bin", ConfigFileName)
 	require.NoError(t, os.MkdirAll(filepath.Dir(next), 0o755))
@@ -76,7 +77,7 @@ func TestConfig(t *testing.T) {
 	assert.Equal(t, "/opt/p", c.PluginDir)
 
 	for _, bad := range []string{"colour = blue\n", "no equals\n", "state_dir = relative\n",
-		"log_level = debgu\n", "agent_listen = 0.0.0.0\n"} {
+		"log_level = debgu\n", "agent_listen = 0.0.0.0\n", "task_linger = 30\n", "task_linger = -5s\n", "task_linger = soon\n"} {
 		require.NoError(t, os.WriteFile(inEtc, []byte(bad), 0o644))
 		_, err = LoadConfig(ConfigCandidates(filepath.Join(dir, "etc"), ""))
 		require.ErrorIs(t, err, ErrConfig, bad)
@@ -97,6 +98,15 @@ func TestConfig(t *testing.T) {
 	c, err = ReadConfig(inEtc)
 	require.NoError(t, err, "the packaged default parses")
 	assert.Equal(t, "0.0.0.0:0", c.AgentListen)
+	assert.Equal(t, DefaultTaskLinger, c.TaskLinger)
+
+	for in, want := range map[string]time.Duration{"task_linger = 2m\n": 2 * time.Minute, "task_linger = 0\n": 0,
+		"task_linger = 0s\n": 0, "task_linger = never\n": -1, "task_linger =\n": DefaultTaskLinger, "state_dir = /x\n": DefaultTaskLinger} {
+		require.NoError(t, os.WriteFile(inEtc, []byte(in), 0o644))
+		c, err = ReadConfig(inEtc)
+		require.NoError(t, err, in)
+		assert.Equal(t, want, c.TaskLinger, in)
+	}
 }
 
 func TestAgentStartArgsRoundTrip(t *testing.T) {
