@@ -89,19 +89,22 @@ func (o TLSOptions) config() (*tls.Config, error) {
 			}
 			pins = append(pins, p)
 		}
-		// Chain verification is replaced by the pin check below.
+		// Chain verification is replaced by the pin check below. It runs in
+		// VerifyConnection, which (unlike VerifyPeerCertificate) also runs on
+		// resumed TLS sessions.
 		cfg.InsecureSkipVerify = true
-		cfg.VerifyPeerCertificate = func(raw [][]byte, _ [][]*x509.Certificate) error {
-			if len(raw) == 0 {
+		cfg.VerifyConnection = func(cs tls.ConnectionState) error {
+			if len(cs.PeerCertificates) == 0 {
 				return ErrCertificateNotPinned
 			}
-			sum := sha256.Sum256(raw[0])
+			raw := cs.PeerCertificates[0].Raw
+			sum := sha256.Sum256(raw)
 			for _, p := range pins {
 				if subtle.ConstantTimeCompare(p, sum[:]) == 1 {
 					return nil
 				}
 			}
-			return fmt.Errorf("%w (got %s)", ErrCertificateNotPinned, Thumbprint(raw[0]))
+			return fmt.Errorf("%w (got %s)", ErrCertificateNotPinned, Thumbprint(raw))
 		}
 	case o.CAFile != "" || len(o.CAPEM) > 0:
 		pem := o.CAPEM
