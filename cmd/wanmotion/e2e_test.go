@@ -97,6 +97,27 @@ func TestMigrateEndToEnd(t *testing.T) {
 	out, _, err = run(t, runMigrate, "status", id, "--state-dir", e.stateDir, "--json")
 	require.NoError(t, err)
 	assert.Equal(t, "success", oneJSONObject(t, out)["result"])
+	// The CLI's controller destroyed its finished task when it ended
+	// (--task-linger 0): XenCenter sees the migration complete.
+	assertTaskGone(t, e, id)
+}
+
+// assertTaskGone: the xapi task of migration id (from its checkpoint) was
+// marked as the controller's and is gone from the source pool.
+func assertTaskGone(t *testing.T, e cliEnv, id string) {
+	t.Helper()
+	store, err := engine.NewFileStore(e.stateDir)
+	require.NoError(t, err)
+	cp, err := store.Load(context.Background(), id)
+	require.NoError(t, err)
+	require.NotEmpty(t, cp.Task)
+	assert.True(t, cp.TaskCreated && cp.TaskFinished)
+	c, err := xapi.New(xapi.Config{URL: e.a, Username: "root", Password: "xenroot"})
+	require.NoError(t, err)
+	require.NoError(t, c.Login(context.Background()))
+	defer c.Close(context.Background())
+	_, err = c.TaskGetRecord(context.Background(), xapi.TaskRef(cp.Task))
+	require.ErrorIs(t, err, xapi.ErrHandleInvalid, "the finished task %s was destroyed", cp.Task)
 }
 
 func cancelDuringSeed(t *testing.T, e cliEnv, plugins, vmUUID string) {
@@ -145,6 +166,7 @@ func cancelDuringSeed(t *testing.T, e cliEnv, plugins, vmUUID string) {
 	v := oneJSONObject(t, r.out)
 	assert.Equal(t, "cancelled", v["result"])
 	assert.Equal(t, "rolled_back", v["phase"])
+	assertTaskGone(t, e, id) // a cancelled task goes too
 
 	c, err := xapi.New(xapi.Config{URL: e.a, Username: "root", Password: "xenroot"})
 	require.NoError(t, err)

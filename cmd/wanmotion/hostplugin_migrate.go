@@ -197,6 +197,11 @@ type migrationRecord struct {
 	// Args are migrate's arguments without dest_password (resume needs
 	// them to reach the destination again).
 	Args map[string]string `json:"args,omitempty"`
+	// FinalStatus and FinalErrorInfo are what the controller set on the
+	// task when it failed it before the engine ran (no checkpoint): status
+	// answers from them once the task is destroyed.
+	FinalStatus    string   `json:"final_status,omitempty"`
+	FinalErrorInfo []string `json:"final_error_info,omitempty"`
 }
 
 func recordDir(cfg hostplugin.Config) string     { return filepath.Join(cfg.StateDir, "plugin") }
@@ -286,10 +291,15 @@ func (p *pluginCall) migrate(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("task.create: %w", err)
 	}
-	if err := src.TaskRemoveFromOtherConfig(ctx, task, "applies_to"); err == nil {
-		err = src.TaskAddToOtherConfig(ctx, task, "applies_to", vm.Ref)
+	// the controller's task: its engine destroys it once finished
+	// (task_linger), after the marker says it is ours
+	for _, kv := range [][2]string{{"applies_to", string(vm.Ref)}, {engine.TaskOwnerKey, engine.TaskOwnerController}} {
+		err := src.TaskRemoveFromOtherConfig(ctx, task, kv[0])
+		if err == nil {
+			err = src.TaskAddToOtherConfig(ctx, task, kv[0], kv[1])
+		}
 		if err != nil {
-			p.log.Warn("cannot set applies_to on the task", "error", err)
+			p.log.Warn("cannot label the task", "key", kv[0], "error", err)
 		}
 	}
 	job := pluginJob{ID: id, Task: string(task), VMUUID: vm.UUID, Args: map[string]string{}, DestPassword: p.call.Args[argDestPassword],
@@ -301,7 +311,10 @@ func (p *pluginCall) migrate(ctx context.Context) (string, error) {
 	}
 	rec, err := p.startWorker(job)
 	if err != nil {
-		failTask(context.WithoutCancel(ctx), src, string(task), err)
+		// the caller gets the error, never the task: it can go at once
+		if st, _ := failTask(context.WithoutCancel(ctx), src, string(task), err); st != "" {
+			_ = src.TaskDestroy(context.WithoutCancel(ctx), task)
+		}
 		return "", err
 	}
 	p.log.Info("migration started", "migration_id", id, "task", string(task), "vm_uuid", vm.UUID, "pid", rec.PID)
@@ -355,24 +368,28 @@ func (p *pluginCall) startWorker(job pluginJob) (migrationRecord, error) {
 	return rec, nil
 }
 
-// failTask ends a task that no engine will finish.
-func failTask(ctx context.Context, c *xapi.Client, task string, cause error) {
+// failTask ends a task that no engine will finish. It returns the status
+// and error_info it set (status "" when it left the task alone).
+func failTask(ctx context.Context, c *xapi.Client, task string, cause error) (xapi.TaskStatus, []string) {
 	if cause == nil {
-		return // the engine finished the task
+		return "", nil // the engine finished the task
 	}
 	ref := xapi.TaskRef(task)
 	rec, err := c.TaskGetRecord(ctx, ref)
 	if err != nil || rec.Status != xapi.TaskStatusPending {
-		return
+		return "", nil
 	}
 	if rec.CancelRequested() || errors.Is(cause, engine.ErrCancelled) {
-		_ = c.TaskSetErrorInfo(ctx, ref, []string{"TASK_CANCELLED", task})
+		info := []string{"TASK_CANCELLED", task}
+		_ = c.TaskSetErrorInfo(ctx, ref, info)
 		_ = c.TaskSetStatus(ctx, ref, xapi.TaskStatusCancelled)
-		return
+		return xapi.TaskStatusCancelled, info
 	}
 	code, params := errorDescription(cause)
-	_ = c.TaskSetErrorInfo(ctx, ref, append([]string{code}, params...))
+	info := append([]string{code}, params...)
+	_ = c.TaskSetErrorInfo(ctx, ref, info)
 	_ = c.TaskSetStatus(ctx, ref, xapi.TaskStatusFailure)
+	return xapi.TaskStatusFailure, info
 }
 
 func (p *pluginCall) plan(ctx context.Context) (string, error) {
@@ -461,6 +478,15 @@ func (p *pluginCall) target() (string, migrationRecord, bool, error) {
 }
 
 func (p *pluginCall) taskStatus(ctx context.Context, c *xapi.Client, task string, r migrationRecord, ok bool) (pluginStatus, error) {
+	if ok && engine.ValidMigrationID(r.MigrationID) {
+		// a migration resumed after it failed (e.g. in handoff) reports on
+		// a fresh task; the record keeps the first one
+		if st, err := engine.NewFileStore(checkpointDir(p.cfg)); err == nil {
+			if cp, err := st.Load(ctx, r.MigrationID); err == nil && cp.Task != "" && cp.Task != task {
+				task = cp.Task
+			}
+		}
+	}
 	rec, err := c.TaskGetRecord(ctx, xapi.TaskRef(task))
 	if xapi.IsCode(err, xapi.CodeHandleInvalid) {
 		if s, found := p.goneTaskStatus(ctx, task, r, ok); found {
@@ -502,13 +528,19 @@ func (p *pluginCall) goneTaskStatus(ctx context.Context, task string, r migratio
 	if err != nil {
 		return pluginStatus{}, false
 	}
+	s := pluginStatus{MigrationID: r.MigrationID, Task: task, Label: engine.TaskLabel, ErrorInfo: []string{},
+		VMUUID: r.VMUUID, DestURL: r.DestURL, Log: r.Log,
+		ControllerRunning: processRunning(r.PID, r.MigrationID), TaskGone: true}
 	cp, err := st.Load(ctx, r.MigrationID)
-	if err != nil || !cp.TaskFinished {
+	if errors.Is(err, engine.ErrNotFound) && r.FinalStatus != "" {
+		// failed by the controller before the engine ran
+		s.Status, s.ErrorInfo = r.FinalStatus, append(s.ErrorInfo, r.FinalErrorInfo...)
+		return s, true
+	}
+	if err != nil || !cp.TaskFinished || cp.Task != task {
 		return pluginStatus{}, false
 	}
-	s := pluginStatus{MigrationID: r.MigrationID, Task: task, Label: engine.TaskLabel, ErrorInfo: []string{},
-		VMUUID: r.VMUUID, DestURL: r.DestURL, Phase: cp.Phase.String(), Log: r.Log,
-		ControllerRunning: processRunning(r.PID, r.MigrationID), TaskGone: true}
+	s.Phase = cp.Phase.String()
 	switch cp.Phase {
 	case engine.PhaseDone:
 		var b strings.Builder
@@ -580,7 +612,7 @@ func (p *pluginCall) cancel(ctx context.Context) (string, error) {
 		return "", err
 	}
 	if s.Status == string(xapi.TaskStatusPending) && !s.CancelRequested {
-		if err := c.TaskCancel(ctx, xapi.TaskRef(task)); err != nil && !xapi.IsCode(err, "OPERATION_NOT_ALLOWED") {
+		if err := c.TaskCancel(ctx, xapi.TaskRef(s.Task)); err != nil && !xapi.IsCode(err, "OPERATION_NOT_ALLOWED") {
 			return "", fmt.Errorf("task.cancel: %w", err)
 		}
 		if s, err = p.taskStatus(ctx, c, task, r, ok); err != nil {

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -53,8 +54,16 @@ type pluginEnv struct {
 	bin       string
 	stateDir  string
 	pluginDir string
+	conf      string // the plugin's wanmotion.conf
 	src       *xapi.Client
 	coord     xapi.HostRef
+}
+
+// setConf rewrites the plugin's wanmotion.conf with extra appended (read
+// by the next plugin call and the controllers it starts).
+func (e pluginEnv) setConf(t *testing.T, extra string) {
+	t.Helper()
+	require.NoError(t, os.WriteFile(filepath.Join(filepath.Dir(e.bin), hostplugin.ConfigFileName), []byte(e.conf+extra), 0o644))
 }
 
 func newPluginEnv(t *testing.T) pluginEnv {
@@ -67,7 +76,10 @@ func newPluginEnv(t *testing.T) pluginEnv {
 func newPluginEnvWith(t *testing.T, pluginDir, extraConf string) pluginEnv {
 	t.Helper()
 	e := pluginEnv{stateDir: t.TempDir(), pluginDir: pluginDir}
-	e.bin = buildWanmotion(t, fmt.Sprintf("state_dir = %s\nplugin_dir = %s\nlog_level = debug\nagent_listen = 127.0.0.1:0\n%s", e.stateDir, e.pluginDir, extraConf))
+	// task_linger never: tests read the finished task, then see the
+	// controller exit (TestHostPluginMigrateStatusCancel sets a linger)
+	e.conf = fmt.Sprintf("state_dir = %s\nplugin_dir = %s\nlog_level = debug\nagent_listen = 127.0.0.1:0\ntask_linger = never\n%s", e.stateDir, e.pluginDir, extraConf)
+	e.bin = buildWanmotion(t, e.conf)
 	s, err := xapisim.New(xapisim.Config{StateDir: t.TempDir(), Pools: 2, DiskSize: 16 << 20, FillSize: 4 << 20,
 		MemorySize: 8 << 20, Logger: testutil.Logger(t)})
 	require.NoError(t, err)
@@ -241,6 +253,7 @@ func TestHostPluginMigrateStatusCancel(t *testing.T) {
 	require.NoError(t, err)
 	require.Len(t, vms, 1)
 	assert.Contains(t, rec.OtherConfig["applies_to"], string(vms[0]))
+	assert.Equal(t, engine.TaskOwnerController, rec.OtherConfig[engine.TaskOwnerKey], "marked as the controller's task")
 	id, ok := strings.CutPrefix(rec.NameDescription, "wanmotion WAN migration ")
 	require.True(t, ok, "description names the migration: %q", rec.NameDescription)
 
@@ -293,12 +306,22 @@ func TestHostPluginMigrateStatusCancel(t *testing.T) {
 	require.NoError(t, json.Unmarshal([]byte(out), &st))
 	assert.Equal(t, string(rec.Status), st.Status)
 
-	// Left alone, the controller finishes the task itself.
+	// Left alone, the controller finishes the task itself, keeps it for
+	// task_linger (clients read the outcome), then destroys it: XenCenter
+	// sees a task complete only once finished is set or it is gone.
+	e.setConf(t, "task_linger = 6s\n")
 	args := e.migrateArgs()
 	args["id"] = "plugin-alone"
 	task, err = e.call(t, fnMigrate, args)
 	require.NoError(t, err)
 	rec = waitTaskEnd(t, e.src, task)
+	out, err = e.call(t, fnStatus, map[string]string{"id": "plugin-alone"})
+	require.NoError(t, err)
+	var lingering pluginStatus
+	require.NoError(t, json.Unmarshal([]byte(out), &lingering))
+	assert.False(t, lingering.TaskGone, "the task lingers: %s", out)
+	assert.Equal(t, string(rec.Status), lingering.Status)
+	assert.Equal(t, rec.ErrorInfo, lingering.ErrorInfo)
 	t.Logf("uncancelled task ended %s, error_info %q", rec.Status, rec.ErrorInfo)
 	switch rec.Status {
 	case xapi.TaskStatusFailure:
@@ -312,16 +335,20 @@ func TestHostPluginMigrateStatusCancel(t *testing.T) {
 	_, err = e.call(t, fnMigrate, args)
 	requireAPIError(t, err, hostplugin.CodeInvalidArgument) // the id is taken
 
-	// xapi's GC destroys a task finished with set_status at its next pass
-	// (finished is the epoch): status by id then answers from the
-	// checkpoint, as the controller finished the task.
+	// After the linger the controller destroys the task and exits: status
+	// by id then answers from the checkpoint, as the controller finished
+	// the task.
+	require.Eventually(t, func() bool {
+		_, err := e.src.TaskGetRecord(ctx, xapi.TaskRef(task))
+		return errors.Is(err, xapi.ErrHandleInvalid)
+	}, 60*time.Second, 200*time.Millisecond, "the controller destroys its task after task_linger")
 	require.Eventually(t, func() bool {
 		out, err := e.call(t, fnStatus, map[string]string{"id": "plugin-alone"})
 		return err == nil && json.Unmarshal([]byte(out), &st) == nil && !st.ControllerRunning
 	}, 60*time.Second, 200*time.Millisecond, "the controller exits")
-	require.NoError(t, e.src.TaskDestroy(ctx, xapi.TaskRef(task)))
-	_, err = e.src.TaskGetRecord(ctx, xapi.TaskRef(task))
-	require.ErrorIs(t, err, xapi.ErrHandleInvalid, "the task is gone")
+	log, err := os.ReadFile(st.Log)
+	require.NoError(t, err)
+	assert.Contains(t, string(log), "task destroyed")
 	out, err = e.call(t, fnStatus, map[string]string{"id": "plugin-alone"})
 	require.NoError(t, err, "status of a migration whose task xapi destroyed")
 	var gone pluginStatus

@@ -9,8 +9,10 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 
@@ -37,13 +39,60 @@ func runPluginWorker(ctx context.Context, id string, stdin io.Reader, stderr io.
 	}
 	defer release()
 	err = runJob(ctx, job, src, stderr, log)
-	failTask(context.WithoutCancel(ctx), src, job.Task, err)
+	if st, info := failTask(context.WithoutCancel(ctx), src, job.Task, err); st != "" {
+		releaseFailedTask(context.WithoutCancel(ctx), job, src, st, info, log)
+	}
 	if err != nil {
 		log.Error("migration failed", "error", err)
 		return 1
 	}
 	log.Info("migration done")
 	return 0
+}
+
+// releaseFailedTask handles a task this controller failed itself because
+// the engine never ran (no checkpoint): the outcome goes into the
+// migration's record (status answers from it once the task is gone), then
+// the task lingers (task_linger) and is destroyed, as the engine does with
+// the tasks it finishes. A migration with a checkpoint keeps its task: a
+// resume continues on it.
+func releaseFailedTask(ctx context.Context, job pluginJob, src *xapi.Client, st xapi.TaskStatus, info []string, log hclog.Logger) {
+	store, err := engine.NewFileStore(checkpointDir(job.Config))
+	if err != nil {
+		return
+	}
+	if _, err := store.Load(ctx, job.ID); !errors.Is(err, engine.ErrNotFound) {
+		return
+	}
+	var rec migrationRecord
+	for i := 0; ; i++ { // the plugin writes the record just after starting us
+		if rec, err = loadRecord(job.Config, job.ID); err == nil || i == 50 {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err != nil {
+		log.Warn("no migration record; the task is kept", "error", err)
+		return
+	}
+	rec.FinalStatus, rec.FinalErrorInfo = string(st), info
+	if err := saveRecord(job.Config, rec); err != nil {
+		log.Warn("cannot record the outcome; the task is kept", "error", err)
+		return
+	}
+	if job.Config.TaskLinger < 0 {
+		return
+	}
+	tr, err := src.TaskGetRecord(ctx, xapi.TaskRef(job.Task))
+	if err != nil || tr.OtherConfig[engine.TaskOwnerKey] != engine.TaskOwnerController {
+		return
+	}
+	time.Sleep(job.Config.TaskLinger)
+	if err := src.TaskDestroy(ctx, xapi.TaskRef(job.Task)); err != nil {
+		log.Warn("could not destroy the task; xapi's task gc removes it later", "task", job.Task, "error", err)
+		return
+	}
+	log.Info("task destroyed", "task", job.Task)
 }
 
 // workerSource is the controller's client of its own pool: a session of
@@ -152,7 +201,7 @@ func driveJob(ctx context.Context, job pluginJob, src, dst *xapi.Client, store e
 	do func(context.Context, *engine.Engine) (engine.Report, error)) error {
 	sim := isSimulator(ctx, dst)
 	eng, cleanup, err := buildEngine(ctx, engineOpts{Source: src, Dest: dst, Store: store, PluginDir: job.Config.PluginDir,
-		StateDir: checkpointDir(job.Config), Logger: log, Simulator: sim, HostXAPI: !sim,
+		StateDir: checkpointDir(job.Config), Logger: log, Simulator: sim, HostXAPI: !sim, TaskLinger: job.Config.TaskLinger,
 		Launcher: &hostplugin.PluginLauncher{Source: src, Dest: dst, HostListen: true, Logger: log}})
 	if err != nil {
 		return fmt.Errorf("build the engine: %w", err)

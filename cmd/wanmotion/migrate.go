@@ -69,6 +69,7 @@ type migrateFlags struct {
 	gatewayListen, gatewayAdvertise             string
 	id, logLevel                                string
 	dryRun, asJSON, skipAssert                  bool
+	taskLinger                                  time.Duration
 	tls                                         tlsFlags
 	given                                       map[string]bool
 }
@@ -116,6 +117,7 @@ func newMigrateFlagSet(stderr io.Writer) (*flag.FlagSet, *migrateFlags) {
 	fs.BoolVar(&f.dryRun, "dry-run", false, "print the plan (estimated duration and guest pause) and exit")
 	fs.BoolVar(&f.asJSON, "json", false, "print exactly one JSON object (the report) on stdout")
 	fs.BoolVar(&f.skipAssert, "skip-assert", false, "do not call host.migrate_receive / VM.assert_can_migrate while planning")
+	fs.DurationVar(&f.taskLinger, "task-linger", 0, "keep the finished xapi task this long before destroying it (XenCenter then shows it complete); negative: keep it for xapi's task GC")
 	f.tls.register(fs)
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, migrateUsage)
@@ -372,7 +374,8 @@ func (m *migration) run(ctx context.Context) error {
 	tty := !f.asJSON && isTerminal(m.stderr)
 	view := newProgressView(m.stderr, tty, nil)
 	eng, cleanup, err := buildEngine(ctx, engineOpts{Source: p.src, Dest: p.dst, Store: store, PluginDir: f.pluginDir,
-		Logger: log, Observe: view.Observe, DryRun: f.dryRun, Simulator: isSimulator(ctx, p.dst), StateDir: f.stateDir})
+		Logger: log, Observe: view.Observe, DryRun: f.dryRun, Simulator: isSimulator(ctx, p.dst), StateDir: f.stateDir,
+		TaskLinger: f.taskLinger})
 	if err != nil {
 		return err
 	}

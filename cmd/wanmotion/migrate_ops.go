@@ -20,6 +20,7 @@ type opFlags struct {
 	asJSON      bool
 	credentials string
 	logLevel    string
+	taskLinger  time.Duration
 	tls         tlsFlags
 }
 
@@ -31,6 +32,7 @@ func newOpFlags(name string, stderr io.Writer, conn bool) *opFlags {
 	if conn {
 		o.fs.StringVar(&o.credentials, "credentials", "", "credentials file (default: the one the migration used)")
 		o.fs.StringVar(&o.logLevel, "log-level", "warn", "log level for stderr")
+		o.fs.DurationVar(&o.taskLinger, "task-linger", 0, "keep the finished xapi task this long before destroying it; negative: keep it")
 		o.tls.register(o.fs)
 	}
 	return o
@@ -274,7 +276,7 @@ func (m *migration) drive(ctx context.Context, o *opFlags, id string, abort bool
 	log := newCLILogger(o.logLevel, m.stderr)
 	view := newProgressView(m.stderr, !o.asJSON && isTerminal(m.stderr), nil)
 	eng, cleanup, err := buildEngine(ctx, engineOpts{Source: p.src, Dest: p.dst, Store: store, PluginDir: ci.PluginDir,
-		Logger: log, Observe: view.Observe, Simulator: isSimulator(ctx, p.dst), StateDir: o.stateDir})
+		Logger: log, Observe: view.Observe, Simulator: isSimulator(ctx, p.dst), StateDir: o.stateDir, TaskLinger: o.taskLinger})
 	if err != nil {
 		return err
 	}

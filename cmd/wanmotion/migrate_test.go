@@ -26,7 +26,8 @@ func TestParseMigrateFlags(t *testing.T) {
 		{"valid full", []string{"--dest-sr", "sr", "--dest-host", "h", "--network-map", "a=b", "--network-map", "*=c",
 			"--storage", "nbd", "--network", "none", "--bandwidth", "200Mbit", "--rtt", "50ms", "--streams", "8",
 			"--downtime-target", "500ms", "--policy", "throttle", "--gateway-listen", "0.0.0.0:7000",
-			"--gateway-advertise", "gw.example:7000", "--compression", "none", "--dry-run", "--json", "--thumbprint", "ab:cd"}, ""},
+			"--gateway-advertise", "gw.example:7000", "--compression", "none", "--dry-run", "--json", "--thumbprint", "ab:cd",
+			"--task-linger", "5s"}, ""},
 		{"no vm", []string{"--vm", ""}, "--vm"},
 		{"bad from", []string{"--from", "ftp://x"}, "--from"},
 		{"bare host", []string{"--from", "pool-a.example"}, "e.g. https://"},
@@ -37,6 +38,7 @@ func TestParseMigrateFlags(t *testing.T) {
 		{"bad streams", []string{"--streams", "0"}, "--streams"},
 		{"bad downtime", []string{"--downtime-target", "0s"}, "--downtime-target"},
 		{"bad rtt", []string{"--rtt", "soon"}, "rtt"},
+		{"bad task linger", []string{"--task-linger", "30"}, "task-linger"},
 		{"bad map", []string{"--network-map", "a"}, "--network-map"},
 		{"bad compression", []string{"--compression", "lz4"}, "--compression"},
 		{"bad gateway", []string{"--gateway-listen", "7000"}, "--gateway-listen"},
@@ -63,6 +65,7 @@ func TestParseMigrateFlags(t *testing.T) {
 					assert.Equal(t, 8, *o.Streams)
 					assert.Equal(t, "gw.example:7000", *o.GatewayAdvertise)
 					assert.Equal(t, 50*time.Millisecond, f.rtt)
+					assert.Equal(t, 5*time.Second, f.taskLinger)
 					assert.Equal(t, []string{"a=b", "*=c"}, []string(f.networkMap))
 				} else {
 					assert.Nil(t, o.Storage, "unset flags do not override the pools")

@@ -86,6 +86,9 @@ type engineOpts struct {
 	// for agents started on pool hosts by a controller that is not on the
 	// simulator. Sessions are pool-wide; xapi forwards to the coordinator.
 	HostXAPI bool
+	// TaskLinger: engine Deps.TaskLinger (0 destroys the finished task at
+	// once, negative keeps it).
+	TaskLinger time.Duration
 }
 
 // buildEngine returns the engine for one CLI invocation and a cleanup
@@ -100,7 +103,7 @@ func buildEngine(ctx context.Context, o engineOpts) (*engine.Engine, func(), err
 	d := engine.Deps{
 		Source: src, Dest: dst, Tasks: xapiadapt.NewTasks(o.Source),
 		Catalog: pluginCatalog{dirs: host.SearchDirs(o.PluginDir)},
-		Store:   o.Store, Logger: log, Observe: o.Observe,
+		Store:   o.Store, Logger: log, Observe: o.Observe, TaskLinger: o.TaskLinger,
 		Pause: xapiadapt.SimPauseMeter{Dest: o.Dest},
 	}
 	if o.Simulator {
