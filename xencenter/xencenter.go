@@ -16,6 +16,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -286,18 +287,23 @@ func (r run) migrate(ctx context.Context, poolURL, session, vmUUID string, noWai
 	if noWait {
 		return nil
 	}
-	return follow(ctx, c, xapi.TaskRef(task), r.stderr)
+	return follow(ctx, c, coord, xapi.TaskRef(task), r.stderr)
 }
 
 // follow prints the task's progress until it ends (an interrupt stops
-// watching, not the migration).
-func follow(ctx context.Context, c *xapi.Client, task xapi.TaskRef, w io.Writer) error {
+// watching, not the migration). The plugin's controller destroys the
+// finished task after its task_linger; if this window missed the end, the
+// plugin's status (on the coordinator) says how the task ended.
+func follow(ctx context.Context, c *xapi.Client, coord xapi.HostRef, task xapi.TaskRef, w io.Writer) error {
 	last := -1
 	for {
 		rec, err := c.TaskGetRecord(ctx, task)
 		if ctx.Err() != nil {
 			fmt.Fprintln(w, "stopped watching; the migration goes on (XenCenter shows it)")
 			return nil
+		}
+		if xapi.IsCode(err, xapi.CodeHandleInvalid) {
+			rec, err = goneTask(ctx, c, coord, task)
 		}
 		if err != nil {
 			return fmt.Errorf("task: %w", err)
@@ -318,4 +324,23 @@ func follow(ctx context.Context, c *xapi.Client, task xapi.TaskRef, w io.Writer)
 		case <-time.After(2 * time.Second):
 		}
 	}
+}
+
+// goneTask is the end of a destroyed task as the plugin's status reports
+// it (from the migration's checkpoint).
+func goneTask(ctx context.Context, c *xapi.Client, coord xapi.HostRef, task xapi.TaskRef) (xapi.TaskRecord, error) {
+	out, err := c.HostCallPlugin(ctx, coord, PluginName, "status", map[string]string{"task": string(task)})
+	if err != nil {
+		return xapi.TaskRecord{}, fmt.Errorf("the task is gone and the plugin's status failed: %w", err)
+	}
+	var st struct {
+		Status    string   `json:"status"`
+		Progress  float64  `json:"progress"`
+		ErrorInfo []string `json:"error_info"`
+		Result    string   `json:"result"`
+	}
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		return xapi.TaskRecord{}, fmt.Errorf("the plugin's status: %w", err)
+	}
+	return xapi.TaskRecord{Status: xapi.TaskStatus(st.Status), Progress: st.Progress, ErrorInfo: st.ErrorInfo, Result: st.Result}, nil
 }

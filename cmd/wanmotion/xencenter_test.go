@@ -7,6 +7,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -111,4 +112,32 @@ func TestXenCenterCommand(t *testing.T) {
 	xencenter.Stdin = strings.NewReader("\n")
 	_, _, err = run(t, runXencenter, "--no-wait", e.info.Pools[0].URL, session, "VM", vm.UUID)
 	require.ErrorIs(t, err, errUsage, "no destination")
+}
+
+// TestXenCenterCommandFollowsToTheEnd: the window follows the task to its
+// end even when the controller destroys it at once (task_linger 0): the
+// plugin's status then says how it ended.
+func TestXenCenterCommandFollowsToTheEnd(t *testing.T) {
+	e := newPluginEnv(t) // backends that exit at once: the migration fails in prepare
+	e.setConf(t, "task_linger = 0\n")
+	ctx := context.Background()
+	vms, err := e.src.VMGetByNameLabel(ctx, "demo-vm")
+	require.NoError(t, err)
+	vm, err := e.src.VMGetRecord(ctx, vms[0])
+	require.NoError(t, err)
+	pb := e.info.Pools[1]
+	oldIn, oldPW := xencenter.Stdin, xencenter.ReadPassword
+	t.Cleanup(func() { xencenter.Stdin, xencenter.ReadPassword = oldIn, oldPW })
+	xencenter.ReadPassword = func(string, io.Writer) (string, error) { return pb.Password, nil }
+	xencenter.Stdin = strings.NewReader(pb.URL + "\n\n\n\n")
+	out, stderr, err := run(t, runXencenter, e.info.Pools[0].URL, string(e.src.Session()), "VM", vm.UUID)
+	require.Error(t, err, "the migration failed: %s", stderr)
+	assert.Contains(t, err.Error(), "migration failure")
+	assert.Contains(t, err.Error(), "WANMOTION_MIGRATION_FAILED")
+	task := strings.TrimSpace(out)
+	require.True(t, strings.HasPrefix(task, "OpaqueRef:"), out)
+	require.Eventually(t, func() bool {
+		_, err := e.src.TaskGetRecord(ctx, xapi.TaskRef(task))
+		return xapi.IsCode(err, xapi.CodeHandleInvalid)
+	}, 30*time.Second, 100*time.Millisecond, "the controller destroyed its task")
 }
