@@ -242,7 +242,9 @@ func produceJobs(ctx context.Context, src Device, size, chunk int64, jobs chan<-
 	return nil
 }
 
-func isZero(b []byte) bool {
+// IsZero reports whether b is all zero bytes (a block that can be sent as
+// WRITE_ZEROES instead of data).
+func IsZero(b []byte) bool {
 	for len(b) > 0 {
 		k := min(len(b), len(zeroChunk))
 		if !bytes.Equal(b[:k], zeroChunk[:k]) {
@@ -282,7 +284,7 @@ func copyOne(ctx context.Context, dst, src Device, j copyJob, opts CopyOptions, 
 	if err := src.ReadAt(ctx, buf, j.off); err != nil {
 		return err
 	}
-	if isZero(buf) {
+	if IsZero(buf) {
 		zero.Add(j.n)
 		return zeroDst(ctx, dst, j.off, j.n, opts)
 	}

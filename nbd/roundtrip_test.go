@@ -68,7 +68,7 @@ func TestClientServerRoundTrip(t *testing.T) {
 			got := make([]byte, size)
 			require.NoError(t, c.ReadAt(ctx, got, 0))
 			assert.True(t, bytesEqual(data, got[:size/2]), "written half differs")
-			assert.True(t, isZero(got[size/2:]), "unwritten half not zero")
+			assert.True(t, IsZero(got[size/2:]), "unwritten half not zero")
 			assert.True(t, bytesEqual(mem.Bytes()[:size/2], data))
 			require.NoError(t, c.Flush(ctx))
 
@@ -79,7 +79,7 @@ func TestClientServerRoundTrip(t *testing.T) {
 			require.NoError(t, c.Trim(ctx, 3<<20, 1<<20))
 			buf := make([]byte, 3<<20)
 			require.NoError(t, c.ReadAt(ctx, buf, 0))
-			assert.True(t, isZero(buf[:2<<20+4096]), "zeroed range not zero")
+			assert.True(t, IsZero(buf[:2<<20+4096]), "zeroed range not zero")
 			assert.True(t, bytesEqual(buf[2<<20+4096:], data[2<<20+4096:3<<20]))
 
 			if tc.structured {
@@ -183,7 +183,7 @@ func TestServerRejectsBadRequests(t *testing.T) {
 		})
 	}
 	assert.Equal(t, "abcd", string(mem.Bytes()[10:14]))
-	assert.True(t, isZero(mem.Bytes()[size-4:]), "nothing written outside the export")
+	assert.True(t, IsZero(mem.Bytes()[size-4:]), "nothing written outside the export")
 }
 
 // faultBackend fails chosen operations.
@@ -268,8 +268,8 @@ func TestFastZeroWithoutZeroer(t *testing.T) {
 	defer c.Close()
 	assert.ErrorIs(t, c.WriteZeroes(ctx, 0, 4096, ZeroFast), ErrNotSup)
 	require.NoError(t, c.WriteZeroes(ctx, 0, 4096, 0))
-	assert.True(t, isZero(mem.Bytes()[:4096]))
-	assert.False(t, isZero(mem.Bytes()[4096:8192]))
+	assert.True(t, IsZero(mem.Bytes()[:4096]))
+	assert.False(t, IsZero(mem.Bytes()[4096:8192]))
 	exts, err := c.BlockStatus(ctx, 0, 1<<20)
 	require.NoError(t, err)
 	assert.Equal(t, []Extent{{0, 1 << 20, 0}}, exts, "no ExtentLister: all data")

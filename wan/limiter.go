@@ -6,29 +6,31 @@ import (
 	"time"
 )
 
-// limiter is a token bucket shared by all streams of a session. Waiting
+// RateLimiter is a token bucket: the gateway shares one between all streams
+// of a session, and backends may use it to pace their own traffic. Waiting
 // callers take their bytes on credit and sleep off the debt, so large frames
-// are admitted at the right average rate.
-type limiter struct {
+// are admitted at the right average rate. Safe for concurrent use.
+type RateLimiter struct {
 	mu     sync.Mutex
 	rate   float64 // bytes per second; 0 = unlimited
 	tokens float64
 	last   time.Time
 }
 
-func newLimiter(rate int64) *limiter {
-	l := &limiter{last: time.Now()}
-	l.set(rate)
+// NewRateLimiter returns a limiter of rate bytes per second (0: unlimited).
+func NewRateLimiter(rate int64) *RateLimiter {
+	l := &RateLimiter{last: time.Now()}
+	l.SetRate(rate)
 	return l
 }
 
-func (l *limiter) burst() float64 {
+func (l *RateLimiter) burst() float64 {
 	// 20 ms of traffic, at least 64 KiB: small enough to hold the rate over
 	// sub-second windows, large enough not to chop frames.
 	return max(l.rate*0.02, 64<<10)
 }
 
-func (l *limiter) refill(now time.Time) {
+func (l *RateLimiter) refill(now time.Time) {
 	if l.rate > 0 {
 		l.tokens += now.Sub(l.last).Seconds() * l.rate
 		if b := l.burst(); l.tokens > b {
@@ -38,7 +40,8 @@ func (l *limiter) refill(now time.Time) {
 	l.last = now
 }
 
-func (l *limiter) set(rate int64) {
+// SetRate changes the rate (bytes per second, 0: unlimited) while in use.
+func (l *RateLimiter) SetRate(rate int64) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.refill(time.Now())
@@ -51,14 +54,15 @@ func (l *limiter) set(rate int64) {
 	}
 }
 
-func (l *limiter) get() int64 {
+// Rate returns the current rate in bytes per second (0: unlimited).
+func (l *RateLimiter) Rate() int64 {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return int64(l.rate)
 }
 
-// wait blocks until n bytes may be sent.
-func (l *limiter) wait(ctx context.Context, n int) error {
+// Wait blocks until n bytes may be sent, or ctx ends.
+func (l *RateLimiter) Wait(ctx context.Context, n int64) error {
 	l.mu.Lock()
 	if l.rate == 0 {
 		l.mu.Unlock()

@@ -31,7 +31,7 @@ type Session struct {
 	dialer bool
 	addr   string
 	tlsc   *tls.Config
-	lim    *limiter
+	lim    *RateLimiter
 
 	mu        sync.Mutex
 	cond      *sync.Cond // writers wait here for work
@@ -105,7 +105,7 @@ func newSession(cfg Config, dialer bool, id []byte) *Session {
 		id:        id,
 		cfg:       cfg,
 		dialer:    dialer,
-		lim:       newLimiter(cfg.RateLimit),
+		lim:       NewRateLimiter(cfg.RateLimit),
 		chans:     map[uint32]*channel{},
 		closedCh:  map[uint32]uint64{},
 		ackSet:    map[uint32]bool{},
@@ -140,10 +140,10 @@ func (s *Session) Err() error {
 
 // SetRateLimit changes the shared bandwidth cap (bytes/s, 0 = unlimited)
 // while the session runs.
-func (s *Session) SetRateLimit(bytesPerSec int64) { s.lim.set(bytesPerSec) }
+func (s *Session) SetRateLimit(bytesPerSec int64) { s.lim.SetRate(bytesPerSec) }
 
 // RateLimit returns the current cap in bytes/s (0 = unlimited).
-func (s *Session) RateLimit() int64 { return s.lim.get() }
+func (s *Session) RateLimit() int64 { return s.lim.Rate() }
 
 // Close ends the session: the peer is told (best effort), every stream is
 // closed and every blocked call returns ErrClosed. Data not yet acknowledged
@@ -432,7 +432,7 @@ func (s *Session) writer(st *stream) {
 			h, payload, cbuf = s.encode(enc, w.f, cbuf)
 		}
 		size := len(payload) + 32
-		if err := s.lim.wait(ctx, size); err != nil {
+		if err := s.lim.Wait(ctx, int64(size)); err != nil {
 			s.down(st, err)
 			return
 		}

@@ -57,7 +57,7 @@ func (s *Session) Stats() Stats {
 		BytesDelivered:      s.st.delivered.Load(),
 		DuplicatesReceived:  s.st.dupIn.Load(),
 		Reconnects:          s.st.reconnects.Load(),
-		RateLimit:           s.lim.get(),
+		RateLimit:           s.lim.Rate(),
 		HandshakeRTT:        s.rtt0,
 		CompressionRatio:    1,
 	}

@@ -16,6 +16,7 @@ import (
 
 	"github.com/wanmotion/wanmotion/nbd"
 	"github.com/wanmotion/wanmotion/plugins/contract"
+	"github.com/wanmotion/wanmotion/wan"
 )
 
 // errSourceRead marks a failed read of the snapshot.
@@ -505,47 +506,12 @@ func rangeApplied(r *journalRecord, a, b int64) bool {
 	return true
 }
 
-// limiter paces payload bytes (0: unlimited).
-type limiter struct {
-	rate float64
-	mu   sync.Mutex
-	next time.Time
-}
-
-func newLimiter(bytesPerSec int64) *limiter { return &limiter{rate: float64(bytesPerSec)} }
-
-func (l *limiter) wait(ctx context.Context, n int64) error {
-	if l.rate <= 0 {
-		return nil
-	}
-	l.mu.Lock()
-	now := time.Now()
-	if l.next.Before(now) {
-		l.next = now
-	}
-	l.next = l.next.Add(time.Duration(float64(n) / l.rate * float64(time.Second)))
-	until := l.next.Add(-100 * time.Millisecond) // a small burst
-	l.mu.Unlock()
-	d := time.Until(until)
-	if d <= 0 {
-		return nil
-	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
-}
-
 // copier moves jobs from the source to the peer.
 type copier struct {
 	src        source
 	peer       *peer
 	copied     *atomic.Int64
-	limiter    *limiter
+	limiter    *wan.RateLimiter
 	checkpoint int64
 	log        hclog.Logger
 
@@ -601,7 +567,7 @@ func splitRuns(buf []byte, off int64) []run {
 	var out []run
 	for i := 0; i < len(buf); {
 		e := min(len(buf), i+blockSize)
-		z := isZero(buf[i:e])
+		z := nbd.IsZero(buf[i:e])
 		if n := len(out); n > 0 && (out[n-1].data == nil) == z {
 			out[n-1].n += int64(e - i)
 			if !z {
@@ -615,19 +581,6 @@ func splitRuns(buf []byte, off int64) []run {
 		i = e
 	}
 	return out
-}
-
-var zeroBlock = make([]byte, blockSize)
-
-func isZero(b []byte) bool {
-	for len(b) > 0 {
-		k := min(len(b), len(zeroBlock))
-		if !bytes.Equal(b[:k], zeroBlock[:k]) {
-			return false
-		}
-		b = b[k:]
-	}
-	return true
 }
 
 func (c *copier) apply(ctx context.Context, j job) error {
@@ -645,7 +598,7 @@ func (c *copier) apply(ctx context.Context, j job) error {
 		runs = splitRuns(buf, j.off)
 		for _, r := range runs {
 			if r.data != nil {
-				if err := c.limiter.wait(ctx, r.n); err != nil {
+				if err := c.limiter.Wait(ctx, r.n); err != nil {
 					return fmt.Errorf("%w: %v", contract.ErrCancelled, err)
 				}
 			}

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/wanmotion/wanmotion/plugins/contract"
+	"github.com/wanmotion/wanmotion/wan"
 )
 
 // PrepareSender implements contract.Storage. It only records the peer;
@@ -199,7 +200,7 @@ func (b *Backend) runRound(ctx context.Context, h *handle, req contract.SyncRoun
 	info.skipped = skipped
 	h.toCopy.Store(toCopy)
 	h.copied.Store(skipped)
-	c := &copier{src: src, peer: peer, copied: &h.copied, limiter: newLimiter(st.RateLimit),
+	c := &copier{src: src, peer: peer, copied: &h.copied, limiter: wan.NewRateLimiter(st.RateLimit),
 		checkpoint: cfg.CheckpointBytes, log: h.log}
 	if err := c.run(ctx, jobs, cfg.InFlight); err != nil {
 		return info, c.wrapSourceErr(ctx, b, h, req.Snapshot, err)
