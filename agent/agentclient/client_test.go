@@ -454,6 +454,9 @@ func TestDestinationAgentLostMidRound(t *testing.T) {
 	c, err := New(cfg)
 	require.NoError(t, err)
 	defer c.Close()
+	// the pair's first client stops heartbeating before it is replaced:
+	// its Cleanup would close only the replacement.
+	require.NoError(t, p.c.Close())
 	p.c = c
 	require.NoError(t, c.Start(ctx, p.spec))
 	require.Equal(t, 2, p.l.count(), "re-attached, not relaunched")
@@ -501,6 +504,9 @@ func TestDestinationBackendLostMidRound(t *testing.T) {
 	c, err := New(cfg)
 	require.NoError(t, err)
 	defer c.Close()
+	// the pair's first client stops heartbeating before it is replaced:
+	// its Cleanup would close only the replacement.
+	require.NoError(t, p.c.Close())
 	p.c = c
 	require.NoError(t, c.Start(ctx, p.spec))
 	st := c.Storage()

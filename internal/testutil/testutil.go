@@ -4,6 +4,7 @@ package testutil
 import (
 	"os"
 	"os/exec"
+	"sync"
 	"testing"
 
 	"github.com/hashicorp/go-hclog"
@@ -55,21 +56,39 @@ func RequirePythonModule(t testing.TB, module, debianPackage string) {
 	}
 }
 
-// Logger returns an hclog logger that writes through t.Log.
+// Logger returns an hclog logger that writes through t.Log. Lines logged
+// after the test has finished (by a goroutine that outlives it) are dropped
+// instead of panicking the whole test binary.
 func Logger(t testing.TB) hclog.Logger {
 	t.Helper()
+	w := &testWriter{t: t}
+	t.Cleanup(w.finish)
 	return hclog.New(&hclog.LoggerOptions{
 		Name:   t.Name(),
 		Level:  hclog.Debug,
-		Output: testWriter{t},
+		Output: w,
 	})
 }
 
-type testWriter struct{ t testing.TB }
+type testWriter struct {
+	t    testing.TB
+	mu   sync.Mutex
+	done bool
+}
 
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Helper()
-	w.t.Log(string(p))
+func (w *testWriter) finish() {
+	w.mu.Lock()
+	w.done = true
+	w.mu.Unlock()
+}
+
+func (w *testWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.done {
+		w.t.Helper()
+		w.t.Log(string(p))
+	}
 	return len(p), nil
 }
 
