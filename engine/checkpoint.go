@@ -131,12 +131,15 @@ type SnapshotState struct {
 type SeedState struct {
 	Round           int         `msgpack:"round"` // round in progress (or last, once finished)
 	RoundStartNano  int64       `msgpack:"round_start_ns"`
-	Rounds          []RoundStat `msgpack:"rounds"` // completed rounds
-	Throttled       bool        `msgpack:"throttled"`
+	Rounds          []RoundStat `msgpack:"rounds"`    // completed rounds
+	Throttled       bool        `msgpack:"throttled"` // a guest throttle is (or was) applied: Throttle holds it
 	ThrottleRemoved bool        `msgpack:"throttle_removed"`
-	Finished        bool        `msgpack:"finished"`
-	Decision        string      `msgpack:"decision"`
-	WriteRate       int64       `msgpack:"write_rate"` // last measured guest write rate, bytes/s
+	// Throttle is the guest throttle in force (nil: none); kept after it is
+	// released (ThrottleRemoved) for the report.
+	Throttle  *ThrottleState `msgpack:"throttle,omitempty"`
+	Finished  bool           `msgpack:"finished"`
+	Decision  string         `msgpack:"decision"`
+	WriteRate int64          `msgpack:"write_rate"` // last measured guest write rate, bytes/s
 }
 
 // HandoffState tracks the xapi migration.

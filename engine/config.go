@@ -42,7 +42,7 @@ type ConvergencePolicy string
 // The convergence policies.
 const (
 	PolicyKeepGoing ConvergencePolicy = "keep-going" // continue up to the round cap, then hand off
-	PolicyThrottle  ConvergencePolicy = "throttle"   // ask the source to throttle guest writes
+	PolicyThrottle  ConvergencePolicy = "throttle"   // slow the guest's vCPUs step by step (Xen scheduler cap)
 	PolicyStop      ConvergencePolicy = "stop"       // stop and roll back with advice
 )
 
@@ -69,6 +69,7 @@ type Overrides struct {
 	Policy               *ConvergencePolicy `msgpack:"policy,omitempty"`
 	MaxRounds            *int               `msgpack:"max_rounds,omitempty"`
 	MinShrink            *float64           `msgpack:"min_shrink,omitempty"`
+	ThrottleMax          *int               `msgpack:"throttle_max,omitempty"`
 	MigrationNetwork     *string            `msgpack:"migration_network,omitempty"`
 }
 
@@ -85,6 +86,7 @@ type Settings struct {
 	Policy               ConvergencePolicy `msgpack:"policy" json:"convergence_policy,omitempty"`
 	MaxRounds            int               `msgpack:"max_rounds" json:"max_rounds,omitempty"`
 	MinShrink            float64           `msgpack:"min_shrink" json:"min_shrink,omitempty"`
+	ThrottleMax          int               `msgpack:"throttle_max" json:"throttle_max,omitempty"` // largest guest throttle, percent
 	MigrationNetwork     string            `msgpack:"migration_network" json:"migration_network,omitempty"`
 }
 
@@ -99,6 +101,7 @@ type configJSON struct {
 	ConvergencePolicy *string  `json:"convergence_policy,omitempty"`
 	MaxRounds         *int     `json:"max_rounds,omitempty"`
 	MinShrink         *float64 `json:"min_shrink,omitempty"`
+	ThrottleMax       *int     `json:"throttle_max,omitempty"`
 	MigrationNetwork  *string  `json:"migration_network,omitempty"`
 }
 
@@ -177,6 +180,12 @@ func ParseConfigJSON(s string) (Overrides, error) {
 		}
 		o.MinShrink = c.MinShrink
 	}
+	if c.ThrottleMax != nil {
+		if *c.ThrottleMax < 1 || *c.ThrottleMax > 99 {
+			return o, fmt.Errorf("%w: throttle_max %d: want 1..99 (percent of the guest's CPU time taken away at most)", ErrConfig, *c.ThrottleMax)
+		}
+		o.ThrottleMax = c.ThrottleMax
+	}
 	if c.MigrationNetwork != nil {
 		o.MigrationNetwork = c.MigrationNetwork
 	}
@@ -227,6 +236,7 @@ func Resolve(src, dst, flags Overrides, inst Installed) (Settings, error) {
 		Storage: DefaultStorage, Network: DefaultNetwork, Streams: DefaultStreams,
 		Compression: DefaultCompression, DowntimeTarget: DefaultDowntimeTarget,
 		Policy: DefaultPolicy, MaxRounds: DefaultMaxRounds, MinShrink: DefaultMinShrink,
+		ThrottleMax: DefaultThrottleMax,
 	}
 	var err error
 	if s.Storage, err = pickBackend("storage", src.Storage, dst.Storage, flags.Storage, DefaultStorage); err != nil {
@@ -252,6 +262,7 @@ func Resolve(src, dst, flags Overrides, inst Installed) (Settings, error) {
 	s.Policy = first(DefaultPolicy, flags.Policy, src.Policy, dst.Policy)
 	s.MaxRounds = first(DefaultMaxRounds, flags.MaxRounds, src.MaxRounds, dst.MaxRounds)
 	s.MinShrink = first(DefaultMinShrink, flags.MinShrink, src.MinShrink, dst.MinShrink)
+	s.ThrottleMax = first(DefaultThrottleMax, flags.ThrottleMax, src.ThrottleMax)
 	s.MigrationNetwork = first("", flags.MigrationNetwork, dst.MigrationNetwork)
 	return s, nil
 }
@@ -377,7 +388,7 @@ func FormatConfigJSON(o Overrides) (string, error) {
 		v := string(*o.Policy)
 		c.ConvergencePolicy = &v
 	}
-	c.MaxRounds, c.MinShrink, c.MigrationNetwork = o.MaxRounds, o.MinShrink, o.MigrationNetwork
+	c.MaxRounds, c.MinShrink, c.MigrationNetwork, c.ThrottleMax = o.MaxRounds, o.MinShrink, o.MigrationNetwork, o.ThrottleMax
 	var buf bytes.Buffer
 	enc := json.NewEncoder(&buf)
 	if err := enc.Encode(c); err != nil {

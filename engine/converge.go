@@ -61,6 +61,8 @@ type RoundStat struct {
 	ChangedBytes int64   `msgpack:"changed_bytes" json:"changed_bytes"`
 	Seconds      float64 `msgpack:"seconds" json:"seconds"`
 	BytesOnWire  int64   `msgpack:"bytes_on_wire" json:"bytes_on_wire"`
+	// ThrottlePercent is the guest throttle in force during the round.
+	ThrottlePercent int `msgpack:"throttle_percent,omitempty" json:"throttle_percent,omitempty"`
 }
 
 // Action is a convergence decision.
@@ -90,7 +92,10 @@ type ConvergeInput struct {
 	// MaxRounds caps the delta rounds (round 0 not counted).
 	MaxRounds int
 	Policy    ConvergencePolicy
-	Throttled bool
+	// ThrottlePercent is the guest throttle in force (0: none).
+	ThrottlePercent int
+	// Throttle steps (policy throttle; 0 takes the defaults).
+	ThrottleInitial, ThrottleStep, ThrottleMax int
 }
 
 // Decision is Decide's answer.
@@ -99,8 +104,39 @@ type Decision struct {
 	Reason          string
 	ThresholdBytes  int64
 	WriteRate       int64 // estimated guest write rate, bytes/s (0 before round 1)
-	ThrottleBytesPS int64 // for ActionThrottle: the guest write cap to ask for
+	ThrottlePercent int   // for ActionThrottle: the throttle to apply (share of CPU time taken away)
 	Advice          string
+}
+
+// Guest throttle steps of the "throttle" policy (QEMU auto-converge's
+// defaults for the first two): the first throttle takes this share of the
+// guest's CPU time, each later one this much more, up to ThrottleMax.
+const (
+	DefaultThrottleInitial = 20
+	DefaultThrottleStep    = 10
+	DefaultThrottleMax     = 90
+)
+
+// nextThrottle is the throttle to apply after in.ThrottlePercent (0 when
+// the maximum is reached).
+func nextThrottle(in ConvergeInput) int {
+	initial, step, maxP := in.ThrottleInitial, in.ThrottleStep, in.ThrottleMax
+	if initial <= 0 {
+		initial = DefaultThrottleInitial
+	}
+	if step <= 0 {
+		step = DefaultThrottleStep
+	}
+	if maxP <= 0 {
+		maxP = DefaultThrottleMax
+	}
+	if in.ThrottlePercent >= maxP {
+		return 0
+	}
+	if in.ThrottlePercent <= 0 {
+		return min(initial, maxP)
+	}
+	return min(in.ThrottlePercent+step, maxP)
 }
 
 // Decide is the convergence controller, called after each completed round.
@@ -109,11 +145,12 @@ type Decision struct {
 //  2. Delta under the threshold (link rate × downtime target) → hand off.
 //  3. Guest writes at least as fast as the link (delta of round k divided by
 //     the duration of round k−1, during which those writes happened) →
-//     policy: stop → stop with advice; throttle → throttle once, then
-//     behave as keep-going; keep-going → continue until the round cap, then
-//     hand off.
+//     policy: stop → stop with advice; throttle → throttle the guest one
+//     step more (until the maximum), then behave as keep-going;
+//     keep-going → continue until the round cap, then hand off.
 //  4. Round cap reached → hand off.
-//  5. Delta not at least MinShrink smaller than the previous → hand off
+//  5. Delta not at least MinShrink smaller than the previous → throttle
+//     one step more (policy throttle, below the maximum), else hand off
 //     (more rounds would not help).
 //  6. Otherwise continue.
 func Decide(in ConvergeInput) Decision {
@@ -141,25 +178,30 @@ func Decide(in ConvergeInput) Decision {
 		d.Reason = fmt.Sprintf("converged: delta %s under threshold %s", HumanBytes(last.ChangedBytes), HumanBytes(d.ThresholdBytes))
 		return d
 	}
+	next := 0
+	if in.Policy == PolicyThrottle && deltaRounds < maxRounds {
+		next = nextThrottle(in)
+	}
 	if in.LinkBytesPerSec > 0 && d.WriteRate >= in.LinkBytesPerSec {
-		d.Advice = fmt.Sprintf("the guest writes about %s/s and the link carries %s/s; raise the bandwidth, reduce the guest's writes, or use convergence_policy keep-going (it hands off after max_rounds, with a longer guest pause)",
+		d.Advice = fmt.Sprintf("the guest writes about %s/s and the link carries %s/s; raise the bandwidth, reduce the guest's writes, or use convergence_policy keep-going (it hands off after max_rounds, with a longer guest pause) or throttle (it slows the guest's vCPUs)",
 			HumanBytes(d.WriteRate), HumanBytes(in.LinkBytesPerSec))
-		switch in.Policy {
-		case PolicyStop:
+		switch {
+		case in.Policy == PolicyStop:
 			d.Action, d.Reason = ActionStop, "guest writes faster than the link"
 			return d
-		case PolicyThrottle:
-			if !in.Throttled {
-				d.Action, d.Reason = ActionThrottle, "guest writes faster than the link; throttling"
-				d.ThrottleBytesPS = max(1, in.LinkBytesPerSec/2)
-				return d
-			}
+		case next > 0:
+			d.Action, d.ThrottlePercent = ActionThrottle, next
+			d.Reason = fmt.Sprintf("guest writes faster than the link; throttling its vCPUs by %d%%", next)
+			return d
 		}
 		if deltaRounds >= maxRounds {
 			d.Action, d.Reason = ActionHandoff, fmt.Sprintf("round cap %d reached while the guest writes faster than the link", maxRounds)
 			return d
 		}
 		d.Action, d.Reason = ActionContinue, "guest writes faster than the link; keep going"
+		if in.Policy == PolicyThrottle {
+			d.Reason = fmt.Sprintf("guest writes faster than the link at the maximum throttle (%d%%); keep going", in.ThrottlePercent)
+		}
 		return d
 	}
 	if deltaRounds >= maxRounds {
@@ -167,6 +209,12 @@ func Decide(in ConvergeInput) Decision {
 		return d
 	}
 	if float64(last.ChangedBytes) > float64(prev.ChangedBytes)*(1-in.MinShrink) {
+		if next > 0 {
+			d.Action, d.ThrottlePercent = ActionThrottle, next
+			d.Reason = fmt.Sprintf("delta stopped shrinking (%s after %s) above the threshold %s; throttling the guest's vCPUs by %d%%",
+				HumanBytes(last.ChangedBytes), HumanBytes(prev.ChangedBytes), HumanBytes(d.ThresholdBytes), next)
+			return d
+		}
 		d.Action = ActionHandoff
 		d.Reason = fmt.Sprintf("delta stopped shrinking (%s after %s)", HumanBytes(last.ChangedBytes), HumanBytes(prev.ChangedBytes))
 		return d

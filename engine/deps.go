@@ -334,10 +334,33 @@ type Catalog interface {
 	Installed(ctx context.Context) (Installed, error)
 }
 
-// GuestThrottle limits a guest's disk write rate at the source (for the
-// "throttle" convergence policy). bytesPerSec 0 removes the limit.
+// ThrottleState is what undoing a guest throttle needs; the engine keeps
+// it in the checkpoint so a resumed or cancelled migration can release the
+// throttle after a controller crash.
+type ThrottleState struct {
+	Host      string `msgpack:"host" json:"host"`           // host ref the domain ran on when throttled
+	Domid     int64  `msgpack:"domid" json:"domid"`         // the throttled domain
+	VCPUs     int64  `msgpack:"vcpus" json:"vcpus"`         // its vCPUs (cap 100 = one full CPU)
+	Scheduler string `msgpack:"scheduler" json:"scheduler"` // Xen scheduler: credit | credit2
+	PrevCap   int64  `msgpack:"prev_cap" json:"prev_cap"`   // the cap before wanmotion touched it (0: none)
+	Percent   int    `msgpack:"percent" json:"percent"`     // throttle applied: share of CPU time taken away
+	Cap       int64  `msgpack:"cap" json:"cap"`             // the cap set, in percent of one CPU
+}
+
+// GuestThrottle slows a running guest at the source for the "throttle"
+// convergence policy, as QEMU's auto-converge and vMotion's SDPS do: it
+// caps the domain's vCPU time in the Xen scheduler, so a guest that
+// dirties disk blocks faster than the link carries them issues fewer
+// writes. Nothing in the XenAPI rate-limits a VBD's writes.
 type GuestThrottle interface {
-	ThrottleGuest(ctx context.Context, migrationID, vmUUID string, bytesPerSec int64) error
+	// ThrottleGuest caps the VM's domain to (100-percent)% of its vCPUs'
+	// time. prev is nil the first time; later calls pass the state
+	// returned before, so the original cap stays known.
+	ThrottleGuest(ctx context.Context, vmUUID string, percent int, prev *ThrottleState) (ThrottleState, error)
+	// ReleaseThrottle puts back st.PrevCap if the VM still runs as the
+	// same domain on the same host (a migrated or restarted domain has
+	// left the cap behind with the old domain).
+	ReleaseThrottle(ctx context.Context, vmUUID string, st ThrottleState) error
 }
 
 // IntegrityRequest names the disks to compare after the move.

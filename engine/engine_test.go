@@ -496,8 +496,71 @@ func TestConvergencePolicies(t *testing.T) {
 			}
 			assert.Equal(t, tc.result, rep.Result)
 			assert.Equal(t, tc.throttle, w.count("throttle") > 0)
+			if tc.throttle {
+				// round 0, then delta rounds 1 and 2 out-write the link
+				// (throttle 20%, then 30%), delta round 3 hits the cap.
+				assert.Equal(t, []int{20, 30}, w.throttleSeen)
+				assert.Equal(t, 1, w.released, "released once, before the handoff")
+				assert.Zero(t, w.throttle)
+				assert.Equal(t, 30, rep.GuestThrottlePercent)
+				require.Len(t, rep.Rounds, 4)
+				assert.Equal(t, []int{0, 0, 20, 30}, []int{rep.Rounds[0].ThrottlePercent, rep.Rounds[1].ThrottlePercent, rep.Rounds[2].ThrottlePercent, rep.Rounds[3].ThrottlePercent})
+			}
 		})
 	}
+}
+
+// A migration cancelled while the guest is throttled gives the guest its
+// CPU back in the rollback, and a failing release is reported, retried by
+// a resume of the cleanup, and never lost.
+func TestThrottleReleasedOnRollback(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	w.ChangedBlocks = func(int) int { return 1 << 16 }
+	req := testRequest()
+	pol, rounds := PolicyThrottle, 5
+	req.Overrides.Policy, req.Overrides.MaxRounds = &pol, &rounds
+	req.Link.BandwidthBytesPerSec = 10_000_000
+	store := mustStore(t)
+	eng := newEngine(t, w, store)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	// cancel the migration after its second throttle; fail the first release
+	throttles, releaseFails := 0, 1
+	w.Hook = func(m string) error {
+		switch m {
+		case "throttle":
+			throttles++
+			if throttles == 2 {
+				w.mu.Lock()
+				w.cancelAll = true
+				for _, tk := range w.ourTasks {
+					w.tasks[tk].CurrentOperations["OpaqueRef:c"] = "cancel"
+				}
+				w.mu.Unlock()
+			}
+		case "throttle.release":
+			if releaseFails > 0 {
+				releaseFails--
+				return errors.New("xl: connection refused")
+			}
+		}
+		return nil
+	}
+	rep, err := eng.Run(ctx, req)
+	require.Error(t, err)
+	assert.Equal(t, []int{20, 30}, w.throttleSeen)
+	assert.True(t, w.vmAtSource)
+	if w.released == 0 {
+		// the first release failed: the rollback stops with the throttle
+		// recorded; a resume finishes it.
+		assert.Contains(t, err.Error(), "remove guest throttle")
+		rep, err = eng.Resume(ctx, rep.MigrationID)
+		require.ErrorIs(t, err, ErrCancelled)
+	}
+	assert.Equal(t, 1, w.released)
+	assert.Zero(t, w.throttle)
+	assert.Equal(t, ResultCancelled, rep.Result)
 }
 
 func TestUnknownBackendNamesInstalled(t *testing.T) {

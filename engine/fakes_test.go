@@ -94,7 +94,9 @@ type world struct {
 	netActive     bool
 	netReleased   bool
 	netCleaned    bool
-	throttle      int64
+	throttle      int // guest throttle in force (percent)
+	throttleSeen  []int
+	released      int
 }
 
 func newWorld() *world {
@@ -831,13 +833,32 @@ func (c catalog) Installed(ctx context.Context) (Installed, error) {
 
 type throttle struct{ w *world }
 
-func (t throttle) ThrottleGuest(ctx context.Context, id, vm string, bps int64) error {
+func (t throttle) ThrottleGuest(ctx context.Context, vm string, percent int, prev *ThrottleState) (ThrottleState, error) {
 	if err := t.w.call("throttle"); err != nil {
+		return ThrottleState{}, err
+	}
+	t.w.mu.Lock()
+	t.w.throttle = percent
+	t.w.throttleSeen = append(t.w.throttleSeen, percent)
+	t.w.mu.Unlock()
+	st := ThrottleState{Host: "OpaqueRef:host-a", Domid: 7, VCPUs: 2, Scheduler: "credit", PrevCap: 50, Percent: percent, Cap: 2 * int64(100-percent)}
+	if prev != nil {
+		st.PrevCap = prev.PrevCap
+	}
+	return st, nil
+}
+
+func (t throttle) ReleaseThrottle(ctx context.Context, vm string, st ThrottleState) error {
+	if err := t.w.call("throttle.release"); err != nil {
 		return err
 	}
 	t.w.mu.Lock()
-	t.w.throttle = bps
-	t.w.mu.Unlock()
+	defer t.w.mu.Unlock()
+	if st.PrevCap != 50 {
+		return fmt.Errorf("release with prev cap %d, want the original 50", st.PrevCap)
+	}
+	t.w.throttle = 0
+	t.w.released++
 	return nil
 }
 

@@ -48,6 +48,9 @@ type Report struct {
 	Convergence string      `json:"convergence,omitempty"`
 	// GuestWriteBytesPerSec is the guest write rate measured by the seed rounds.
 	GuestWriteBytesPerSec int64 `json:"guest_write_bytes_per_sec"`
+	// GuestThrottlePercent is the largest guest throttle applied (policy
+	// throttle; 0: none): the share of the guest's CPU time taken away.
+	GuestThrottlePercent int `json:"guest_throttle_percent"`
 
 	BytesToMove      int64   `json:"bytes_to_move"`
 	BytesOffered     int64   `json:"bytes_offered"`
@@ -83,6 +86,9 @@ func BuildReport(c *Checkpoint) Report {
 		LinkBytesPerSec:       c.Plan.LinkBytesPerSec,
 		Integrity:             c.Integrity,
 		Estimate:              c.Plan,
+	}
+	if c.Seed.Throttle != nil {
+		r.GuestThrottlePercent = c.Seed.Throttle.Percent
 	}
 	switch c.Phase {
 	case PhaseDone:
@@ -184,7 +190,11 @@ func (r Report) Text() string {
 	}
 	fmt.Fprintf(&b, "\n  seed rounds:     %d", r.SeedRounds)
 	for _, rs := range r.Rounds {
-		fmt.Fprintf(&b, " [%d: %s in %s]", rs.Round, HumanBytes(rs.ChangedBytes), fmtSeconds(rs.Seconds))
+		fmt.Fprintf(&b, " [%d: %s in %s", rs.Round, HumanBytes(rs.ChangedBytes), fmtSeconds(rs.Seconds))
+		if rs.ThrottlePercent > 0 {
+			fmt.Fprintf(&b, ", guest throttled %d%%", rs.ThrottlePercent)
+		}
+		b.WriteString("]")
 	}
 	fmt.Fprintf(&b, "\n  residual delta:  %s\n", HumanBytes(r.ResidualBytes))
 	if r.Convergence != "" {
@@ -192,6 +202,9 @@ func (r Report) Text() string {
 	}
 	if r.GuestWriteBytesPerSec > 0 {
 		fmt.Fprintf(&b, "  guest writes:    %s/s (measured)\n", HumanBytes(r.GuestWriteBytesPerSec))
+	}
+	if r.GuestThrottlePercent > 0 {
+		fmt.Fprintf(&b, "  guest throttle:  vCPUs slowed by up to %d%% during the seed rounds\n", r.GuestThrottlePercent)
 	}
 	pause := "estimated"
 	if r.GuestPauseMeasured {

@@ -130,15 +130,8 @@ func (r *run) releaseAll(ctx context.Context, rollback bool) error {
 			}
 		}
 	}
-	if rollback && cp.Seed.Throttled && !cp.Seed.ThrottleRemoved && r.d.Throttle != nil {
-		if err := r.d.Throttle.ThrottleGuest(ctx, cp.MigrationID, cp.Request.VMUUID, 0); err != nil {
-			errs = append(errs, fmt.Errorf("remove guest throttle: %w", err))
-		} else {
-			cp.Seed.ThrottleRemoved = true
-			if err := r.save(ctx); err != nil {
-				return err
-			}
-		}
+	if err := r.releaseThrottle(ctx); err != nil {
+		errs = append(errs, err)
 	}
 	if cp.GatewayUp && !cp.GatewayDown {
 		if rollback { // keep the counters of what crossed the link for the report
@@ -240,4 +233,32 @@ func (r *run) stepRollback(ctx context.Context) (Phase, error) {
 	}
 	r.plog.Info("rolled back; the vm is untouched at the source")
 	return PhaseRolledBack, nil
+}
+
+// releaseThrottle puts the guest's scheduler cap back if a throttle is in
+// force. It is called before VM.migrate_send (the destination domain is
+// built from the VM's record, without the cap, but a failed send leaves the
+// VM at the source) and in cleanup on every path.
+func (r *run) releaseThrottle(ctx context.Context) error {
+	cp := r.cp
+	if cp.Seed.Throttle == nil || cp.Seed.ThrottleRemoved {
+		return nil
+	}
+	if r.d.Throttle == nil {
+		return fmt.Errorf("remove guest throttle: a throttle (cap %d on domain %d) is recorded but this installation has no guest throttle; restore the cap by hand with xl sched-%s -d %d -c %d",
+			cp.Seed.Throttle.Cap, cp.Seed.Throttle.Domid, schedulerName(cp.Seed.Throttle.Scheduler), cp.Seed.Throttle.Domid, cp.Seed.Throttle.PrevCap)
+	}
+	if err := r.d.Throttle.ReleaseThrottle(ctx, cp.Request.VMUUID, *cp.Seed.Throttle); err != nil {
+		return fmt.Errorf("remove guest throttle: %w", err)
+	}
+	cp.Seed.ThrottleRemoved = true
+	r.plog.Info("guest throttle removed", "cap", cp.Seed.Throttle.PrevCap, "domid", cp.Seed.Throttle.Domid)
+	return r.save(ctx)
+}
+
+func schedulerName(s string) string {
+	if s == "" {
+		return "credit"
+	}
+	return s
 }

@@ -14,6 +14,11 @@ func (r *run) stepHandoff(ctx context.Context) (Phase, error) {
 		return PhaseHandoff, err
 	}
 	_ = r.checkCancel(ctx) // logged and ignored: forward-only
+	// The seed is done: give the guest its CPU back before the VM moves
+	// (a failed VM.migrate_send leaves it running here).
+	if err := r.releaseThrottle(ctx); err != nil {
+		return PhaseHandoff, err
+	}
 	if h.StartNano == 0 {
 		h.StartNano = r.d.Now().UnixNano()
 	}

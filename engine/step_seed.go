@@ -38,7 +38,8 @@ func (r *run) stepSeed(ctx context.Context) (Phase, error) {
 		}
 		dec := Decide(ConvergeInput{Rounds: cp.Seed.Rounds, LinkBytesPerSec: cp.Plan.LinkBytesPerSec,
 			DowntimeTarget: cp.Settings.DowntimeTarget, MinShrink: cp.Settings.MinShrink,
-			MaxRounds: cp.Settings.MaxRounds, Policy: cp.Settings.Policy, Throttled: cp.Seed.Throttled})
+			MaxRounds: cp.Settings.MaxRounds, Policy: cp.Settings.Policy, ThrottlePercent: throttlePercent(cp.Seed),
+			ThrottleMax: cp.Settings.ThrottleMax})
 		cp.Seed.Decision = dec.Reason
 		if dec.WriteRate > 0 {
 			cp.Seed.WriteRate = dec.WriteRate
@@ -52,12 +53,14 @@ func (r *run) stepSeed(ctx context.Context) (Phase, error) {
 			return PhaseSeed, fmt.Errorf("%w: %s; %s", ErrNotConverging, dec.Reason, dec.Advice)
 		case ActionThrottle:
 			if r.d.Throttle == nil {
-				return PhaseSeed, fmt.Errorf("%w: %s, but no guest throttle is available in this installation (convergence_policy throttle acts as stop); %s", ErrNotConverging, dec.Reason, dec.Advice)
+				return PhaseSeed, fmt.Errorf("%w: %s, but no guest throttle is available in this installation; %s", ErrNotConverging, dec.Reason, dec.Advice)
 			}
-			if err := r.d.Throttle.ThrottleGuest(ctx, cp.MigrationID, cp.Request.VMUUID, dec.ThrottleBytesPS); err != nil {
-				return PhaseSeed, fmt.Errorf("throttle guest: %w", err)
+			st, err := r.d.Throttle.ThrottleGuest(ctx, cp.Request.VMUUID, dec.ThrottlePercent, cp.Seed.Throttle)
+			if err != nil {
+				return PhaseSeed, fmt.Errorf("throttle guest to %d%%: %w", dec.ThrottlePercent, err)
 			}
-			cp.Seed.Throttled = true
+			cp.Seed.Throttle, cp.Seed.Throttled, cp.Seed.ThrottleRemoved = &st, true, false
+			r.plog.Info("guest throttled", "percent", st.Percent, "cap", st.Cap, "prev_cap", st.PrevCap, "domid", st.Domid)
 			fallthrough
 		case ActionContinue:
 			cp.Seed.Round++
@@ -158,7 +161,7 @@ func (r *run) seedRound(ctx context.Context, round int) error {
 			r.plog.Warn("re-attach failed", "error", err)
 		}
 	}
-	stat := RoundStat{Round: round, Seconds: float64(r.d.Now().UnixNano()-cp.Seed.RoundStartNano) / 1e9}
+	stat := RoundStat{Round: round, Seconds: float64(r.d.Now().UnixNano()-cp.Seed.RoundStartNano) / 1e9, ThrottlePercent: throttlePercent(cp.Seed)}
 	for _, d := range cp.Disks {
 		stat.ChangedBytes += d.RoundBytes
 		stat.BytesOnWire += d.RoundWire
@@ -321,4 +324,12 @@ func (r *run) syncSpec(ctx context.Context, d *DiskState, round int) (SyncSpec, 
 	spec.Bitmap = bm
 	d.RoundBytes = ChangedBytes(bm, d.Disk.VirtualSize)
 	return spec, nil
+}
+
+// throttlePercent is the guest throttle in force (0: none).
+func throttlePercent(s SeedState) int {
+	if s.Throttle == nil || s.ThrottleRemoved {
+		return 0
+	}
+	return s.Throttle.Percent
 }

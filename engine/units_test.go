@@ -61,34 +61,38 @@ func TestDecide(t *testing.T) {
 	r := func(changed int64, secs float64) RoundStat { return RoundStat{ChangedBytes: changed, Seconds: secs} }
 	base := ConvergeInput{LinkBytesPerSec: L, DowntimeTarget: time.Second, MinShrink: 0.1, MaxRounds: 5, Policy: PolicyKeepGoing}
 	cases := []struct {
-		name      string
-		rounds    []RoundStat
-		policy    ConvergencePolicy
-		throttled bool
-		want      Action
-		reason    string
+		name     string
+		rounds   []RoundStat
+		policy   ConvergencePolicy
+		throttle int // percent in force
+		want     Action
+		reason   string
 	}{
-		{"nothing yet", nil, "", false, ActionContinue, "no round"},
-		{"after the full copy", []RoundStat{r(10e9, 100)}, "", false, ActionContinue, "measuring"},
-		{"delta under threshold", []RoundStat{r(10e9, 100), r(50e6, 1)}, "", false, ActionHandoff, "converged"},
-		{"delta exactly threshold", []RoundStat{r(10e9, 100), r(100e6, 1)}, "", false, ActionHandoff, "converged"},
-		{"shrinking", []RoundStat{r(10e9, 100), r(2e9, 20), r(500e6, 5)}, "", false, ActionContinue, "shrinking"},
-		{"stopped shrinking", []RoundStat{r(10e9, 100), r(2e9, 20), r(1.9e9, 19)}, "", false, ActionHandoff, "stopped shrinking"},
-		{"grew", []RoundStat{r(10e9, 100), r(1e9, 20), r(1.2e9, 24)}, "", false, ActionHandoff, "stopped shrinking"},
-		{"round cap", []RoundStat{r(10e9, 100), r(5e9, 50), r(2e9, 20), r(1e9, 10), r(500e6, 5), r(200e6, 2)}, "", false, ActionHandoff, "round cap 5"},
+		{"nothing yet", nil, "", 0, ActionContinue, "no round"},
+		{"after the full copy", []RoundStat{r(10e9, 100)}, "", 0, ActionContinue, "measuring"},
+		{"delta under threshold", []RoundStat{r(10e9, 100), r(50e6, 1)}, "", 0, ActionHandoff, "converged"},
+		{"delta exactly threshold", []RoundStat{r(10e9, 100), r(100e6, 1)}, "", 0, ActionHandoff, "converged"},
+		{"shrinking", []RoundStat{r(10e9, 100), r(2e9, 20), r(500e6, 5)}, "", 0, ActionContinue, "shrinking"},
+		{"stopped shrinking", []RoundStat{r(10e9, 100), r(2e9, 20), r(1.9e9, 19)}, "", 0, ActionHandoff, "stopped shrinking"},
+		{"grew", []RoundStat{r(10e9, 100), r(1e9, 20), r(1.2e9, 24)}, "", 0, ActionHandoff, "stopped shrinking"},
+		{"round cap", []RoundStat{r(10e9, 100), r(5e9, 50), r(2e9, 20), r(1e9, 10), r(500e6, 5), r(200e6, 2)}, "", 0, ActionHandoff, "round cap 5"},
 		// guest writes 8e9 bytes during a 50 s round: 160 MB/s > 100 MB/s link
-		{"diverging keep-going", []RoundStat{r(5e9, 50), r(8e9, 80)}, PolicyKeepGoing, false, ActionContinue, "keep going"},
-		{"diverging keep-going at cap", []RoundStat{r(5e9, 50), r(8e9, 80), r(9e9, 90), r(9e9, 90), r(9e9, 90), r(9e9, 90)}, PolicyKeepGoing, false, ActionHandoff, "round cap 5 reached while"},
-		{"diverging stop", []RoundStat{r(5e9, 50), r(8e9, 80)}, PolicyStop, false, ActionStop, "faster than the link"},
-		{"diverging throttle", []RoundStat{r(5e9, 50), r(8e9, 80)}, PolicyThrottle, false, ActionThrottle, "throttling"},
-		{"diverging already throttled", []RoundStat{r(5e9, 50), r(8e9, 80), r(9e9, 90)}, PolicyThrottle, true, ActionContinue, "keep going"},
-		{"write rate equals link", []RoundStat{r(1e9, 10), r(1e9, 10)}, PolicyStop, false, ActionStop, "faster"},
-		{"slow writer large delta", []RoundStat{r(10e9, 100), r(5e9, 100)}, PolicyStop, false, ActionContinue, "shrinking"},
+		{"diverging keep-going", []RoundStat{r(5e9, 50), r(8e9, 80)}, PolicyKeepGoing, 0, ActionContinue, "keep going"},
+		{"diverging keep-going at cap", []RoundStat{r(5e9, 50), r(8e9, 80), r(9e9, 90), r(9e9, 90), r(9e9, 90), r(9e9, 90)}, PolicyKeepGoing, 0, ActionHandoff, "round cap 5 reached while"},
+		{"diverging stop", []RoundStat{r(5e9, 50), r(8e9, 80)}, PolicyStop, 0, ActionStop, "faster than the link"},
+		{"diverging throttle", []RoundStat{r(5e9, 50), r(8e9, 80)}, PolicyThrottle, 0, ActionThrottle, "throttling its vCPUs by 20%"},
+		{"diverging throttled once", []RoundStat{r(5e9, 50), r(8e9, 80), r(9e9, 90)}, PolicyThrottle, 20, ActionThrottle, "by 30%"},
+		{"diverging at the maximum throttle", []RoundStat{r(5e9, 50), r(8e9, 80), r(9e9, 90)}, PolicyThrottle, 90, ActionContinue, "maximum throttle (90%); keep going"},
+		{"diverging throttle at the round cap", []RoundStat{r(5e9, 50), r(8e9, 80), r(9e9, 90), r(9e9, 90), r(9e9, 90), r(9e9, 90)}, PolicyThrottle, 40, ActionHandoff, "round cap 5 reached while"},
+		{"stopped shrinking throttle", []RoundStat{r(10e9, 100), r(2e9, 20), r(1.9e9, 19)}, PolicyThrottle, 0, ActionThrottle, "stopped shrinking"},
+		{"stopped shrinking at the maximum throttle", []RoundStat{r(10e9, 100), r(2e9, 20), r(1.9e9, 19)}, PolicyThrottle, 90, ActionHandoff, "stopped shrinking"},
+		{"write rate equals link", []RoundStat{r(1e9, 10), r(1e9, 10)}, PolicyStop, 0, ActionStop, "faster"},
+		{"slow writer large delta", []RoundStat{r(10e9, 100), r(5e9, 100)}, PolicyStop, 0, ActionContinue, "shrinking"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			in := base
-			in.Rounds, in.Throttled = tc.rounds, tc.throttled
+			in.Rounds, in.ThrottlePercent = tc.rounds, tc.throttle
 			if tc.policy != "" {
 				in.Policy = tc.policy
 			}
@@ -101,9 +105,32 @@ func TestDecide(t *testing.T) {
 				assert.NotContains(t, d.Advice, "suspend", "no advice to use a mode that does not exist")
 			}
 			if tc.want == ActionThrottle {
-				assert.Equal(t, int64(L/2), d.ThrottleBytesPS)
+				assert.Equal(t, nextThrottle(in), d.ThrottlePercent)
+				assert.Greater(t, d.ThrottlePercent, tc.throttle)
+			} else {
+				assert.Zero(t, d.ThrottlePercent)
 			}
 		})
+	}
+}
+
+func TestNextThrottleSteps(t *testing.T) {
+	t.Parallel()
+	cases := []struct {
+		now, initial, step, max, want int
+	}{
+		{0, 0, 0, 0, DefaultThrottleInitial},
+		{20, 0, 0, 0, 30},
+		{85, 0, 0, 0, DefaultThrottleMax},
+		{90, 0, 0, 0, 0},
+		{0, 0, 0, 10, 10},   // the maximum caps the first step
+		{50, 0, 0, 50, 0},   // at a lowered maximum
+		{0, 30, 25, 99, 30}, // custom steps
+		{30, 30, 25, 99, 55},
+	}
+	for _, tc := range cases {
+		got := nextThrottle(ConvergeInput{ThrottlePercent: tc.now, ThrottleInitial: tc.initial, ThrottleStep: tc.step, ThrottleMax: tc.max})
+		assert.Equal(t, tc.want, got, "%+v", tc)
 	}
 }
 
@@ -440,7 +467,7 @@ func TestParsePoolConfig(t *testing.T) {
 			assert.Equal(t, "drbd", *o.Storage)
 			assert.Equal(t, "l2tunnel", *o.Network)
 		}, ""},
-		{"full config", map[string]string{KeyConfig: `{"bandwidth":"200Mbit","streams":8,"compression":"none","gateway_listen":"0.0.0.0:7000","gateway_advertise":"gw.example:7000","downtime_target":"500ms","convergence_policy":"throttle","max_rounds":4,"min_shrink":0.2,"migration_network":"OpaqueRef:n"}`},
+		{"full config", map[string]string{KeyConfig: `{"bandwidth":"200Mbit","streams":8,"compression":"none","gateway_listen":"0.0.0.0:7000","gateway_advertise":"gw.example:7000","downtime_target":"500ms","convergence_policy":"throttle","max_rounds":4,"min_shrink":0.2,"throttle_max":60,"migration_network":"OpaqueRef:n"}`},
 			func(t *testing.T, o Overrides) {
 				assert.Equal(t, int64(25_000_000), *o.BandwidthBytesPerSec)
 				assert.Equal(t, 8, *o.Streams)
@@ -451,6 +478,7 @@ func TestParsePoolConfig(t *testing.T) {
 				assert.Equal(t, PolicyThrottle, *o.Policy)
 				assert.Equal(t, 4, *o.MaxRounds)
 				assert.Equal(t, 0.2, *o.MinShrink)
+				assert.Equal(t, 60, *o.ThrottleMax)
 				assert.Equal(t, "OpaqueRef:n", *o.MigrationNetwork)
 			}, ""},
 		{"unknown field", map[string]string{KeyConfig: `{"bandwith":"1Gbit"}`}, nil, `unknown field "bandwith"`},
@@ -463,6 +491,8 @@ func TestParsePoolConfig(t *testing.T) {
 		{"bad listen", map[string]string{KeyConfig: `{"gateway_listen":"7000"}`}, nil, "gateway_listen"},
 		{"bad port", map[string]string{KeyConfig: `{"gateway_advertise":"h:99999"}`}, nil, "bad port"},
 		{"bad shrink", map[string]string{KeyConfig: `{"min_shrink":1}`}, nil, "min_shrink"},
+		{"throttle_max 100", map[string]string{KeyConfig: `{"throttle_max":100}`}, nil, "throttle_max 100: want 1..99"},
+		{"throttle_max 0", map[string]string{KeyConfig: `{"throttle_max":0}`}, nil, "throttle_max 0: want 1..99"},
 		{"wrong type", map[string]string{KeyConfig: `{"streams":"4"}`}, nil, "streams"},
 	}
 	for _, tc := range cases {
@@ -554,7 +584,14 @@ func TestResolve(t *testing.T) {
 	}{
 		{"defaults", Overrides{}, Overrides{}, Overrides{}, func(t *testing.T, s Settings) {
 			assert.Equal(t, Settings{Storage: "nbd", Network: "none", Streams: DefaultStreams, Compression: "zstd",
-				DowntimeTarget: DefaultDowntimeTarget, Policy: PolicyKeepGoing, MaxRounds: DefaultMaxRounds, MinShrink: DefaultMinShrink}, s)
+				DowntimeTarget: DefaultDowntimeTarget, Policy: PolicyKeepGoing, MaxRounds: DefaultMaxRounds, MinShrink: DefaultMinShrink,
+				ThrottleMax: DefaultThrottleMax}, s)
+		}, nil, ""},
+		{"throttle_max: the source pool's (its guest is throttled), the flag wins", Overrides{ThrottleMax: ptr(50)}, Overrides{ThrottleMax: ptr(10)}, Overrides{}, func(t *testing.T, s Settings) {
+			assert.Equal(t, 50, s.ThrottleMax)
+		}, nil, ""},
+		{"throttle_max flag", Overrides{ThrottleMax: ptr(50)}, Overrides{}, Overrides{ThrottleMax: ptr(70)}, func(t *testing.T, s Settings) {
+			assert.Equal(t, 70, s.ThrottleMax)
 		}, nil, ""},
 		{"pool backends agree", Overrides{Storage: ptr("drbd")}, Overrides{Storage: ptr("drbd")}, Overrides{}, func(t *testing.T, s Settings) {
 			assert.Equal(t, "drbd", s.Storage)

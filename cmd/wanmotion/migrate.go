@@ -63,7 +63,7 @@ type migrateFlags struct {
 	networkMap                                  stringList
 	storage, network, bandwidth, compression    string
 	rtt, downtimeTarget                         time.Duration
-	streams                                     int
+	streams, throttleMax                        int
 	policy                                      string
 	stateDir, pluginDir                         string
 	gatewayListen, gatewayAdvertise             string
@@ -108,6 +108,7 @@ func newMigrateFlagSet(stderr io.Writer) (*flag.FlagSet, *migrateFlags) {
 	fs.IntVar(&f.streams, "streams", 0, "parallel WAN streams (1..256)")
 	fs.DurationVar(&f.downtimeTarget, "downtime-target", 0, "target guest pause, e.g. 500ms")
 	fs.StringVar(&f.policy, "policy", "", "when the guest writes faster than the link: keep-going, throttle or stop")
+	fs.IntVar(&f.throttleMax, "throttle-max", 0, "policy throttle: slow the guest's vCPUs by at most this percent (1..99, default 90)")
 	fs.StringVar(&f.stateDir, "state-dir", defaultStateDir(), "checkpoint directory")
 	fs.StringVar(&f.pluginDir, "plugin-dir", "", "backend install directory (default $"+host.EnvPluginDir+" or "+host.DefaultInstallDir+")")
 	fs.StringVar(&f.gatewayListen, "gateway-listen", "", "destination gateway listen address host:port")
@@ -213,6 +214,12 @@ func parseMigrateFlags(args []string, stderr io.Writer) (*migrateFlags, engine.O
 			return nil, o, fmt.Errorf("%w: --policy: %v", errUsage, err)
 		}
 		o.Policy = &p
+	}
+	if f.given["throttle-max"] {
+		if f.throttleMax < 1 || f.throttleMax > 99 {
+			return nil, o, fmt.Errorf("%w: --throttle-max %d: want 1..99 (percent)", errUsage, f.throttleMax)
+		}
+		o.ThrottleMax = &f.throttleMax
 	}
 	for _, g := range []struct {
 		name string

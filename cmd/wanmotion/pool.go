@@ -34,7 +34,7 @@ file or a prompt; never from a flag.`
 
 // configKeys are the wanmotion:config fields (docs/engine.md).
 var configKeys = []string{"bandwidth", "streams", "compression", "gateway_listen", "gateway_advertise",
-	"downtime_target", "convergence_policy", "max_rounds", "min_shrink", "migration_network"}
+	"downtime_target", "convergence_policy", "max_rounds", "min_shrink", "throttle_max", "migration_network"}
 
 func runPool(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
@@ -349,7 +349,7 @@ func newPoolEntries(cur map[string]string, setStorage bool, storage string, setN
 			continue
 		}
 		switch k {
-		case "streams", "max_rounds":
+		case "streams", "max_rounds", "throttle_max":
 			n, err := strconv.Atoi(val)
 			if err != nil {
 				return nil, fmt.Errorf("%w: --set %s=%q: want an integer", errUsage, k, val)
