@@ -315,10 +315,8 @@ func (p *Pool) PoolMaster(ctx context.Context) (string, error) {
 // ErrNoSR: the pool has no default SR and no SR that can hold a replica.
 var ErrNoSR = errors.New("no usable SR")
 
-// DefaultSR implements engine.DestPool: pool.default_SR when set and
-// valid; otherwise the SR with the most free space among the pool's SRs
-// that can hold disks (content_type not "iso", type not iso/udev, at least
-// one PBD), shared SRs preferred over local ones.
+// DefaultSR implements engine.DestPool: DefaultSRFor the pool coordinator,
+// the host a migration lands on when none is asked for.
 func (p *Pool) DefaultSR(ctx context.Context) (string, error) {
 	ref, err := p.PoolRef(ctx)
 	if err != nil {
@@ -328,11 +326,60 @@ func (p *Pool) DefaultSR(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("pool.get_record: %w", mapErr(err))
 	}
+	return p.defaultSRFor(ctx, rec, string(rec.Master))
+}
+
+// DefaultSRFor returns the SR that disks of a VM arriving on host go to:
+// pool.default_SR when host can use it, otherwise the SR with the most free
+// space among the SRs that can hold disks (content_type not "iso", type not
+// iso/udev) and are plugged on host (a PBD of host with currently_attached),
+// shared SRs preferred over the host's local ones. A local SR of another
+// host is never chosen: the VM could not reach it. An empty host means the
+// pool coordinator.
+func (p *Pool) DefaultSRFor(ctx context.Context, host string) (string, error) {
+	ref, err := p.PoolRef(ctx)
+	if err != nil {
+		return "", err
+	}
+	rec, err := p.c.PoolGetRecord(ctx, ref)
+	if err != nil {
+		return "", fmt.Errorf("pool.get_record: %w", mapErr(err))
+	}
+	if host == "" {
+		host = string(rec.Master)
+	}
+	return p.defaultSRFor(ctx, rec, host)
+}
+
+// pbdRecord is the part of a PBD record DefaultSRFor needs.
+type pbdRecord struct {
+	Host              xapi.HostRef `xapi:"host"`
+	SR                xapi.SRRef   `xapi:"SR"`
+	CurrentlyAttached bool         `xapi:"currently_attached"`
+}
+
+func (p *Pool) defaultSRFor(ctx context.Context, rec xapi.PoolRecord, host string) (string, error) {
+	var pbds map[string]pbdRecord
+	if err := p.c.CallInto(ctx, &pbds, "PBD.get_all_records"); err != nil {
+		return "", fmt.Errorf("PBD.get_all_records: %w", mapErr(err))
+	}
+	plugged := map[xapi.SRRef]bool{} // SRs host can use
+	for _, pbd := range pbds {
+		if string(pbd.Host) == host && pbd.CurrentlyAttached {
+			plugged[pbd.SR] = true
+		}
+	}
 	if !rec.DefaultSR.IsNull() {
-		if _, err := p.c.SRGetRecord(ctx, rec.DefaultSR); err == nil {
+		_, err := p.c.SRGetRecord(ctx, rec.DefaultSR)
+		switch {
+		case err != nil:
+			p.log.Warn("pool.default_SR is not a valid SR; choosing one", "sr", string(rec.DefaultSR))
+		case !plugged[rec.DefaultSR]:
+			p.log.Warn("pool.default_SR is not plugged on the destination host; choosing one",
+				"sr", string(rec.DefaultSR), "host", host)
+		default:
 			return string(rec.DefaultSR), nil
 		}
-		p.log.Warn("pool.default_SR is not a valid SR; choosing one", "sr", string(rec.DefaultSR))
 	}
 	srs, err := p.c.SRGetAllRecords(ctx)
 	if err != nil {
@@ -346,7 +393,7 @@ func (p *Pool) DefaultSR(ctx context.Context) (string, error) {
 	sort.Strings(refs)
 	for _, r := range refs {
 		sr := srs[xapi.SRRef(r)]
-		if strings.EqualFold(sr.ContentType, "iso") || sr.Type == "iso" || sr.Type == "udev" || len(sr.PBDs) == 0 {
+		if strings.EqualFold(sr.ContentType, "iso") || sr.Type == "iso" || sr.Type == "udev" || !plugged[xapi.SRRef(r)] {
 			continue
 		}
 		free := sr.PhysicalSize - sr.PhysicalUtilisation
@@ -358,7 +405,7 @@ func (p *Pool) DefaultSR(ctx context.Context) (string, error) {
 		}
 	}
 	if best == "" {
-		return "", fmt.Errorf("destination pool: %w (no pool.default_SR and no non-ISO SR with free space)", ErrNoSR)
+		return "", fmt.Errorf("destination pool: %w (no usable pool.default_SR and no non-ISO SR with free space plugged on host %s)", ErrNoSR, host)
 	}
 	return string(best), nil
 }
