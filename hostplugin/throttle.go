@@ -26,6 +26,9 @@ const (
 // MaxCap is the largest cap the plugin accepts (64 full CPUs).
 const MaxCap = 6400
 
+// DomidMax is the largest guest domid (DOMID_FIRST_RESERVED - 1).
+const DomidMax = 0x7FEF
+
 // ErrSchedulerUnsupported: the host's Xen scheduler has no cap wanmotion
 // can set (rtds, arinc653, null...). errors.As gives *SchedulerError.
 var ErrSchedulerUnsupported = errors.New("xen scheduler has no cap")
@@ -258,4 +261,107 @@ func ParseSchedCredit(out string, domid int64) (SchedRow, error) {
 		return SchedRow{}, fmt.Errorf("xl sched-credit: %w: %w", ErrXLOutput, err)
 	}
 	return SchedRow{}, fmt.Errorf("xl sched-credit: no row for domain %d: %w", domid, ErrXLOutput)
+}
+
+// The plugin function that sets a guest's cap:
+// host.call_plugin(VM.resident_on, "wanmotion", "throttle",
+// {"domid": D, "cap": C [, "expect_cap": E]}) → ThrottleResult as JSON.
+const FnThrottle = "throttle"
+
+// Arguments of throttle.
+const (
+	ArgDomid = "domid"
+	ArgCap   = "cap"
+	// ArgExpectCap (optional): set only when the domain's cap is this
+	// value now (ErrCapChanged otherwise), so a release does not undo a
+	// cap an administrator set meanwhile.
+	ArgExpectCap = "expect_cap"
+)
+
+// CodeCapChanged is the plugin's error code for ErrCapChanged.
+const CodeCapChanged = "WANMOTION_CAP_CHANGED"
+
+// ErrCapChanged: the domain's cap is not the expect_cap given.
+var ErrCapChanged = errors.New("cap changed")
+
+// ThrottleArgs are throttle's checked arguments.
+type ThrottleArgs struct {
+	Domid     int64
+	Cap       int64
+	ExpectCap *int64
+}
+
+// ThrottleResult is throttle's result (JSON).
+type ThrottleResult struct {
+	Scheduler   string `json:"scheduler"`
+	Domid       int64  `json:"domid"`
+	PreviousCap int64  `json:"previous_cap"`
+	Cap         int64  `json:"cap"`
+}
+
+// ParseThrottleArgs checks throttle's arguments: domid an integer > 0
+// (dom0 is never touched), cap and expect_cap integers in 0..MaxCap.
+// Errors wrap ErrInvalidArgument.
+func ParseThrottleArgs(args map[string]string) (ThrottleArgs, error) {
+	var a ThrottleArgs
+	for k := range args {
+		if k != ArgDomid && k != ArgCap && k != ArgExpectCap {
+			return a, fmt.Errorf("%w: unknown argument %q for %s (arguments: %s, %s, %s)", ErrInvalidArgument, k, FnThrottle, ArgCap, ArgDomid, ArgExpectCap)
+		}
+	}
+	num := func(name string, lo, hi int64) (int64, error) {
+		v, ok := args[name]
+		if !ok {
+			return 0, fmt.Errorf("%w: %s is required", ErrInvalidArgument, name)
+		}
+		n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("%w: %s %q: not an integer", ErrInvalidArgument, name, v)
+		}
+		if n < lo || n > hi {
+			return 0, fmt.Errorf("%w: %s %d: want %d..%d", ErrInvalidArgument, name, n, lo, hi)
+		}
+		return n, nil
+	}
+	var err error
+	if a.Domid, err = num(ArgDomid, 0, DomidMax); err != nil {
+		return a, err
+	}
+	if a.Domid == 0 {
+		return a, fmt.Errorf("%w: %s 0 is dom0, which wanmotion never throttles", ErrInvalidArgument, ArgDomid)
+	}
+	if a.Cap, err = num(ArgCap, 0, MaxCap); err != nil {
+		return a, err
+	}
+	if _, ok := args[ArgExpectCap]; ok {
+		e, err := num(ArgExpectCap, 0, MaxCap)
+		if err != nil {
+			return a, err
+		}
+		a.ExpectCap = &e
+	}
+	return a, nil
+}
+
+// Throttle sets a.Cap on domain a.Domid with x and returns the cap it had
+// before. x.Sched, when empty, is read from xl info.
+func Throttle(ctx context.Context, x XL, a ThrottleArgs) (ThrottleResult, error) {
+	x, err := x.withSched(ctx)
+	if err != nil {
+		return ThrottleResult{}, err
+	}
+	res := ThrottleResult{Scheduler: x.Sched, Domid: a.Domid, Cap: a.Cap}
+	if res.PreviousCap, err = x.Cap(ctx, a.Domid); err != nil {
+		return res, err
+	}
+	if a.ExpectCap != nil && *a.ExpectCap != res.PreviousCap {
+		return res, fmt.Errorf("domain %d has cap %d, not the expected %d (set by someone else?): %w", a.Domid, res.PreviousCap, *a.ExpectCap, ErrCapChanged)
+	}
+	if res.PreviousCap == a.Cap {
+		return res, nil
+	}
+	if err := x.SetCap(ctx, a.Domid, a.Cap); err != nil {
+		return res, err
+	}
+	return res, nil
 }

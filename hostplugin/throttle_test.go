@@ -289,3 +289,77 @@ esac
 	require.Error(t, err)
 	require.ErrorIs(t, err, os.ErrNotExist)
 }
+
+func TestParseThrottleArgs(t *testing.T) {
+	i := func(v int64) *int64 { return &v }
+	for _, tc := range []struct {
+		name string
+		args map[string]string
+		want ThrottleArgs
+		msg  string // error contains; "" = valid
+	}{
+		{name: "valid", args: map[string]string{"domid": "5", "cap": "100"}, want: ThrottleArgs{Domid: 5, Cap: 100}},
+		{name: "release to no cap", args: map[string]string{"domid": "5", "cap": "0"}, want: ThrottleArgs{Domid: 5, Cap: 0}},
+		{name: "expect_cap", args: map[string]string{"domid": "7", "cap": "0", "expect_cap": "160"}, want: ThrottleArgs{Domid: 7, Cap: 0, ExpectCap: i(160)}},
+		{name: "max cap", args: map[string]string{"domid": "1", "cap": "6400"}, want: ThrottleArgs{Domid: 1, Cap: 6400}},
+		{name: "dom0", args: map[string]string{"domid": "0", "cap": "100"}, msg: "dom0"},
+		{name: "negative domid", args: map[string]string{"domid": "-3", "cap": "100"}, msg: "domid -3"},
+		{name: "domid too big", args: map[string]string{"domid": "32752", "cap": "100"}, msg: "domid 32752"},
+		{name: "domid not a number", args: map[string]string{"domid": "vm1", "cap": "100"}, msg: "not an integer"},
+		{name: "no domid", args: map[string]string{"cap": "100"}, msg: "domid is required"},
+		{name: "no cap", args: map[string]string{"domid": "5"}, msg: "cap is required"},
+		{name: "cap too big", args: map[string]string{"domid": "5", "cap": "6401"}, msg: "cap 6401"},
+		{name: "negative cap", args: map[string]string{"domid": "5", "cap": "-1"}, msg: "cap -1"},
+		{name: "cap float", args: map[string]string{"domid": "5", "cap": "1.5"}, msg: "not an integer"},
+		{name: "bad expect_cap", args: map[string]string{"domid": "5", "cap": "0", "expect_cap": "x"}, msg: "expect_cap"},
+		{name: "unknown argument", args: map[string]string{"domid": "5", "cap": "0", "weight": "1"}, msg: `unknown argument "weight"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := ParseThrottleArgs(tc.args)
+			if tc.msg != "" {
+				require.ErrorIs(t, err, ErrInvalidArgument)
+				assert.Contains(t, err.Error(), tc.msg)
+				return
+			}
+			require.NoError(t, err)
+			assert.Equal(t, tc.want, got)
+		})
+	}
+}
+
+func TestThrottle(t *testing.T) {
+	ctx := context.Background()
+	f := &fakeXL{sched: SchedCredit2, caps: map[int64]int64{5: 0, 6: 300}}
+	x := XL{Run: f.run}
+
+	res, err := Throttle(ctx, x, ThrottleArgs{Domid: 5, Cap: 100})
+	require.NoError(t, err)
+	assert.Equal(t, ThrottleResult{Scheduler: SchedCredit2, Domid: 5, PreviousCap: 0, Cap: 100}, res)
+	assert.Equal(t, int64(100), f.caps[5])
+
+	res, err = Throttle(ctx, x, ThrottleArgs{Domid: 5, Cap: 50})
+	require.NoError(t, err)
+	assert.Equal(t, int64(100), res.PreviousCap, "a second call sees the first cap")
+	assert.Equal(t, int64(50), f.caps[5])
+
+	e := int64(100)
+	_, err = Throttle(ctx, x, ThrottleArgs{Domid: 5, Cap: 0, ExpectCap: &e})
+	require.ErrorIs(t, err, ErrCapChanged)
+	assert.Equal(t, int64(50), f.caps[5], "not released over a cap it did not expect")
+	e = 50
+	res, err = Throttle(ctx, x, ThrottleArgs{Domid: 5, Cap: 0, ExpectCap: &e})
+	require.NoError(t, err)
+	assert.Equal(t, int64(50), res.PreviousCap)
+	assert.Equal(t, int64(0), f.caps[5])
+
+	f.calls = nil
+	res, err = Throttle(ctx, x, ThrottleArgs{Domid: 6, Cap: 300})
+	require.NoError(t, err)
+	assert.Equal(t, int64(300), res.PreviousCap)
+	assert.Len(t, f.calls, 2, "xl info and one read: the cap is already right")
+
+	_, err = Throttle(ctx, x, ThrottleArgs{Domid: 9, Cap: 10})
+	var xe *XLError
+	require.ErrorAs(t, err, &xe)
+	assert.Contains(t, err.Error(), "domain 9")
+}
