@@ -363,6 +363,14 @@ type GuestThrottle interface {
 	ReleaseThrottle(ctx context.Context, vmUUID string, st ThrottleState) error
 }
 
+// ThrottleChecker is implemented by a GuestThrottle that can tell, while
+// planning, whether it will be able to slow the VM (e.g. the host plugin
+// and xl are there and the scheduler has a cap), so that policy throttle
+// fails before any copy instead of in the middle of the seed.
+type ThrottleChecker interface {
+	CheckThrottle(ctx context.Context, vmUUID string) error
+}
+
 // IntegrityRequest names the disks to compare after the move.
 type IntegrityRequest struct {
 	MigrationID string

@@ -464,7 +464,7 @@ func TestConvergencePolicies(t *testing.T) {
 	}{
 		{"stop", PolicyStop, ErrNotConverging, ResultFailed, false, false},
 		{"throttle", PolicyThrottle, nil, ResultSuccess, true, false},
-		{"throttle unavailable", PolicyThrottle, ErrNotConverging, ResultFailed, false, true},
+		{"throttle unavailable", PolicyThrottle, ErrConfig, ResultFailed, false, true},
 		{"keep-going", PolicyKeepGoing, nil, ResultSuccess, false, false},
 	}
 	for _, tc := range cases {
@@ -483,10 +483,12 @@ func TestConvergencePolicies(t *testing.T) {
 			rep, err := eng.Run(context.Background(), req)
 			if tc.wantErr != nil {
 				require.ErrorIs(t, err, tc.wantErr)
-				assert.Contains(t, err.Error(), "raise the bandwidth")
-				assert.Contains(t, err.Error(), "convergence_policy keep-going", "advice names a policy that works")
 				if tc.noThrottle {
-					assert.Contains(t, err.Error(), "no guest throttle is available")
+					assert.Contains(t, err.Error(), "has no guest throttle; choose keep-going or stop")
+					assert.Zero(t, w.count("st.SyncRound"), "refused while planning, before any copy")
+				} else {
+					assert.Contains(t, err.Error(), "raise the bandwidth")
+					assert.Contains(t, err.Error(), "convergence_policy keep-going", "advice names a policy that works")
 				}
 				assert.True(t, w.vmAtSource)
 				assert.Zero(t, w.live("replica"))
@@ -508,6 +510,36 @@ func TestConvergencePolicies(t *testing.T) {
 			}
 		})
 	}
+}
+
+// Policy throttle is refused while planning when the throttle cannot work
+// on this VM (no host plugin, no xl, a scheduler without a cap).
+func TestThrottleCheckedWhilePlanning(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	w.Hook = func(m string) error {
+		if m == "throttle.check" {
+			return errors.New("the wanmotion host plugin is not installed on host-a")
+		}
+		return nil
+	}
+	req := testRequest()
+	pol := PolicyThrottle
+	req.Overrides.Policy = &pol
+	eng := newEngine(t, w, mustStore(t))
+	_, err := eng.Plan(context.Background(), req)
+	require.ErrorIs(t, err, ErrConfig)
+	assert.Contains(t, err.Error(), "cannot slow this guest: the wanmotion host plugin is not installed on host-a; fix that or choose keep-going or stop")
+	rep, err := eng.Run(context.Background(), req)
+	require.ErrorIs(t, err, ErrConfig)
+	assert.Equal(t, ResultFailed, rep.Result)
+	assert.Zero(t, w.count("st.SyncRound"))
+	assert.True(t, w.vmAtSource)
+	// other policies do not need it
+	kg := PolicyKeepGoing
+	req.Overrides.Policy = &kg
+	_, err = eng.Plan(context.Background(), req)
+	require.NoError(t, err)
 }
 
 // A migration cancelled while the guest is throttled gives the guest its

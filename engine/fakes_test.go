@@ -848,6 +848,10 @@ func (t throttle) ThrottleGuest(ctx context.Context, vm string, percent int, pre
 	return st, nil
 }
 
+func (t throttle) CheckThrottle(ctx context.Context, vm string) error {
+	return t.w.call("throttle.check")
+}
+
 func (t throttle) ReleaseThrottle(ctx context.Context, vm string, st ThrottleState) error {
 	if err := t.w.call("throttle.release"); err != nil {
 		return err

@@ -154,6 +154,16 @@ func (e *Engine) resolve(ctx context.Context, rq RequestState, log interface {
 	if p.Settings.Network != NetworkNone && d.Network == nil {
 		return p, fmt.Errorf("%w: network backend %q configured but the engine has no network driver", ErrConfig, p.Settings.Network)
 	}
+	if p.Settings.Policy == PolicyThrottle {
+		if d.Throttle == nil {
+			return p, fmt.Errorf("%w: convergence_policy throttle: this installation has no guest throttle; choose keep-going or stop", ErrConfig)
+		}
+		if c, ok := d.Throttle.(ThrottleChecker); ok {
+			if err := c.CheckThrottle(ctx, p.VMUUID); err != nil {
+				return p, fmt.Errorf("%w: convergence_policy throttle cannot slow this guest: %w; fix that or choose keep-going or stop", ErrConfig, err)
+			}
+		}
+	}
 	if p.DestHost = rq.DestHost; p.DestHost == "" {
 		if p.DestHost, err = d.Dest.PoolMaster(ctx); err != nil {
 			return p, fmt.Errorf("destination pool coordinator: %w", err)
