@@ -51,19 +51,44 @@ func Dial(ctx context.Context, addr string, cfg Config) (*Session, error) {
 	}
 	s.rtt0 = rtt
 	s.log.Debug("session dialled", "addr", addr, "streams", n, "rtt", rtt)
-	s.wg.Add(n + 1)
-	go s.monitor()
-	go s.slot(0, st)
+	fns := []func(){s.monitor, func() { s.slot(0, st) }}
 	for i := 1; i < n; i++ {
-		go s.slot(i, nil)
+		fns = append(fns, func() { s.slot(i, nil) })
+	}
+	if !s.start(fns...) {
+		// The peer ended the session during the setup (bye, protocol error).
+		s.fail(ErrClosed) // no-op: it has failed already
+		err := s.Err()
+		s.wg.Wait()
+		return nil, fmt.Errorf("wan: session with %s ended while starting: %w", addr, err)
 	}
 	return s, nil
 }
 
+// start runs fns as session goroutines that Close waits for. The wg.Add is
+// done under s.mu, as attach does, so it cannot race with Close's Wait:
+// Close marks the session closing and fail sets s.err under s.mu before
+// Close waits, and start refuses (returns false, starts nothing) once
+// either is set.
+func (s *Session) start(fns ...func()) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.err != nil || s.closing {
+		return false
+	}
+	s.wg.Add(len(fns))
+	for _, f := range fns {
+		go func() {
+			defer s.wg.Done()
+			f()
+		}()
+	}
+	return true
+}
+
 // slot keeps stream idx connected: it waits for the current one to fail and
-// re-dials with exponential backoff.
+// re-dials with exponential backoff. It runs under start.
 func (s *Session) slot(idx int, st *stream) {
-	defer s.wg.Done()
 	backoff := s.cfg.MinBackoff
 	had := st != nil
 	ctx, cancel := context.WithCancel(context.Background())
@@ -383,14 +408,18 @@ func (l *Listener) handle(tcp net.Conn) {
 	dec, err := newDecoder()
 	if err != nil {
 		_ = conn.Close()
+		if isNew {
+			s.fail(fmt.Errorf("wan: first stream: %w", err))
+		}
 		return
 	}
 	if _, err := s.attach(h.Idx, conn, raw, dec); err != nil {
 		return
 	}
 	if isNew {
-		s.wg.Add(1)
-		go s.monitor()
+		if !s.start(s.monitor) {
+			return // ended during the setup (peer's bye...): nothing to accept
+		}
 		select {
 		case l.accept <- s:
 		case <-l.done:

@@ -739,8 +739,8 @@ func (s *Session) newLocalChannel(kind chanKind, name string) (*channel, error) 
 }
 
 // monitor enforces MaxOutage, sends heartbeats and samples stream rates.
+// It runs under start.
 func (s *Session) monitor() {
-	defer s.wg.Done()
 	tick := min(time.Second, max(s.cfg.MaxOutage/8, 10*time.Millisecond))
 	t := time.NewTicker(tick)
 	defer t.Stop()
