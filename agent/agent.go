@@ -53,6 +53,14 @@ type Config struct {
 	Logger      hclog.Logger
 }
 
+// ControlKeepAlive is the TCP keepalive of control connections, on the
+// agent's accepted connections and the controller's dialled ones: an idle
+// connection whose peer vanished is reset by the kernel after about 30 s
+// (15 s idle, then 3 probes 5 s apart). It does not cover a connection with
+// data in flight (TCP retransmits for many minutes then): the liveness
+// checks on both ends do (ConnOptions.Liveness, HeartbeatRequest.Liveness).
+var ControlKeepAlive = net.KeepAliveConfig{Enable: true, Idle: 15 * time.Second, Interval: 5 * time.Second, Count: 3}
+
 // ErrStopped: the agent has stopped.
 var ErrStopped = errors.New("agent stopped")
 
@@ -115,7 +123,7 @@ func New(ctx context.Context, cfg Config) (*Agent, error) {
 			return nil, fmt.Errorf("agent: state dir: %w", err)
 		}
 	}
-	var lc net.ListenConfig
+	lc := net.ListenConfig{KeepAliveConfig: ControlKeepAlive}
 	tcp, err := lc.Listen(ctx, "tcp", cfg.ControlListen)
 	if err != nil {
 		return nil, fmt.Errorf("agent: control listen %s: %w", cfg.ControlListen, err)
@@ -285,9 +293,52 @@ func (a *Agent) serveConn(c net.Conn) {
 		_ = c.Close()
 		return
 	}
-	cd := newCodec(c)
+	nc := newActivityConn(c)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		a.watchConn(cctx, nc, &svc.liveness)
+	}()
+	defer func() {
+		ccancel()
+		wg.Wait()
+	}()
+	cd := newCodec(nc)
 	cd.onRead, cd.onClose = a.touch, ccancel
 	srv.ServeCodec(serverCodec{cd})
+}
+
+// watchConn closes a control connection on which nothing arrived for the
+// liveness the controller announced in its heartbeats (none announced: no
+// check). A controller whose path went silent without a reset (half-open)
+// thus no longer keeps its calls running: closing the connection cancels
+// them, as for a connection that closed. The idle timeout is separate: it
+// counts requests on all connections.
+func (a *Agent) watchConn(ctx context.Context, nc *activityConn, liveness *atomic.Int64) {
+	for {
+		d := time.Duration(liveness.Load())
+		tick := time.Second
+		if d > 0 {
+			tick = min(max(d/8, 5*time.Millisecond), time.Second)
+		}
+		t := time.NewTimer(tick)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+		if d <= 0 {
+			continue
+		}
+		if silent := nc.silentFor(); silent > d {
+			a.log.Warn("controller connection silent, closing it", "remote", nc.RemoteAddr().String(),
+				"silent", silent.Round(time.Millisecond).String(), "liveness", d.String())
+			_ = nc.Close() // the read loop fails and cancels the connection's calls
+			return
+		}
+	}
 }
 
 func (a *Agent) touch() { a.lastCall.Store(time.Now().UnixNano()) }

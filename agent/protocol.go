@@ -88,6 +88,15 @@ type HelloResponse struct {
 	GatewayAddr string `msgpack:"gateway_addr"`
 }
 
+// HeartbeatRequest keeps the agent alive. Liveness, when positive, asks
+// the agent to close this connection (cancelling its calls in flight) if
+// nothing arrives on it for that long: the controller heartbeats at a
+// fraction of it, so silence means the path is gone (half-open). Older
+// controllers send an empty request: no check.
+type HeartbeatRequest struct {
+	Liveness time.Duration `msgpack:"liveness"`
+}
+
 // LaunchRequest starts a backend (idempotent for the same name; a running
 // backend is relaunched only if it exited).
 type LaunchRequest struct {

@@ -71,6 +71,37 @@ func (l *limitedReader) UnreadByte() error {
 	return nil
 }
 
+// activityConn records when anything was last read from a connection, so
+// either end can tell a silent (half-open) connection from a busy one.
+type activityConn struct {
+	net.Conn
+	lastRead atomic.Int64 // unix nanos
+}
+
+func newActivityConn(c net.Conn) *activityConn {
+	a := &activityConn{Conn: c}
+	a.lastRead.Store(time.Now().UnixNano())
+	return a
+}
+
+func (a *activityConn) Read(p []byte) (int, error) {
+	n, err := a.Conn.Read(p)
+	if n > 0 {
+		a.lastRead.Store(time.Now().UnixNano())
+	}
+	return n, err
+}
+
+// silentFor is how long nothing has been read.
+func (a *activityConn) silentFor() time.Duration {
+	return time.Since(time.Unix(0, a.lastRead.Load()))
+}
+
+// DefaultWriteTimeout bounds writing one message on a control connection:
+// a peer that stopped reading (full send buffer on a dead path) cannot
+// block a writer for longer. A write that times out closes the connection.
+const DefaultWriteTimeout = 30 * time.Second
+
 // codec is the msgpack framing shared by both ends: a header then a body,
 // each one msgpack value.
 type codec struct {
@@ -79,6 +110,9 @@ type codec struct {
 	dec *msgpack.Decoder
 	w   *bufio.Writer
 	enc *msgpack.Encoder
+	// nc, when set, gets a write deadline of wt for every message.
+	nc net.Conn
+	wt time.Duration
 	// onRead runs after each request header is read (server: activity).
 	onRead func()
 	// onClose runs when reading a request header fails (the connection is
@@ -93,7 +127,11 @@ func newCodec(c io.ReadWriteCloser) *codec {
 	dec := msgpack.NewDecoder(lr)
 	enc := msgpack.NewEncoder(w)
 	enc.SetCustomStructTag("msgpack")
-	return &codec{c: c, lr: lr, dec: dec, w: w, enc: enc}
+	cd := &codec{c: c, lr: lr, dec: dec, w: w, enc: enc, wt: DefaultWriteTimeout}
+	if nc, ok := c.(net.Conn); ok {
+		cd.nc = nc
+	}
+	return cd
 }
 
 func (c *codec) readHeader() (wireHeader, error) {
@@ -110,14 +148,28 @@ func (c *codec) readBody(body any) error {
 	return c.dec.Decode(body)
 }
 
+// write sends one message. A failed write (a timeout included) closes the
+// connection: the stream is out of step, and the read side then fails
+// every call still waiting on it.
 func (c *codec) write(h wireHeader, body any) error {
-	if err := c.enc.Encode(h); err != nil {
+	if c.nc != nil && c.wt > 0 {
+		_ = c.nc.SetWriteDeadline(time.Now().Add(c.wt))
+	}
+	err := c.enc.Encode(h)
+	if err == nil {
+		err = c.enc.Encode(body)
+	}
+	if err == nil {
+		err = c.w.Flush()
+	}
+	if err != nil {
+		_ = c.c.Close()
 		return err
 	}
-	if err := c.enc.Encode(body); err != nil {
-		return err
+	if c.nc != nil && c.wt > 0 {
+		_ = c.nc.SetWriteDeadline(time.Time{})
 	}
-	return c.w.Flush()
+	return nil
 }
 
 // serverCodec implements rpc.ServerCodec.
@@ -161,6 +213,9 @@ func (c *clientCodec) WriteRequest(r *rpc.Request, body any) error {
 func (c *clientCodec) ReadResponseHeader(r *rpc.Response) error {
 	h, err := c.readHeader()
 	if err != nil {
+		if c.onClose != nil {
+			c.onClose()
+		}
 		return err
 	}
 	r.ServiceMethod, r.Seq, r.Error = h.Method, h.Seq, h.Error
@@ -174,21 +229,126 @@ func (c *clientCodec) Close() error { return c.c.Close() }
 // Conn is the controller's end of one agent control connection.
 type Conn struct {
 	rc     *rpc.Client
+	nc     *activityConn
 	nextID atomic.Uint64
 	grace  time.Duration
+
+	liveness  atomic.Int64 // nanoseconds; 0 = no liveness check
+	pending   atomic.Int64 // calls waiting for their reply
+	waitSince atomic.Int64 // unix nanos when pending last went from 0 to 1
+
+	mu     sync.Mutex
+	reason error // why the connection was declared dead
+	done   chan struct{}
+	once   sync.Once
+	wg     sync.WaitGroup
 }
 
 // DefaultCancelGrace is how long Call waits, after sending Cancel, for the
 // agent to return from the cancelled call.
 const DefaultCancelGrace = 10 * time.Second
 
-// NewConn wraps an established (TLS) connection to an agent.
-func NewConn(c net.Conn) *Conn {
-	return &Conn{rc: rpc.NewClientWithCodec(&clientCodec{codec: newCodec(c)}), grace: DefaultCancelGrace}
+// ConnOptions tune a control connection (NewConnOptions).
+type ConnOptions struct {
+	// Liveness, when positive, declares the connection dead when calls are
+	// waiting and nothing at all (no reply, no byte of one) has arrived
+	// from the agent for this long, counted from the later of the last
+	// byte read and the moment a call started waiting on an idle
+	// connection. The connection is then closed and every waiting call
+	// fails with an error wrapping ErrAgentUnreachable, so a half-open
+	// connection (a WAN path that went silent without a reset) is noticed
+	// instead of hanging until each call's ctx ends. The caller must keep
+	// replies flowing during long calls: heartbeats on the same connection
+	// at a fraction of Liveness (agentclient sends them every Liveness/3).
+	Liveness time.Duration
+	// WriteTimeout bounds writing one request (0 = DefaultWriteTimeout).
+	WriteTimeout time.Duration
+}
+
+// NewConn wraps an established (TLS) connection to an agent, without a
+// liveness check.
+func NewConn(c net.Conn) *Conn { return NewConnOptions(c, ConnOptions{}) }
+
+// NewConnOptions wraps an established (TLS) connection to an agent.
+func NewConnOptions(c net.Conn, o ConnOptions) *Conn {
+	nc := newActivityConn(c)
+	cd := newCodec(nc)
+	if o.WriteTimeout > 0 {
+		cd.wt = o.WriteTimeout
+	}
+	conn := &Conn{nc: nc, grace: DefaultCancelGrace, done: make(chan struct{})}
+	cd.onClose = conn.ended
+	conn.rc = rpc.NewClientWithCodec(&clientCodec{codec: cd})
+	conn.liveness.Store(int64(o.Liveness))
+	conn.wg.Add(1)
+	go func() {
+		defer conn.wg.Done()
+		conn.watch()
+	}()
+	return conn
+}
+
+// SetLiveness changes the liveness timeout (0 turns the check off).
+func (c *Conn) SetLiveness(d time.Duration) { c.liveness.Store(int64(d)) }
+
+// Done is closed once the connection is closed or has failed (the agent
+// closed it, a read or write failed, or the liveness check declared it dead).
+func (c *Conn) Done() <-chan struct{} { return c.done }
+
+// Err is why the liveness check declared the connection dead (nil if it
+// did not).
+func (c *Conn) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.reason
+}
+
+func (c *Conn) ended() { c.once.Do(func() { close(c.done) }) }
+
+// watch closes the connection when calls wait and nothing arrives for the
+// liveness timeout.
+func (c *Conn) watch() {
+	for {
+		d := time.Duration(c.liveness.Load())
+		tick := time.Second
+		if d > 0 {
+			tick = min(max(d/8, 5*time.Millisecond), time.Second)
+		}
+		t := time.NewTimer(tick)
+		select {
+		case <-c.done:
+			t.Stop()
+			return
+		case <-t.C:
+		}
+		if d <= 0 || c.pending.Load() == 0 {
+			continue
+		}
+		silent := min(c.nc.silentFor(), time.Since(time.Unix(0, c.waitSince.Load())))
+		if silent <= d {
+			continue
+		}
+		c.mu.Lock()
+		c.reason = fmt.Errorf("nothing received from the agent for %s while calls waited (half-open connection or path down)",
+			silent.Round(time.Millisecond))
+		c.mu.Unlock()
+		_ = c.nc.Close() // the read loop fails every pending call
+		c.ended()
+		return
+	}
 }
 
 // Close closes the connection; calls in flight fail.
-func (c *Conn) Close() error { return c.rc.Close() }
+func (c *Conn) Close() error {
+	err := c.rc.Close()
+	if errors.Is(err, rpc.ErrShutdown) {
+		err = nil // already failed (the read loop ended it)
+	}
+	_ = c.nc.Close()
+	c.ended()
+	c.wg.Wait()
+	return err
+}
 
 // Call runs one agent method with ctx semantics: the deadline travels to
 // the agent, a cancelled ctx sends Cancel and returns after at most the
@@ -204,6 +364,10 @@ func Call[Req, Resp any](ctx context.Context, c *Conn, method string, req Req) (
 		args.Call.Deadline = dl
 	}
 	var reply Reply[Resp]
+	if c.pending.Add(1) == 1 {
+		c.waitSince.Store(time.Now().UnixNano())
+	}
+	defer c.pending.Add(-1)
 	pending := c.rc.Go(ServiceName+"."+method, args, &reply, make(chan *rpc.Call, 1))
 	select {
 	case <-pending.Done:
@@ -217,6 +381,16 @@ func Call[Req, Resp any](ctx context.Context, c *Conn, method string, req Req) (
 			if pending.Error == nil && reply.Err == nil {
 				return reply.Resp, nil
 			}
+			var se rpc.ServerError
+			if pending.Error != nil && !errors.As(pending.Error, &se) {
+				// The connection failed meanwhile: say so, so the caller
+				// drops it instead of reusing it.
+				reason := c.Err()
+				if reason == nil {
+					reason = pending.Error
+				}
+				return zero, fmt.Errorf("agent %s: %w: %v (after %w)", method, ErrAgentUnreachable, reason, ctx.Err())
+			}
 		case <-t.C:
 		}
 		return zero, fmt.Errorf("agent %s: %w (%w)", method, contract.ErrCancelled, ctx.Err())
@@ -225,6 +399,9 @@ func Call[Req, Resp any](ctx context.Context, c *Conn, method string, req Req) (
 		var se rpc.ServerError
 		if errors.As(pending.Error, &se) {
 			return zero, fmt.Errorf("agent %s: %s: %w", method, string(se), contract.ErrInternal)
+		}
+		if reason := c.Err(); reason != nil {
+			return zero, fmt.Errorf("agent %s: %w: %v", method, ErrAgentUnreachable, reason)
 		}
 		return zero, fmt.Errorf("agent %s: %w: %v", method, ErrAgentUnreachable, pending.Error)
 	}

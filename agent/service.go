@@ -2,6 +2,8 @@ package agent
 
 import (
 	"context"
+	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/wanmotion/wanmotion/plugins/contract"
@@ -13,6 +15,8 @@ import (
 type Service struct {
 	a *Agent
 	t *contract.CallTracker
+	// liveness is what the controller's last heartbeat announced (nanoseconds).
+	liveness atomic.Int64
 }
 
 // serve runs one method: ctx from the call's metadata, the agent busy
@@ -60,9 +64,16 @@ func (s *Service) Hello(args Args[HelloRequest], reply *Reply[HelloResponse]) er
 	return serve(s, args, reply, func(_ context.Context, req HelloRequest) (HelloResponse, error) { return s.a.hello(req) })
 }
 
-// Heartbeat only keeps the agent alive.
-func (s *Service) Heartbeat(args Args[Empty], reply *Reply[Empty]) error {
-	return serve(s, args, reply, func(context.Context, Empty) (Empty, error) { return Empty{}, nil })
+// Heartbeat keeps the agent alive and sets this connection's liveness
+// timeout (HeartbeatRequest.Liveness).
+func (s *Service) Heartbeat(args Args[HeartbeatRequest], reply *Reply[Empty]) error {
+	return serve(s, args, reply, func(_ context.Context, req HeartbeatRequest) (Empty, error) {
+		if req.Liveness < 0 {
+			return Empty{}, fmt.Errorf("negative liveness %s: %w", req.Liveness, contract.ErrInvalidArgument)
+		}
+		s.liveness.Store(int64(req.Liveness))
+		return Empty{}, nil
+	})
 }
 
 // Cancel cancels the ctx of a call in flight on this connection.

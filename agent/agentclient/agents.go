@@ -122,8 +122,11 @@ func (c *Client) hello(ctx context.Context, m *migration, role contract.Role) er
 	if err != nil {
 		return err
 	}
-	hb := resp.IdleTimeout / 4
-	hb = min(max(hb, 50*time.Millisecond), 30*time.Second)
+	hb := c.cfg.HeartbeatInterval
+	if resp.IdleTimeout > 0 {
+		hb = min(hb, resp.IdleTimeout/4)
+	}
+	hb = max(hb, 10*time.Millisecond)
 	ac.startHeartbeat(hb)
 	return nil
 }

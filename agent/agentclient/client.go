@@ -75,8 +75,25 @@ type Config struct {
 	// agent.ErrAgentUnreachable, so the engine's retry re-launches the lost
 	// agent instead of waiting for the source to give up on it.
 	PeerWatch time.Duration
-	Logger    hclog.Logger
+	// HeartbeatInterval is how often the client heartbeats each agent
+	// (default 5s; at most a quarter of the agent's idle timeout).
+	HeartbeatInterval time.Duration
+	// HeartbeatMisses is how many heartbeat intervals may pass without
+	// anything arriving from an agent while calls wait, before the control
+	// connection is declared dead (half-open: the path went silent without
+	// a reset): it is closed, every waiting call fails with an error
+	// wrapping agent.ErrAgentUnreachable and the next call dials again.
+	// The agent applies the same bound to the controller's connection.
+	// Default 3 (about 15 s with the default interval).
+	HeartbeatMisses int
+	Logger          hclog.Logger
 }
+
+// DefaultHeartbeatInterval and DefaultHeartbeatMisses are Config's defaults.
+const (
+	DefaultHeartbeatInterval = 5 * time.Second
+	DefaultHeartbeatMisses   = 3
+)
 
 // Client drives the site agents of any number of migrations. Close it when
 // the controller exits (agents keep running for a successor to re-attach).
@@ -129,6 +146,12 @@ func New(cfg Config) (*Client, error) {
 	}
 	if cfg.ControlListen == "" {
 		cfg.ControlListen = "127.0.0.1:0"
+	}
+	if cfg.HeartbeatInterval <= 0 {
+		cfg.HeartbeatInterval = DefaultHeartbeatInterval
+	}
+	if cfg.HeartbeatMisses <= 0 {
+		cfg.HeartbeatMisses = DefaultHeartbeatMisses
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = hclog.NewNullLogger()
@@ -310,7 +333,7 @@ type agentConn struct {
 
 	mu     sync.Mutex
 	conn   *agent.Conn
-	hb     time.Duration
+	hb     time.Duration // heartbeat interval once heartbeats run
 	stop   chan struct{}
 	closed bool
 	wg     sync.WaitGroup
@@ -320,6 +343,16 @@ func newAgentConn(c *Client, migID string, role contract.Role, addr string, tc *
 	return &agentConn{c: c, migID: migID, role: role, addr: addr, tls: tc, stop: make(chan struct{})}
 }
 
+// livenessLocked is how long a connection may stay silent while calls
+// wait: HeartbeatMisses heartbeat intervals.
+func (ac *agentConn) livenessLocked() time.Duration {
+	hb := ac.hb
+	if hb == 0 {
+		hb = ac.c.cfg.HeartbeatInterval
+	}
+	return time.Duration(ac.c.cfg.HeartbeatMisses) * hb
+}
+
 func (ac *agentConn) get(ctx context.Context) (*agent.Conn, error) {
 	ac.mu.Lock()
 	defer ac.mu.Unlock()
@@ -327,14 +360,21 @@ func (ac *agentConn) get(ctx context.Context) (*agent.Conn, error) {
 		return nil, fmt.Errorf("%s agent connection closed: %w", ac.role, agent.ErrAgentUnreachable)
 	}
 	if ac.conn != nil {
-		return ac.conn, nil
+		select {
+		case <-ac.conn.Done(): // failed (agent gone, liveness): dial again
+			_ = ac.conn.Close()
+			ac.conn = nil
+		default:
+			return ac.conn, nil
+		}
 	}
-	d := tls.Dialer{NetDialer: &net.Dialer{Timeout: ac.c.cfg.DialTimeout}, Config: ac.tls}
+	d := tls.Dialer{NetDialer: &net.Dialer{Timeout: ac.c.cfg.DialTimeout, KeepAliveConfig: agent.ControlKeepAlive}, Config: ac.tls}
 	nc, err := d.DialContext(ctx, "tcp", ac.addr)
 	if err != nil {
 		return nil, fmt.Errorf("%s agent at %s: %w: %v", ac.role, ac.addr, agent.ErrAgentUnreachable, err)
 	}
-	ac.conn = agent.NewConn(nc)
+	live := ac.livenessLocked()
+	ac.conn = agent.NewConnOptions(nc, agent.ConnOptions{Liveness: live, WriteTimeout: max(live, agent.DefaultWriteTimeout)})
 	return ac.conn, nil
 }
 
@@ -347,7 +387,12 @@ func (ac *agentConn) drop(c *agent.Conn) {
 	_ = c.Close()
 }
 
-// startHeartbeat heartbeats every interval until close (once).
+// startHeartbeat heartbeats every interval until close (once). Each
+// heartbeat tells the agent the liveness bound (HeartbeatMisses intervals)
+// after which it may close a silent connection; the client applies the same
+// bound (agent.ConnOptions.Liveness), so a half-open connection fails its
+// waiting calls with agent.ErrAgentUnreachable and the next heartbeat or
+// call dials again.
 func (ac *agentConn) startHeartbeat(interval time.Duration) {
 	ac.mu.Lock()
 	defer ac.mu.Unlock()
@@ -355,22 +400,37 @@ func (ac *agentConn) startHeartbeat(interval time.Duration) {
 		return
 	}
 	ac.hb = interval
+	live := ac.livenessLocked()
+	if ac.conn != nil {
+		ac.conn.SetLiveness(live)
+	}
+	log := ac.c.log.With("migration_id", ac.migID, "role", string(ac.role))
 	ac.wg.Add(1)
 	go func() {
 		defer ac.wg.Done()
 		t := time.NewTicker(interval)
 		defer t.Stop()
+		failing := false
 		for {
 			select {
 			case <-ac.stop:
 				return
 			case <-t.C:
-				ctx, cancel := context.WithTimeout(context.Background(), max(interval, time.Second))
-				_, err := call[agent.Empty, agent.Empty](ctx, ac, agent.MethodHeartbeat, agent.Empty{})
-				cancel()
-				if err != nil {
-					ac.c.log.Debug("heartbeat failed", "migration_id", ac.migID, "role", string(ac.role), "error", err)
-				}
+			}
+			// The liveness check ends a heartbeat on a silent connection
+			// before this timeout does (a timeout would send Cancel and wait).
+			ctx, cancel := context.WithTimeout(context.Background(), live+max(interval, time.Second))
+			_, err := call[agent.HeartbeatRequest, agent.Empty](ctx, ac, agent.MethodHeartbeat, agent.HeartbeatRequest{Liveness: live})
+			cancel()
+			switch {
+			case err != nil && !failing:
+				failing = true
+				log.Warn("agent heartbeat failed", "error", err)
+			case err != nil:
+				log.Debug("agent heartbeat failed", "error", err)
+			case failing:
+				failing = false
+				log.Info("agent answers heartbeats again")
 			}
 		}
 	}()
