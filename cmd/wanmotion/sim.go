@@ -13,6 +13,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/wanmotion/wanmotion/hostplugin"
 	"github.com/wanmotion/wanmotion/xapi/xapisim"
 )
 
@@ -33,6 +34,7 @@ func runSim(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	guestPattern := fs.String("guest-pattern", "random", "demo-vm's guest write pattern: sequential, random or hot-set")
 	guestBlock := fs.String("guest-block-size", "64KiB", "size of each guest write")
 	guestDirty := fs.String("guest-dirty-rate", "0", "demo-vm's guest memory page-dirty rate, e.g. 8MiB/s")
+	installPlugin := fs.Bool("install-plugin", false, "install this binary as the wanmotion host plugin on every simulated host (host.call_plugin(..., \"wanmotion\", ...); needed by convergence_policy throttle)")
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "Usage: wanmotion sim --state-dir DIR [flags]\n\nRuns the xapi simulator. The first stdout line is a JSON object with the pools' URLs and credentials.")
 		fs.PrintDefaults()
@@ -72,6 +74,16 @@ func runSim(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if err := sim.Start(ctx, *listen); err != nil {
 		_ = sim.Close()
 		return err
+	}
+	if *installPlugin {
+		exe, err := os.Executable()
+		if err == nil {
+			err = sim.InstallPlugin(hostplugin.PluginName, exe)
+		}
+		if err != nil {
+			_ = sim.Close()
+			return fmt.Errorf("install the host plugin: %w", err)
+		}
 	}
 	if guest.Rate > 0 || guest.DirtyRate > 0 {
 		uuid, err := sim.VMUUIDByName(xapisim.DemoVMName)
