@@ -134,11 +134,19 @@ func NewServer(opts ServerOptions) (*Server, error) {
 
 // Serve accepts connections on ln until ctx is done, then closes ln and
 // every connection and returns nil after all of them have finished.
+//
+// Serve owns ln: it is closed whenever Serve returns. On a permanent accept
+// error (the listener was closed by someone else, or failed) ln is closed at
+// once, so its port is released and new clients are refused rather than
+// left hanging; the connections already open keep being served until they
+// end or ctx is done, and then Serve returns the error. Temporary errors
+// (EMFILE, ECONNABORTED...) are retried with a backoff.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	stop := context.AfterFunc(ctx, func() { _ = ln.Close() })
 	defer stop()
 	var wg sync.WaitGroup
 	defer wg.Wait()
+	defer func() { _ = ln.Close() }() // before the Wait: nothing more is accepted
 	var backoff time.Duration
 	for {
 		conn, err := ln.Accept()
