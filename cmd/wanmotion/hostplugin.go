@@ -40,6 +40,7 @@ const (
 	fnConfigGet = "config-get"
 	fnConfigSet = "config-set"
 	fnVersion   = "version"
+	fnThrottle  = hostplugin.FnThrottle // "throttle": a guest's Xen scheduler cap (hostplugin_throttle.go)
 )
 
 // pluginArgv0 is the plugin's path as xapi ran it (not resolved: the link
@@ -160,7 +161,7 @@ func servePlugin(ctx context.Context, call xapiplugin.Call, stderr io.Writer) (s
 	fns := map[string]func(context.Context) (string, error){
 		fnVersion: p.version, fnConfigGet: p.configGet, fnConfigSet: p.configSet,
 		fnMigrate: p.migrate, fnPlan: p.plan, fnStatus: p.status, fnCancel: p.cancel,
-		fnResume: p.resume, fnHookRelease: p.hookRelease,
+		fnResume: p.resume, fnHookRelease: p.hookRelease, fnThrottle: p.throttle,
 		hostplugin.FnAgentStart: p.agentStart, hostplugin.FnAgentStop: p.agentStop,
 	}
 	fn, ok := fns[call.Method]
