@@ -184,16 +184,11 @@ func (p *Pool) setPowerState(o *object, state, host string) {
 	from := o.str("power_state")
 	o.Fields["power_state"] = state
 	switch state {
-	case Halted:
-		o.Fields["resident_on"] = NullRef
-		o.Fields["domid"] = int64(-1)
-	case Suspended:
-		o.Fields["resident_on"] = NullRef
-		o.Fields["domid"] = int64(-1)
+	case Halted, Suspended:
+		p.setDomain(o, NullRef, -1)
 	case Running, Paused:
 		if from == Halted || from == Suspended {
-			o.Fields["resident_on"] = host
-			o.Fields["domid"] = p.nextDomid()
+			p.setDomain(o, host, p.nextDomid())
 			o.Fields["start_time"] = time.Now().UTC().Truncate(time.Second)
 		}
 	}

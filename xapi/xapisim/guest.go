@@ -53,6 +53,15 @@ type GuestStats struct {
 	// destination before being acknowledged.
 	MirroredWrites int64  `json:"mirrored_writes"`
 	LastError      string `json:"last_error,omitempty"`
+	// Cap is the Xen scheduler cap of the VM's domain as the host's xl
+	// stand-in holds it (percent of one CPU, 0 = none) and VCPUs the vCPU
+	// count it is measured against; EffectiveRate and EffectiveDirtyRate
+	// are Rate and DirtyRate scaled by min(1, Cap/(100*VCPUs)) when Cap > 0.
+	// They are refreshed at most every 250 ms.
+	Cap                int64 `json:"cap"`
+	VCPUs              int64 `json:"vcpus"`
+	EffectiveRate      int64 `json:"effective_rate"`
+	EffectiveDirtyRate int64 `json:"effective_dirty_rate"`
 }
 
 // GuestVerify is the result of comparing a VM's disks with the guest's
@@ -90,6 +99,56 @@ type guest struct {
 	stop     chan struct{}
 	stopOnce sync.Once
 	done     chan struct{}
+
+	thr guestThrottle // used by the writer goroutine only
+}
+
+// capPoll is how often the guest re-reads its domain's scheduler cap.
+const capPoll = 250 * time.Millisecond
+
+// guestThrottle caches the scheduler cap of the guest's domain.
+type guestThrottle struct {
+	next   time.Time // when to read again
+	path   string    // sched file last read
+	cap    int64
+	factor float64
+}
+
+// throttle returns the share of its configured rates the guest may use
+// now: min(1, cap/(100*vCPUs)) with a cap set on its domain through the
+// xl stand-in, else 1. The sched file is read at most every capPoll; a
+// change is published in the stats.
+func (g *guest) throttle(now time.Time) float64 {
+	t := &g.thr
+	if now.Before(t.next) {
+		return t.factor
+	}
+	t.next = now.Add(capPoll)
+	path, vcpus := g.e.s.vmDomainSched(g.vm)
+	capv := int64(0)
+	if path != "" {
+		b, err := os.ReadFile(path)
+		if err == nil {
+			c, ok := parseSchedCap(b)
+			switch {
+			case ok:
+				capv = c
+			case path == t.path:
+				capv = t.cap // being rewritten: keep the last value
+			}
+		}
+	}
+	t.path, t.cap = path, capv
+	t.factor = 1
+	if capv > 0 {
+		t.factor = min(1, float64(capv)/float64(100*vcpus))
+	}
+	g.mu.Lock()
+	g.stats.Cap, g.stats.VCPUs = capv, vcpus
+	g.stats.EffectiveRate = int64(float64(g.cfg.Rate) * t.factor)
+	g.stats.EffectiveDirtyRate = int64(float64(g.cfg.DirtyRate) * t.factor)
+	g.mu.Unlock()
+	return t.factor
 }
 
 // ParseByteRate parses a rate like "2MiB/s", "512KiB", "100000" (bytes per
@@ -228,6 +287,8 @@ func (s *Sim) StartGuest(vmUUID string, cfg GuestConfig) error {
 		rng: rand.New(rand.NewPCG(cfg.Seed, 0x67756573)), shadows: map[string]*os.File{},
 		stop: make(chan struct{}), done: make(chan struct{})}
 	g.stats.Pattern, g.stats.Rate, g.stats.DirtyRate = cfg.Pattern, cfg.Rate, cfg.DirtyRate
+	g.stats.EffectiveRate, g.stats.EffectiveDirtyRate, g.stats.VCPUs = cfg.Rate, cfg.DirtyRate, 1
+	g.thr.factor = 1
 	if err := os.MkdirAll(g.dir, 0o755); err != nil {
 		return fmt.Errorf("guest shadow dir: %w", err)
 	}
@@ -417,7 +478,8 @@ func firstDiff(path string, f *os.File, size int64) (int64, error) {
 }
 
 // run is the writer loop: every tick it spends the rate's byte budget on
-// writes and dirties pages, while the VM is running and not frozen.
+// writes and dirties pages, while the VM is running and not frozen. Both
+// rates are scaled by the domain's scheduler cap (throttle).
 func (g *guest) run() {
 	defer close(g.done)
 	const tick = 10 * time.Millisecond
@@ -432,8 +494,10 @@ func (g *guest) run() {
 		case now := <-t.C:
 			dt := now.Sub(last).Seconds()
 			last = now
-			budget = min(budget+dt*float64(g.cfg.Rate), float64(max(g.cfg.Rate, g.cfg.BlockSize)))
-			pageBudget = min(pageBudget+dt*float64(g.cfg.DirtyRate)/PageSize, float64(max(g.cfg.DirtyRate/PageSize, 1)))
+			f := g.throttle(now)
+			rate, dirty := float64(g.cfg.Rate)*f, float64(g.cfg.DirtyRate)*f
+			budget = min(budget+dt*rate, max(rate, float64(g.cfg.BlockSize)))
+			pageBudget = min(pageBudget+dt*dirty/PageSize, max(dirty/PageSize, 1))
 			g.step(&budget, &pageBudget)
 		}
 	}

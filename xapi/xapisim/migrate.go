@@ -159,7 +159,8 @@ func registerMigrate() {
 				"rate": itoa(st.Rate), "dirty_rate": itoa(st.DirtyRate), "writes": itoa(st.Writes),
 				"bytes_written": itoa(st.BytesWritten), "write_errors": itoa(st.WriteErrors),
 				"pages_dirtied": itoa(st.PagesDirtied), "mirrored_writes": itoa(st.MirroredWrites),
-				"last_error": st.LastError}, nil
+				"last_error": st.LastError, "cap": itoa(st.Cap), "vcpus": itoa(st.VCPUs),
+				"effective_rate": itoa(st.EffectiveRate), "effective_dirty_rate": itoa(st.EffectiveDirtyRate)}, nil
 		}})
 	Register(&Method{Name: "sim.guest_verify", Unlocked: true, Params: []Param{p("vm", KRef)},
 		Handler: func(c *Call) (any, error) {

@@ -537,8 +537,7 @@ func (p *Pool) finishVM(vmRef, state, host string, move bool) (uuid string, domi
 		return "", 0, err
 	}
 	if move {
-		o.Fields["resident_on"] = host
-		o.Fields["domid"] = p.nextDomid()
+		p.setDomain(o, host, p.nextDomid())
 		p.db.touch(o)
 	} else if state != Halted {
 		p.setPowerState(o, state, host)
@@ -548,6 +547,7 @@ func (p *Pool) finishVM(vmRef, state, host string, move bool) (uuid string, domi
 
 // destroyVMRecord removes a VM with its VBDs and VIFs (not its VDIs).
 func (p *Pool) destroyVMRecord(o *object) {
+	p.setDomain(o, NullRef, -1) // a domain of its own goes with it
 	for _, vbd := range p.db.find("VBD", "VM", o.Ref) {
 		p.db.destroy(vbd)
 	}

@@ -583,7 +583,8 @@ func pluginResult(root *xnode) (string, error) {
 func init() { RegisterStartHook(startHostLocal) }
 
 // startHostLocal prepares every host's etc (xapi.d/plugins,
-// xensource-inventory) and serves its XML-RPC on the local unix socket.
+// xensource-inventory) and its xl stand-in (xl.go), and serves its
+// XML-RPC on the local unix socket.
 func startHostLocal(ctx context.Context, s *Sim) (func(), error) {
 	var servers []*http.Server
 	var wg sync.WaitGroup
@@ -631,6 +632,10 @@ func startHostLocal(ctx context.Context, s *Sim) (func(), error) {
 			}
 			if s.cfg.EtcDir == "" {
 				if err := s.writeInventory(h, etc, sock, served); err != nil {
+					stop()
+					return nil, err
+				}
+				if err := s.startXL(h); err != nil {
 					stop()
 					return nil, err
 				}
