@@ -59,6 +59,7 @@ type Client struct {
 	borrowed bool
 	gen      uint64 // incremented on every login
 	members  []string
+	peer     *peerCert // the server certificate of the last TLS handshake
 }
 
 // New validates cfg and builds a client. It does no I/O; call Login.
@@ -90,7 +91,10 @@ func New(cfg Config) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
+	peer := new(peerCert)
+	peer.wrap(tlsCfg)
 	return &Client{
+		peer:   peer,
 		cfg:    cfg,
 		log:    cfg.Logger.Named("xapi"),
 		rpc:    newHTTPClient(tlsCfg, 8),

@@ -42,9 +42,13 @@ func TestTLSVerification(t *testing.T) {
 				require.NoError(t, err)
 				_, err = c.VMGetAll(context.Background())
 				require.NoError(t, err)
+				// whatever the trust mode, the verified server certificate
+				// is what a backend reusing the session is told to pin
+				assert.Equal(t, string(caPEM), c.PeerCertificatePEM())
 				return
 			}
 			require.Error(t, err)
+			assert.Empty(t, c.PeerCertificatePEM(), "a rejected certificate is not remembered")
 			assert.Contains(t, err.Error(), tt.wantErr)
 			if strings.Contains(tt.wantErr, "pinned") {
 				assert.ErrorIs(t, err, ErrCertificateNotPinned)

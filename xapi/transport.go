@@ -8,6 +8,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/hex"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -16,6 +17,7 @@ import (
 	"net/url"
 	"os"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/kolo/xmlrpc"
@@ -122,6 +124,50 @@ func (o TLSOptions) config() (*tls.Config, error) {
 		cfg.RootCAs = pool
 	}
 	return cfg, nil
+}
+
+// peerCert remembers the leaf certificate of the last TLS handshake that
+// passed verification, so that a backend given the client's session can be
+// told to trust exactly the server the client trusted (PeerCertificatePEM).
+type peerCert struct {
+	mu  sync.Mutex
+	raw []byte
+}
+
+// wrap makes cfg record the verified peer certificate (after any check
+// cfg already makes).
+func (p *peerCert) wrap(cfg *tls.Config) {
+	next := cfg.VerifyConnection
+	cfg.VerifyConnection = func(cs tls.ConnectionState) error {
+		if next != nil {
+			if err := next(cs); err != nil {
+				return err
+			}
+		}
+		if len(cs.PeerCertificates) > 0 {
+			p.mu.Lock()
+			p.raw = append(p.raw[:0:0], cs.PeerCertificates[0].Raw...)
+			p.mu.Unlock()
+		}
+		return nil
+	}
+}
+
+// PeerCertificatePEM returns the PEM of the server certificate of the
+// client's last verified TLS handshake ("" before one, and for http or a
+// local socket). Give it to a process that reuses the client's session as
+// its pin (e.g. contract.XAPIAccess.TLSPin): it then trusts exactly the
+// server this client verified, self-signed pool certificates included.
+func (c *Client) PeerCertificatePEM() string {
+	if c.peer == nil {
+		return ""
+	}
+	c.peer.mu.Lock()
+	defer c.peer.mu.Unlock()
+	if len(c.peer.raw) == 0 {
+		return ""
+	}
+	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.peer.raw}))
 }
 
 func newHTTPClient(tlsCfg *tls.Config, maxIdle int) *http.Client {

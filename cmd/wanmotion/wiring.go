@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -192,6 +193,11 @@ func xapiAccess(c *xapi.Client, store engine.Store, role contract.Role, hostXAPI
 			url = xapi.SocketURL(c.Socket())
 		}
 		acc := contract.XAPIAccess{URL: url, Session: contract.Secret(string(c.Session()))}
+		if strings.HasPrefix(url, "https:") {
+			// the backend trusts exactly the certificate this controller
+			// verified (CA, pin or --insecure): self-signed pools work
+			acc.TLSPin = c.PeerCertificatePEM()
+		}
 		cp, err := store.Load(ctx, migrationID)
 		if err != nil {
 			return acc, err

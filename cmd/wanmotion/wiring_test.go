@@ -2,6 +2,11 @@ package main
 
 import (
 	"context"
+	"encoding/pem"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -45,4 +50,47 @@ func TestXAPIAccessAddress(t *testing.T) {
 			assert.NoError(t, err, "a backend can open %s", acc.URL)
 		})
 	}
+}
+
+// TestXAPIAccessPinsTheVerifiedCertificate: a backend given the controller's
+// session over https is told to trust exactly the certificate the
+// controller verified, so a self-signed pool works in the backend too.
+func TestXAPIAccessPinsTheVerifiedCertificate(t *testing.T) {
+	ctx := context.Background()
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		v := "<array><data></data></array>"
+		if strings.Contains(string(body), "session.login_with_password") {
+			v = "<string>OpaqueRef:s</string>"
+		}
+		_, _ = io.WriteString(w, `<?xml version="1.0"?><methodResponse><params><param><value><struct>`+
+			`<member><name>Status</name><value>Success</value></member>`+
+			`<member><name>Value</name><value>`+v+`</value></member></struct></value></param></params></methodResponse>`)
+	}))
+	defer srv.Close()
+	store := engine.NewMemStore()
+	require.NoError(t, store.Save(ctx, &engine.Checkpoint{Version: engine.CheckpointVersion, MigrationID: "wm-pin", Phase: engine.PhasePrepare}))
+	c, err := xapi.New(xapi.Config{URL: srv.URL, Username: "root", Password: "x", TLS: xapi.TLSOptions{Insecure: true}, DisableMemberDiscovery: true})
+	require.NoError(t, err)
+	require.NoError(t, c.Login(ctx))
+	acc, err := xapiAccess(c, store, contract.RoleSource, false)(ctx, "wm-pin")
+	require.NoError(t, err)
+	want := string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw}))
+	require.Equal(t, want, acc.TLSPin)
+	// the backend side: pin it, reuse the session, call
+	blk, _ := pem.Decode([]byte(acc.TLSPin))
+	require.NotNil(t, blk)
+	b, err := xapi.NewFromURL(xapi.Config{URL: acc.URL, TLS: xapi.TLSOptions{Thumbprints: []string{xapi.Thumbprint(blk.Bytes)}}, DisableMemberDiscovery: true})
+	require.NoError(t, err)
+	b.UseSession(xapi.SessionRef(string(acc.Session)))
+	_, err = b.VMGetAll(ctx)
+	require.NoError(t, err)
+	b.Forget()
+	// without the pin the backend would refuse the self-signed certificate
+	u, err := xapi.NewFromURL(xapi.Config{URL: acc.URL, DisableMemberDiscovery: true})
+	require.NoError(t, err)
+	u.UseSession(xapi.SessionRef(string(acc.Session)))
+	_, err = u.VMGetAll(ctx)
+	require.Error(t, err)
+	u.Forget()
 }
