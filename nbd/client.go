@@ -405,9 +405,15 @@ func (c *Client) readChunk(br *bufio.Reader, rep Reply, cl *call) error {
 		if n := len(cl.extents); n > 0 {
 			pos = cl.extents[n-1].Offset + cl.extents[n-1].Length
 		}
+		end := int64(cl.off) + int64(cl.length)
 		for _, d := range descs {
 			if d[0] == 0 {
 				return fmt.Errorf("%w: zero-length extent", ErrProtocol)
+			}
+			// Only the last extent may run past the request: more would
+			// let a server grow cl.extents without bound.
+			if pos >= end {
+				return fmt.Errorf("%w: block status extent at %d, past the request end %d", ErrProtocol, pos, end)
 			}
 			cl.extents = append(cl.extents, Extent{Offset: pos, Length: int64(d[0]), Flags: d[1]})
 			pos += int64(d[0])
