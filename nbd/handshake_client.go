@@ -341,6 +341,7 @@ func (h *clientHandshake) list() ([]ExportInfo, error) {
 		return nil, err
 	}
 	var out []ExportInfo
+	size := 0
 	for {
 		typ, data, err := h.readOptReply(optList)
 		if err != nil {
@@ -354,10 +355,21 @@ func (h *clientHandshake) list() ([]ExportInfo, error) {
 			if !ok {
 				return nil, fmt.Errorf("%w: malformed NBD_REP_SERVER", ErrProtocol)
 			}
+			// The server decides how many replies come: bound what is kept.
+			size += len(data)
+			if len(out) >= maxListExports || size > maxListBytes {
+				return nil, fmt.Errorf("%w: export list longer than %d exports or %d bytes", ErrProtocol, maxListExports, maxListBytes)
+			}
 			out = append(out, ExportInfo{Name: name, Description: string(rest)})
 		}
 	}
 }
+
+// Bounds of the export list ListExports accepts.
+const (
+	maxListExports = 1 << 14
+	maxListBytes   = 16 << 20
+)
 
 func (h *clientHandshake) abort() {
 	if h.sendOpt(optAbort, nil) == nil {
