@@ -14,56 +14,25 @@ import (
 
 	"github.com/wanmotion/wanmotion/hostplugin"
 	"github.com/wanmotion/wanmotion/xapi"
+	"github.com/wanmotion/wanmotion/xapi/xapisim"
 )
 
-// xlStandIn is a POSIX sh xl with the state layout of the simulator's
-// stand-in (notes: throttle-wire): domains in var/lib/xl-sim/domains/<domid>,
-// "weight cap" in var/lib/xl-sim/sched/<domid>. Used when the simulator
-// does not write its own.
-const xlStandIn = `#!/bin/sh
-root=$(dirname "$(dirname "$(dirname "$0")")")
-st=$root/var/lib/xl-sim
-case "$1" in
-info) printf 'host                   : sim\nxen_major              : 4\nxen_scheduler          : %s\nxen_pagesize           : 4096\n' "${XL_SCHED:-credit}"; exit 0 ;;
-sched-credit|sched-credit2) ;;
-*) echo "xl: unknown command $1" >&2; exit 1 ;;
-esac
-[ "$2" = -d ] || { echo "usage" >&2; exit 1; }
-d=$3
-[ -f "$st/domains/$d" ] || { echo "  $d is an invalid domain identifier (rc=-6)" >&2; exit 1; }
-w=256; c=0
-[ -f "$st/sched/$d" ] && read w c < "$st/sched/$d"
-if [ "$4" = -c ]; then mkdir -p "$st/sched"; echo "$w $5" > "$st/sched/$d"; exit 0; fi
-printf '%-33s %4s %6s %4s\n' Name ID Weight Cap
-printf '%-33s %5d %6d %4d\n' "vm $d" "$d" "$w" "$c"
-`
-
-// throttleHost prepares host h's xl for the throttle function: the
-// simulator's stand-in when it writes one, else xlStandIn, with domain
-// domid present. It returns xl's path.
-func throttleHost(t *testing.T, e pluginEnv, h xapi.HostRef, domid int64, vmUUID string) string {
-	t.Helper()
-	root := filepath.Dir(e.sim.HostEtcDir(string(h)))
-	xl := hostplugin.XLPathForEtc(filepath.Join(root, "etc"))
-	if _, err := os.Stat(xl); err != nil {
-		t.Logf("the simulator has no xl stand-in at %s: using the test's", xl)
-		require.NoError(t, os.MkdirAll(filepath.Dir(xl), 0o755))
-		require.NoError(t, os.WriteFile(xl, []byte(xlStandIn), 0o755))
-	}
-	dom := filepath.Join(root, "var", "lib", "xl-sim", "domains", fmt.Sprint(domid))
-	if _, err := os.Stat(dom); err != nil {
-		require.NoError(t, os.MkdirAll(filepath.Dir(dom), 0o755))
-		require.NoError(t, os.WriteFile(dom, []byte(vmUUID+"\n"), 0o644))
-	}
-	return xl
-}
-
-// schedCap reads domain domid's cap with xl sched-credit -d (what an
-// administrator would run in dom0).
+// schedCap reads domain domid's cap with xl sched-credit[2] -d (what an
+// administrator would run in dom0) and checks the simulator's state file
+// (what its guest workload obeys) says the same.
 func schedCap(t *testing.T, xl string, domid int64) int64 {
 	t.Helper()
-	c, err := hostplugin.XL{Path: xl, Sched: hostplugin.SchedCredit}.Cap(context.Background(), domid)
+	c, err := hostplugin.XL{Path: xl}.Cap(context.Background(), domid)
 	require.NoError(t, err)
+	root := filepath.Dir(filepath.Dir(filepath.Dir(xl)))
+	b, err := os.ReadFile(filepath.Join(root, "var", "lib", "xl-sim", "sched", fmt.Sprint(domid)))
+	if c == 0 && os.IsNotExist(err) {
+		return c
+	}
+	require.NoError(t, err)
+	f := strings.Fields(string(b))
+	require.Len(t, f, 2, "sched file %q", b)
+	assert.Equal(t, fmt.Sprint(c), f[1], "the sched file holds the cap")
 	return c
 }
 
@@ -77,7 +46,9 @@ func TestHostPluginThrottle(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, xapi.VMPowerStateRunning, vm.PowerState)
 	require.Positive(t, vm.Domid)
-	xl := throttleHost(t, e, vm.ResidentOn, vm.Domid, vm.UUID)
+	xl := e.sim.XLPath(string(vm.ResidentOn))
+	require.FileExists(t, xl, "the simulator's xl stand-in")
+	require.Equal(t, hostplugin.XLPathForEtc(e.sim.HostEtcDir(string(vm.ResidentOn))), xl, "where the plugin looks for xl")
 	d := fmt.Sprint(vm.Domid)
 	call := func(args map[string]string) (string, error) {
 		return e.src.HostCallPlugin(ctx, vm.ResidentOn, hostplugin.PluginName, fnThrottle, args)
@@ -138,5 +109,12 @@ func TestHostPluginThrottle(t *testing.T) {
 	ae = requireAPIError(t, err, hostplugin.CodeUnavailable)
 	assert.Contains(t, ae.Param(0), xl)
 	require.NoError(t, os.Rename(xl+".away", xl))
-	assert.True(t, strings.HasSuffix(xl, filepath.Join("usr", "sbin", "xl")))
+
+	// credit2 (xl sched-credit2)
+	require.NoError(t, e.sim.SetXLScheduler(string(vm.ResidentOn), xapisim.XLSchedCredit2))
+	out, err = call(map[string]string{"domid": d, "cap": "150"})
+	require.NoError(t, err)
+	require.NoError(t, json.Unmarshal([]byte(out), &res))
+	assert.Equal(t, hostplugin.ThrottleResult{Scheduler: "credit2", Domid: vm.Domid, PreviousCap: 0, Cap: 150}, res)
+	assert.Equal(t, int64(150), schedCap(t, xl, vm.Domid))
 }
