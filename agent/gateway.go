@@ -113,8 +113,44 @@ func (g *gateway) acceptLoop(ctx context.Context, ln *wan.Listener) {
 		go func() {
 			defer g.wg.Done()
 			_ = sess.ServeForwards(ctx, g.policy)
+			select {
+			case <-sess.Done():
+				g.retire(sess)
+			case <-ctx.Done(): // stop folds and closes it
+			}
 		}()
 	}
+}
+
+// retire removes an accepted session that ended from the live list and
+// adds its counters to the base, so a destination whose source re-dials
+// many times does not keep every ended session (and GatewayStats stays
+// cumulative, after GatewayStop too).
+func (g *gateway) retire(sess *wan.Session) {
+	g.mu.Lock()
+	found := false
+	for i, s := range g.sessions {
+		if s == sess {
+			g.sessions = append(g.sessions[:i], g.sessions[i+1:]...)
+			found = true
+			break
+		}
+	}
+	if found {
+		g.fold(sess)
+	}
+	g.mu.Unlock()
+	if found {
+		_ = sess.Close() // already ended: releases what is left
+		g.a.log.Info("gateway session ended", "session", sess.ID(), "error", sess.Err())
+	}
+}
+
+// liveSessions is the number of accepted sessions kept (tests).
+func (g *gateway) liveSessions() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return len(g.sessions)
 }
 
 // policy allows exactly the targets the controller named (GatewayAllow).
@@ -293,6 +329,7 @@ func (g *gateway) stats(context.Context, Empty) (GatewayStatsResponse, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	out := g.base
+	out.RateLimit = g.rate
 	live := append([]*wan.Session(nil), g.sessions...)
 	if g.cur != nil {
 		live = append(live, g.cur)

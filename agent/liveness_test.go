@@ -14,6 +14,7 @@ import (
 
 	"github.com/wanmotion/wanmotion/internal/testutil"
 	"github.com/wanmotion/wanmotion/plugins/contract"
+	"github.com/wanmotion/wanmotion/wan"
 	"github.com/wanmotion/wanmotion/wan/wanemu"
 )
 
@@ -185,4 +186,49 @@ func TestConnCloseEndsWatch(t *testing.T) {
 		buf := make([]byte, 1<<20)
 		t.Logf("%s", buf[:runtime.Stack(buf, true)])
 	}
+}
+
+// TestGatewayRetiresEndedSessions: sessions accepted by the destination
+// gateway leave its list when they end, and their counters stay in
+// GatewayStats (also after GatewayStop).
+func TestGatewayRetiresEndedSessions(t *testing.T) {
+	b, err := NewBundle("mig-1")
+	require.NoError(t, err)
+	a := startAgent(t, b, contract.RoleDestination, time.Minute)
+	tc, err := b.Controller.ClientTLS(contract.RoleDestination)
+	require.NoError(t, err)
+	conn := dial(t, a.Addr(), tc)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	lr, err := Call[GatewayListenRequest, GatewayListenResponse](ctx, conn, MethodGatewayListen, GatewayListenRequest{})
+	require.NoError(t, err)
+	stats := func() GatewayStatsResponse {
+		st, err := Call[Empty, GatewayStatsResponse](ctx, conn, MethodGatewayStats, Empty{})
+		require.NoError(t, err)
+		return st
+	}
+
+	const n = 3
+	var received int64
+	for i := 0; i < n; i++ {
+		s, err := wan.Dial(ctx, lr.Addr, wan.Config{CertPEM: b.Source.GatewayCert, KeyPEM: b.Source.GatewayKey, CAPEM: b.CACert, Streams: 1})
+		require.NoError(t, err)
+		require.Eventually(t, func() bool { return a.gw.liveSessions() == 1 }, 10*time.Second, 10*time.Millisecond)
+		st := stats()
+		assert.Equal(t, i+1, st.Sessions)
+		assert.Equal(t, 1, st.Connected)
+		require.NoError(t, s.Close())
+		require.Eventually(t, func() bool { return a.gw.liveSessions() == 0 }, 10*time.Second, 10*time.Millisecond,
+			"the ended session leaves the list")
+		st = stats()
+		assert.Equal(t, i+1, st.Sessions, "an ended session still counts")
+		assert.Greater(t, st.BytesReceivedOnWire, received, "its counters (the goodbye it received) are kept")
+		assert.Zero(t, st.Connected)
+		received = st.BytesReceivedOnWire
+	}
+	_, err = Call[Empty, Empty](ctx, conn, MethodGatewayStop, Empty{})
+	require.NoError(t, err)
+	st := stats()
+	assert.Equal(t, n, st.Sessions, "counters survive GatewayStop")
+	assert.Equal(t, received, st.BytesReceivedOnWire)
 }
