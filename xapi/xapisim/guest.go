@@ -301,6 +301,7 @@ func (s *Sim) StartGuest(vmUUID string, cfg GuestConfig) error {
 		g.shadows[d.dev] = f
 	}
 	e.memFor(vmUUID, memSize)
+	g.throttle(time.Now()) // the stats show the cap from the start
 	e.mu.Lock()
 	e.guests[vmUUID] = g
 	e.mu.Unlock()
