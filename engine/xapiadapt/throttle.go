@@ -1,0 +1,186 @@
+package xapiadapt
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/wanmotion/wanmotion/engine"
+	"github.com/wanmotion/wanmotion/hostplugin"
+	"github.com/wanmotion/wanmotion/xapi"
+)
+
+// Errors of the guest throttle.
+var (
+	// ErrVMNotRunning: the VM has no running domain to throttle.
+	ErrVMNotRunning = errors.New("vm is not running")
+	// ErrNoHostPlugin: the host the VM runs on has no wanmotion host plugin
+	// (or one without the throttle function).
+	ErrNoHostPlugin = errors.New("wanmotion host plugin missing on the vm's host")
+)
+
+// Throttle implements engine.GuestThrottle through the wanmotion host
+// plugin's "throttle" function on the host the VM runs on, which sets the
+// domain's Xen scheduler cap with dom0's xl.
+type Throttle struct {
+	c   *xapi.Client
+	log hclog.Logger
+}
+
+var _ engine.GuestThrottle = (*Throttle)(nil)
+
+// NewThrottle returns the guest throttle of the pool c is logged in to (the
+// source pool). A nil logger discards.
+func NewThrottle(c *xapi.Client, logger hclog.Logger) *Throttle {
+	if logger == nil {
+		logger = hclog.NewNullLogger()
+	}
+	return &Throttle{c: c, log: logger.Named("throttle")}
+}
+
+// guestDomain is where a VM's domain runs now.
+type guestDomain struct {
+	host  xapi.HostRef
+	domid int64
+	vcpus int64
+}
+
+func (t *Throttle) domain(ctx context.Context, vmUUID string) (guestDomain, error) {
+	ref, err := t.c.VMGetByUUID(ctx, vmUUID)
+	if err != nil {
+		return guestDomain{}, fmt.Errorf("VM.get_by_uuid %s: %w", vmUUID, mapErr(err))
+	}
+	rec, err := t.c.VMGetRecord(ctx, ref)
+	if err != nil {
+		return guestDomain{}, fmt.Errorf("VM.get_record %s: %w", vmUUID, mapErr(err))
+	}
+	d := guestDomain{host: rec.ResidentOn, domid: rec.Domid, vcpus: rec.VCPUsAtStartup}
+	if d.vcpus < 1 {
+		d.vcpus = rec.VCPUsMax
+	}
+	d.vcpus = max(d.vcpus, 1)
+	if rec.PowerState != xapi.VMPowerStateRunning {
+		return d, fmt.Errorf("vm %s: power state %s, not Running: %w", vmUUID, rec.PowerState, ErrVMNotRunning)
+	}
+	if xapi.IsNullRef(string(rec.ResidentOn)) || rec.Domid <= 0 {
+		return d, fmt.Errorf("vm %s: Running but resident_on %q, domid %d: %w", vmUUID, rec.ResidentOn, rec.Domid, ErrVMNotRunning)
+	}
+	return d, nil
+}
+
+// ThrottleCap is the cap that takes percent of the CPU time of vcpus
+// vCPUs away: max(1, vcpus*(100-percent)), in percent of one CPU.
+func ThrottleCap(vcpus int64, percent int) int64 {
+	return max(1, vcpus*int64(100-percent))
+}
+
+// ThrottleGuest implements engine.GuestThrottle.
+func (t *Throttle) ThrottleGuest(ctx context.Context, vmUUID string, percent int, prev *engine.ThrottleState) (engine.ThrottleState, error) {
+	if percent < 0 || percent > 100 {
+		return engine.ThrottleState{}, fmt.Errorf("throttle vm %s: percent %d outside 0..100: %w", vmUUID, percent, engine.ErrConfig)
+	}
+	d, err := t.domain(ctx, vmUUID)
+	if err != nil {
+		return engine.ThrottleState{}, err
+	}
+	capPct := ThrottleCap(d.vcpus, percent)
+	if capPct > hostplugin.MaxCap {
+		return engine.ThrottleState{}, fmt.Errorf("throttle vm %s: %d vCPUs need cap %d, above the %d the host plugin accepts: %w",
+			vmUUID, d.vcpus, capPct, hostplugin.MaxCap, engine.ErrConfig)
+	}
+	same := prev != nil && prev.Host == string(d.host) && prev.Domid == d.domid
+	if prev != nil && !same {
+		t.log.Info("vm runs as another domain since its last throttle; the old cap went with the old domain",
+			"vm_uuid", vmUUID, "old_host", prev.Host, "old_domid", prev.Domid, "host", string(d.host), "domid", d.domid)
+	}
+	res, err := t.call(ctx, d, capPct)
+	if err != nil {
+		return engine.ThrottleState{}, fmt.Errorf("throttle vm %s (domain %d) to %d%%: %w", vmUUID, d.domid, percent, err)
+	}
+	st := engine.ThrottleState{Host: string(d.host), Domid: d.domid, VCPUs: d.vcpus, Scheduler: res.Scheduler,
+		PrevCap: res.PreviousCap, Percent: percent, Cap: res.Cap}
+	if same {
+		st.PrevCap = prev.PrevCap
+	}
+	t.log.Info("guest throttled", "vm_uuid", vmUUID, "host", st.Host, "domid", st.Domid, "vcpus", st.VCPUs,
+		"percent", percent, "cap", st.Cap, "prev_cap", st.PrevCap, "scheduler", st.Scheduler)
+	return st, nil
+}
+
+// ReleaseThrottle implements engine.GuestThrottle.
+func (t *Throttle) ReleaseThrottle(ctx context.Context, vmUUID string, st engine.ThrottleState) error {
+	d, err := t.domain(ctx, vmUUID)
+	switch {
+	case errors.Is(err, engine.ErrNotFound), errors.Is(err, ErrVMNotRunning):
+		t.log.Info("guest throttle needs no release: the throttled domain is gone", "vm_uuid", vmUUID, "domid", st.Domid, "reason", err.Error())
+		return nil
+	case err != nil:
+		return fmt.Errorf("release throttle of vm %s: %w", vmUUID, err)
+	case string(d.host) != st.Host || d.domid != st.Domid:
+		t.log.Info("guest throttle needs no release: the vm runs as another domain; the cap went with the old one",
+			"vm_uuid", vmUUID, "old_host", st.Host, "old_domid", st.Domid, "host", string(d.host), "domid", d.domid)
+		return nil
+	}
+	res, err := t.call(ctx, d, st.PrevCap)
+	if errors.Is(err, errDomainGone) {
+		t.log.Info("guest throttle needs no release: the domain went away", "vm_uuid", vmUUID, "domid", st.Domid)
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("release throttle of vm %s (domain %d, cap back to %d): %w", vmUUID, d.domid, st.PrevCap, err)
+	}
+	t.log.Info("guest throttle released", "vm_uuid", vmUUID, "host", st.Host, "domid", st.Domid, "cap", res.Cap, "was", res.PreviousCap)
+	return nil
+}
+
+// errDomainGone: the host plugin found no such domain.
+var errDomainGone = errors.New("domain not on the host")
+
+// call runs the host plugin's throttle function on d's host.
+func (t *Throttle) call(ctx context.Context, d guestDomain, capPct int64) (hostplugin.ThrottleResult, error) {
+	args := map[string]string{hostplugin.ArgDomid: strconv.FormatInt(d.domid, 10), hostplugin.ArgCap: strconv.FormatInt(capPct, 10)}
+	out, err := t.c.HostCallPlugin(ctx, d.host, hostplugin.PluginName, hostplugin.FnThrottle, args)
+	if err != nil {
+		return hostplugin.ThrottleResult{}, t.pluginErr(ctx, d.host, err)
+	}
+	var res hostplugin.ThrottleResult
+	if err := json.Unmarshal([]byte(out), &res); err != nil {
+		return res, fmt.Errorf("host plugin throttle answered %q: %w", out, err)
+	}
+	if res.Domid != d.domid || res.Cap != capPct {
+		return res, fmt.Errorf("host plugin throttle answered %q for domain %d cap %d", out, d.domid, capPct)
+	}
+	return res, nil
+}
+
+// pluginErr explains a failed host.call_plugin.
+func (t *Throttle) pluginErr(ctx context.Context, host xapi.HostRef, err error) error {
+	ae, ok := xapi.AsAPIError(err)
+	if !ok {
+		return err
+	}
+	switch ae.Code {
+	case xapi.CodeXenAPIMissingPlugin:
+		return fmt.Errorf("%w: host %s has no wanmotion host plugin; install it on that host with packaging/install.sh (the throttle convergence policy sets the guest's CPU cap through it): %w",
+			ErrNoHostPlugin, t.hostName(ctx, host), err)
+	case hostplugin.CodeUnknownFunction:
+		return fmt.Errorf("%w: the wanmotion host plugin on host %s has no throttle function; update it there with packaging/install.sh: %w",
+			ErrNoHostPlugin, t.hostName(ctx, host), err)
+	case hostplugin.CodeNotFound:
+		return fmt.Errorf("%w: %s", errDomainGone, ae.Param(0))
+	}
+	return fmt.Errorf("host %s: %w", t.hostName(ctx, host), err)
+}
+
+// hostName is "name_label (ref)" for messages, or the ref alone.
+func (t *Throttle) hostName(ctx context.Context, host xapi.HostRef) string {
+	rec, err := t.c.HostGetRecord(ctx, host)
+	if err != nil || rec.NameLabel == "" {
+		return string(host)
+	}
+	return fmt.Sprintf("%s (%s)", rec.NameLabel, host)
+}
