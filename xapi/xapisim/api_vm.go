@@ -179,7 +179,8 @@ func (p *Pool) SetPowerState(vmRef, state, host string) error {
 	return nil
 }
 
-// setPowerState is the single place VM power states change.
+// setPowerState is the single place VM power states change (domains come
+// and go through setDomain).
 func (p *Pool) setPowerState(o *object, state, host string) {
 	from := o.str("power_state")
 	o.Fields["power_state"] = state

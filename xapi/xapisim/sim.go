@@ -37,6 +37,8 @@
 //	migrate_http.go /services/SM and /services/xenops (destination side of a migration)
 //	migrate_track.go changed-block log since each content_id, write mirror, InjectFault, EndpointBytes
 //	hooks.go     xenopsd hook runner (RunHooks) and the hooks wrapped around VM power operations (an init, after the table)
+//	xl.go        dom0 xl stand-in per host (XLPath, SetXLScheduler), its domain registry (setDomain: the one place resident_on/domid change), the guest's cap lookup
+//	xl_script.go the stand-in's POSIX sh script (xl info, xl sched-credit/sched-credit2)
 //
 // Extension points (for code added to this package):
 //   - API methods: `var _ = addRegistrar(func() { Register(&Method{...}) })`
