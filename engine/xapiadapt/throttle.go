@@ -165,10 +165,10 @@ func (t *Throttle) pluginErr(ctx context.Context, host xapi.HostRef, err error) 
 	}
 	switch ae.Code {
 	case xapi.CodeXenAPIMissingPlugin:
-		return fmt.Errorf("%w: host %s has no wanmotion host plugin; install it on that host with packaging/install.sh (the throttle convergence policy sets the guest's CPU cap through it): %w",
+		return fmt.Errorf("%w: host %s has no wanmotion host plugin, through which the throttle convergence policy sets the guest's CPU cap; install wanmotion on that host (the make dist tarball or make install, i.e. packaging/install.sh; docs/operator-guide.md) and check it with wanmotion doctor: %w",
 			ErrNoHostPlugin, t.hostName(ctx, host), err)
 	case hostplugin.CodeUnknownFunction:
-		return fmt.Errorf("%w: the wanmotion host plugin on host %s has no throttle function; update it there with packaging/install.sh: %w",
+		return fmt.Errorf("%w: the wanmotion host plugin on host %s is older and has no throttle function; upgrade wanmotion on that host (packaging/install.sh; docs/operator-guide.md): %w",
 			ErrNoHostPlugin, t.hostName(ctx, host), err)
 	case hostplugin.CodeNotFound:
 		return fmt.Errorf("%w: %s", errDomainGone, ae.Param(0))

@@ -2,6 +2,7 @@ package xapiadapt
 
 import (
 	"context"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
@@ -16,6 +17,7 @@ import (
 	"github.com/wanmotion/wanmotion/internal/testutil"
 	"github.com/wanmotion/wanmotion/xapi"
 	"github.com/wanmotion/wanmotion/xapi/xapisim"
+	"github.com/wanmotion/wanmotion/xapiplugin"
 )
 
 func TestThrottleCap(t *testing.T) {
@@ -205,4 +207,46 @@ func TestThrottleWithoutHostPlugin(t *testing.T) {
 	require.NoError(t, err)
 	err = th.ReleaseThrottle(ctx, vm.UUID, engine.ThrottleState{Host: string(rec.ResidentOn), Domid: rec.Domid, Cap: 100})
 	require.ErrorIs(t, err, ErrNoHostPlugin, "a release that cannot run is an error (the cap stays)")
+}
+
+// scriptPlugin installs a host plugin that always answers out.
+func scriptPlugin(t *testing.T, s *xapisim.Sim, out []byte) {
+	t.Helper()
+	dir := t.TempDir()
+	resp := filepath.Join(dir, "response.xml")
+	require.NoError(t, os.WriteFile(resp, out, 0o644))
+	script := filepath.Join(dir, "wanmotion")
+	require.NoError(t, os.WriteFile(script, []byte("#!/bin/sh\ncat '"+resp+"'\n"), 0o755))
+	require.NoError(t, s.InstallPlugin(hostplugin.PluginName, script))
+}
+
+// An older host plugin (no throttle function) or a wrong answer.
+func TestThrottlePluginAnswers(t *testing.T) {
+	ctx := context.Background()
+	e := newThrottleEnv(t)
+	th := NewThrottle(e.src, testutil.Logger(t))
+	vm := e.demoVM(t)
+
+	scriptPlugin(t, e.sim, xapiplugin.Failure(hostplugin.CodeUnknownFunction, `unknown function "throttle" (functions: migrate, version)`, "throttle"))
+	_, err := th.ThrottleGuest(ctx, vm.UUID, 50, nil)
+	require.ErrorIs(t, err, ErrNoHostPlugin)
+	assert.Contains(t, err.Error(), "no throttle function")
+	assert.Contains(t, err.Error(), "upgrade wanmotion")
+
+	scriptPlugin(t, e.sim, xapiplugin.Failure(hostplugin.CodeUnavailable, `xen scheduler "rtds": setting a vCPU cap is not supported (the throttle needs credit or credit2)`))
+	_, err = th.ThrottleGuest(ctx, vm.UUID, 50, nil)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "not supported", "the plugin's message reaches the engine")
+	assert.Contains(t, err.Error(), "site-a-host1")
+
+	scriptPlugin(t, e.sim, xapiplugin.Success(`{"scheduler":"credit","domid":1,"previous_cap":0,"cap":5}`))
+	_, err = th.ThrottleGuest(ctx, vm.UUID, 50, nil)
+	require.Error(t, err, "an answer for another cap is refused")
+	assert.Contains(t, err.Error(), "cap 100")
+
+	scriptPlugin(t, e.sim, xapiplugin.Failure(hostplugin.CodeNotFound, "domain 1 on this host: no such domain", "1"))
+	rec, err := e.src.VMGetRecord(ctx, xapi.VMRef(vm.Ref))
+	require.NoError(t, err)
+	require.NoError(t, th.ReleaseThrottle(ctx, vm.UUID, engine.ThrottleState{Host: string(rec.ResidentOn), Domid: rec.Domid, Cap: 100}),
+		"the domain went away between the lookup and the call: nothing to release")
 }
