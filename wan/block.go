@@ -186,9 +186,7 @@ func (s *Session) applyLoop(ch *channel, sink *BlockSink) {
 			finish(err)
 			return
 		}
-		f := ch.rq[0]
-		ch.rq[0] = nil
-		ch.rq = ch.rq[1:]
+		f := ch.popRQ()
 		if f.kind == kindFin {
 			ch.rfin = true
 			s.consume(ch, f.seq)
@@ -206,7 +204,7 @@ func (s *Session) applyLoop(ch *channel, sink *BlockSink) {
 			s.log.Warn("block apply failed", "channel", sink.name, "offset", f.off, "error", err)
 			s.mu.Lock()
 			ch.rerr = fmt.Errorf("wan: apply at %d: %w", f.off, err)
-			ch.rq = nil
+			ch.dropRQ()
 			s.mu.Unlock()
 			_ = s.submit(context.Background(), ch, &outFrame{kind: kindReset, name: "apply failed: " + err.Error()})
 			finish(fmt.Errorf("wan: apply at %d: %w", f.off, err))

@@ -43,6 +43,16 @@ type inFrame struct {
 	pos  int // bytes already read (byte streams)
 }
 
+// cost is what a received frame counts against maxReceiveHeld.
+func (f *inFrame) cost() int64 { return int64(len(f.data)) + frameOverhead }
+
+// maxReceiveHeld bounds the bytes (frame data + frameOverhead each) one
+// channel holds received but not yet consumed, in its reorder buffer and
+// read queue. A peer honouring its window never needs more than its
+// ChannelWindow (at most maxChannelWindow) plus one frame; a peer that
+// ignores it gets ErrProtocol instead of exhausting our memory.
+var maxReceiveHeld int64 = 2*maxChannelWindow + 2*(maxPayload+frameOverhead)
+
 // channel is one multiplexed flow. Every field but cbMu is guarded by
 // Session.mu.
 type channel struct {
@@ -71,6 +81,7 @@ type channel struct {
 	rnext    uint64 // next expected sequence number
 	rbuf     map[uint64]*inFrame
 	rq       []*inFrame
+	held     int64  // cost of the frames in rbuf and rq
 	consumed uint64 // all frames <= consumed are consumed (cumulative ack value)
 	rfin     bool   // peer's fin consumed
 	rerr     error  // peer reset the channel
@@ -86,6 +97,24 @@ type channel struct {
 
 func newChannel(s *Session, id uint32, kind chanKind) *channel {
 	return &channel{s: s, id: id, kind: kind, rnext: 1, rbuf: map[uint64]*inFrame{}, sig: make(chan struct{})}
+}
+
+// popRQ removes and returns the first frame of the read queue. Caller
+// holds s.mu.
+func (c *channel) popRQ() *inFrame {
+	f := c.rq[0]
+	c.rq[0] = nil
+	c.rq = c.rq[1:]
+	c.held -= f.cost()
+	return f
+}
+
+// dropRQ empties the read queue. Caller holds s.mu.
+func (c *channel) dropRQ() {
+	for _, f := range c.rq {
+		c.held -= f.cost()
+	}
+	c.rq = nil
 }
 
 // signal wakes everyone waiting on the channel. Caller holds s.mu.

@@ -62,7 +62,9 @@ type Config struct {
 	// ChannelWindow is how many unacknowledged payload bytes one channel may
 	// have outstanding. It must cover the bandwidth-delay product plus the
 	// socket buffers of every stream for a single channel to fill the link.
-	// 0 = 4 × streams × StreamWindow, bounded to 32..128 MiB.
+	// 0 = 4 × streams × StreamWindow, bounded to 32..128 MiB. Larger
+	// values are lowered to 128 MiB: the receiver refuses a channel holding
+	// much more than that unconsumed (ErrProtocol).
 	ChannelWindow int
 	// MaxFrame is the largest payload of one frame before compression (256 KiB).
 	MaxFrame int
@@ -93,6 +95,7 @@ func (c Config) withDefaults() Config {
 	if c.ChannelWindow <= 0 {
 		c.ChannelWindow = minChannelWindow
 	}
+	c.ChannelWindow = min(c.ChannelWindow, maxChannelWindow)
 	if c.MaxFrame <= 0 {
 		c.MaxFrame = 256 << 10
 	}

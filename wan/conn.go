@@ -189,7 +189,7 @@ func (c *Conn) ReadContext(ctx context.Context, p []byte) (int, error) {
 		if len(ch.rq) > 0 {
 			f := ch.rq[0]
 			if f.kind == kindFin {
-				ch.rq = ch.rq[1:]
+				ch.popRQ()
 				ch.rfin = true
 				s.consume(ch, f.seq)
 				s.maybeRemove(ch)
@@ -204,8 +204,7 @@ func (c *Conn) ReadContext(ctx context.Context, p []byte) (int, error) {
 			}
 			f.pos += n
 			if f.pos >= f.n {
-				ch.rq[0] = nil
-				ch.rq = ch.rq[1:]
+				ch.popRQ()
 				s.consume(ch, f.seq)
 			}
 			return n, nil
@@ -277,7 +276,7 @@ func (c *Conn) abort(reason string) error {
 			ch.rfin = true
 		}
 	}
-	ch.rq = nil
+	ch.dropRQ()
 	ch.signal()
 	s.maybeRemove(ch)
 	s.mu.Unlock()

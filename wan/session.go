@@ -554,16 +554,21 @@ func (s *Session) onData(h *header, data []byte) error {
 		s.queueAck(h.Ch)
 		return nil
 	}
-	if len(ch.rbuf) > 4*maxChannelWindow/frameOverhead {
-		return fmt.Errorf("%w: channel %d reorder buffer overflow", ErrProtocol, h.Ch)
+	in := &inFrame{seq: h.Seq, kind: h.K, off: h.Off, n: int(h.N), data: data, zero: h.F&flagZero != 0, name: h.Name}
+	if len(ch.rbuf) > 4*maxChannelWindow/frameOverhead || ch.held+in.cost() > maxReceiveHeld {
+		// The peer sent far more than its window allows.
+		return fmt.Errorf("%w: channel %d receive buffer overflow (%d frames, %d bytes unconsumed)",
+			ErrProtocol, h.Ch, len(ch.rbuf)+len(ch.rq), ch.held)
 	}
-	ch.rbuf[h.Seq] = &inFrame{seq: h.Seq, kind: h.K, off: h.Off, n: int(h.N), data: data, zero: h.F&flagZero != 0, name: h.Name}
+	ch.rbuf[h.Seq] = in
+	ch.held += in.cost()
 	for {
 		f := ch.rbuf[ch.rnext]
 		if f == nil {
 			break
 		}
 		delete(ch.rbuf, ch.rnext)
+		ch.held -= f.cost()
 		ch.rnext++
 		s.deliver(ch, f)
 	}
@@ -593,7 +598,7 @@ func (s *Session) deliver(ch *channel, f *inFrame) {
 		}
 	case kindReset:
 		ch.rerr = fmt.Errorf("%w: %s", ErrReset, f.name)
-		ch.rq = nil
+		ch.dropRQ()
 		s.consume(ch, f.seq)
 		// Our own outstanding frames will never be consumed: forget them.
 		for _, o := range ch.unacked {
@@ -617,6 +622,7 @@ func (s *Session) deliver(ch *channel, f *inFrame) {
 			return
 		}
 		ch.rq = append(ch.rq, f)
+		ch.held += f.cost()
 		ch.signal()
 	}
 }
