@@ -74,6 +74,30 @@ func TestConnLivenessBlackhole(t *testing.T) {
 	_, err = hello(ctx, conn, contract.RoleSource)
 	require.NoError(t, err, "an idle connection is not dead")
 
+	// A long call survives as long as replies (heartbeats) keep arriving:
+	// a gateway dial that hangs in the handshake for 4 liveness periods.
+	hbDone, hbStop := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(hbDone)
+		for {
+			select {
+			case <-hbStop:
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+			_, _ = Call[HeartbeatRequest, Empty](ctx, conn, MethodHeartbeat, HeartbeatRequest{})
+		}
+	}()
+	dctx, dcancel := context.WithTimeout(ctx, 1200*time.Millisecond)
+	_, err = Call[GatewayDialRequest, GatewayDialResponse](dctx, conn, MethodGatewayDial,
+		GatewayDialRequest{Addr: silentListener(t), Streams: 1})
+	dcancel()
+	close(hbStop)
+	<-hbDone
+	require.Error(t, err, "the dial cannot succeed")
+	require.NotErrorIs(t, err, ErrAgentUnreachable, "a busy connection with heartbeats is not declared dead")
+	require.NoError(t, conn.Err())
+
 	link.Blackhole()
 	_, err = hello(ctx, conn, contract.RoleSource)
 	require.Error(t, err)
