@@ -276,6 +276,10 @@ const (
 	// value now (ErrCapChanged otherwise), so a release does not undo a
 	// cap an administrator set meanwhile.
 	ArgExpectCap = "expect_cap"
+	// ArgCheck "true": read the scheduler and the domain's cap, set
+	// nothing (cap and expect_cap must be absent); the result's cap is
+	// the current one.
+	ArgCheck = "check"
 )
 
 // CodeCapChanged is the plugin's error code for ErrCapChanged.
@@ -289,6 +293,7 @@ type ThrottleArgs struct {
 	Domid     int64
 	Cap       int64
 	ExpectCap *int64
+	Check     bool // read only
 }
 
 // ThrottleResult is throttle's result (JSON).
@@ -305,8 +310,8 @@ type ThrottleResult struct {
 func ParseThrottleArgs(args map[string]string) (ThrottleArgs, error) {
 	var a ThrottleArgs
 	for k := range args {
-		if k != ArgDomid && k != ArgCap && k != ArgExpectCap {
-			return a, fmt.Errorf("%w: unknown argument %q for %s (arguments: %s, %s, %s)", ErrInvalidArgument, k, FnThrottle, ArgCap, ArgDomid, ArgExpectCap)
+		if k != ArgDomid && k != ArgCap && k != ArgExpectCap && k != ArgCheck {
+			return a, fmt.Errorf("%w: unknown argument %q for %s (arguments: %s, %s, %s, %s)", ErrInvalidArgument, k, FnThrottle, ArgCap, ArgCheck, ArgDomid, ArgExpectCap)
 		}
 	}
 	num := func(name string, lo, hi int64) (int64, error) {
@@ -330,6 +335,19 @@ func ParseThrottleArgs(args map[string]string) (ThrottleArgs, error) {
 	if a.Domid == 0 {
 		return a, fmt.Errorf("%w: %s 0 is dom0, which wanmotion never throttles", ErrInvalidArgument, ArgDomid)
 	}
+	switch v, ok := args[ArgCheck]; {
+	case !ok || v == "false":
+	case v == "true":
+		_, hasCap := args[ArgCap]
+		_, hasExpect := args[ArgExpectCap]
+		if hasCap || hasExpect {
+			return a, fmt.Errorf("%w: %s true sets nothing: give no %s or %s", ErrInvalidArgument, ArgCheck, ArgCap, ArgExpectCap)
+		}
+		a.Check = true
+		return a, nil
+	default:
+		return a, fmt.Errorf("%w: %s %q: want true or false", ErrInvalidArgument, ArgCheck, v)
+	}
 	if a.Cap, err = num(ArgCap, 0, MaxCap); err != nil {
 		return a, err
 	}
@@ -344,7 +362,8 @@ func ParseThrottleArgs(args map[string]string) (ThrottleArgs, error) {
 }
 
 // Throttle sets a.Cap on domain a.Domid with x and returns the cap it had
-// before. x.Sched, when empty, is read from xl info.
+// before (with a.Check it only reads it: the result's Cap is the current
+// one). x.Sched, when empty, is read from xl info.
 func Throttle(ctx context.Context, x XL, a ThrottleArgs) (ThrottleResult, error) {
 	x, err := x.withSched(ctx)
 	if err != nil {
@@ -353,6 +372,10 @@ func Throttle(ctx context.Context, x XL, a ThrottleArgs) (ThrottleResult, error)
 	res := ThrottleResult{Scheduler: x.Sched, Domid: a.Domid, Cap: a.Cap}
 	if res.PreviousCap, err = x.Cap(ctx, a.Domid); err != nil {
 		return res, err
+	}
+	if a.Check {
+		res.Cap = res.PreviousCap
+		return res, nil
 	}
 	if a.ExpectCap != nil && *a.ExpectCap != res.PreviousCap {
 		return res, fmt.Errorf("domain %d has cap %d, not the expected %d (set by someone else?): %w", a.Domid, res.PreviousCap, *a.ExpectCap, ErrCapChanged)

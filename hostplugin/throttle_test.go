@@ -312,6 +312,12 @@ func TestParseThrottleArgs(t *testing.T) {
 		{name: "negative cap", args: map[string]string{"domid": "5", "cap": "-1"}, msg: "cap -1"},
 		{name: "cap float", args: map[string]string{"domid": "5", "cap": "1.5"}, msg: "not an integer"},
 		{name: "bad expect_cap", args: map[string]string{"domid": "5", "cap": "0", "expect_cap": "x"}, msg: "expect_cap"},
+		{name: "check", args: map[string]string{"domid": "5", "check": "true"}, want: ThrottleArgs{Domid: 5, Check: true}},
+		{name: "check false", args: map[string]string{"domid": "5", "cap": "10", "check": "false"}, want: ThrottleArgs{Domid: 5, Cap: 10}},
+		{name: "check with cap", args: map[string]string{"domid": "5", "cap": "10", "check": "true"}, msg: "sets nothing"},
+		{name: "check with expect_cap", args: map[string]string{"domid": "5", "expect_cap": "10", "check": "true"}, msg: "sets nothing"},
+		{name: "check yes", args: map[string]string{"domid": "5", "check": "yes"}, msg: "want true or false"},
+		{name: "check of dom0", args: map[string]string{"domid": "0", "check": "true"}, msg: "dom0"},
 		{name: "unknown argument", args: map[string]string{"domid": "5", "cap": "0", "weight": "1"}, msg: `unknown argument "weight"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -351,6 +357,14 @@ func TestThrottle(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, int64(50), res.PreviousCap)
 	assert.Equal(t, int64(0), f.caps[5])
+
+	f.calls = nil
+	res, err = Throttle(ctx, x, ThrottleArgs{Domid: 6, Check: true})
+	require.NoError(t, err)
+	assert.Equal(t, ThrottleResult{Scheduler: SchedCredit2, Domid: 6, PreviousCap: 300, Cap: 300}, res)
+	assert.Len(t, f.calls, 2, "check: xl info and one read")
+	_, err = Throttle(ctx, x, ThrottleArgs{Domid: 9, Check: true})
+	require.ErrorAs(t, err, new(*XLError), "check of a domain that is not there")
 
 	f.calls = nil
 	res, err = Throttle(ctx, x, ThrottleArgs{Domid: 6, Cap: 300})

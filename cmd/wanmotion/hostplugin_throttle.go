@@ -23,7 +23,11 @@ func (p *pluginCall) throttle(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", throttleError(xl.Path, a, err)
 	}
-	p.log.Info("guest cap set", "domid", a.Domid, "cap", res.Cap, "previous_cap", res.PreviousCap, "scheduler", res.Scheduler)
+	if a.Check {
+		p.log.Debug("guest cap read", "domid", a.Domid, "cap", res.Cap, "scheduler", res.Scheduler)
+	} else {
+		p.log.Info("guest cap set", "domid", a.Domid, "cap", res.Cap, "previous_cap", res.PreviousCap, "scheduler", res.Scheduler)
+	}
 	return jsonString(res)
 }
 

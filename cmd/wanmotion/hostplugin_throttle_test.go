@@ -62,6 +62,12 @@ func TestHostPluginThrottle(t *testing.T) {
 	assert.Equal(t, int64(100), schedCap(t, xl, vm.Domid), "xl sched-credit shows the cap")
 	assert.JSONEq(t, fmt.Sprintf(`{"scheduler":"credit","domid":%d,"previous_cap":0,"cap":100}`, vm.Domid), out)
 
+	out, err = call(map[string]string{"domid": d, "check": "true"})
+	require.NoError(t, err)
+	require.NoError(t, json.Unmarshal([]byte(out), &res))
+	assert.Equal(t, hostplugin.ThrottleResult{Scheduler: "credit", Domid: vm.Domid, PreviousCap: 100, Cap: 100}, res, "check reads only")
+	assert.Equal(t, int64(100), schedCap(t, xl, vm.Domid))
+
 	out, err = call(map[string]string{"domid": d, "cap": "60"})
 	require.NoError(t, err)
 	require.NoError(t, json.Unmarshal([]byte(out), &res))
@@ -92,6 +98,8 @@ func TestHostPluginThrottle(t *testing.T) {
 		{"missing cap", map[string]string{"domid": d}, hostplugin.CodeInvalidArgument, "cap is required"},
 		{"unknown argument", map[string]string{"domid": d, "cap": "10", "weight": "5"}, hostplugin.CodeInvalidArgument, "weight"},
 		{"no such domain", map[string]string{"domid": "4242", "cap": "10"}, hostplugin.CodeNotFound, "domain 4242"},
+		{"check of no such domain", map[string]string{"domid": "4242", "check": "true"}, hostplugin.CodeNotFound, "domain 4242"},
+		{"check with a cap", map[string]string{"domid": d, "check": "true", "cap": "5"}, hostplugin.CodeInvalidArgument, "sets nothing"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := call(tc.args)

@@ -31,7 +31,10 @@ type Throttle struct {
 	log hclog.Logger
 }
 
-var _ engine.GuestThrottle = (*Throttle)(nil)
+var (
+	_ engine.GuestThrottle   = (*Throttle)(nil)
+	_ engine.ThrottleChecker = (*Throttle)(nil)
+)
 
 // NewThrottle returns the guest throttle of the pool c is logged in to (the
 // source pool). A nil logger discards.
@@ -111,6 +114,26 @@ func (t *Throttle) ThrottleGuest(ctx context.Context, vmUUID string, percent int
 	return st, nil
 }
 
+// CheckThrottle implements engine.ThrottleChecker: the VM runs, and the
+// host plugin on its host reads its domain's cap (plugin and xl present,
+// a scheduler with a cap), setting nothing.
+func (t *Throttle) CheckThrottle(ctx context.Context, vmUUID string) error {
+	d, err := t.domain(ctx, vmUUID)
+	if err != nil {
+		return err
+	}
+	args := map[string]string{hostplugin.ArgDomid: strconv.FormatInt(d.domid, 10), hostplugin.ArgCheck: "true"}
+	res, err := t.callArgs(ctx, d, args)
+	if err != nil {
+		return fmt.Errorf("vm %s (domain %d): %w", vmUUID, d.domid, err)
+	}
+	if res.Domid != d.domid {
+		return fmt.Errorf("vm %s: host plugin throttle check answered for domain %d, not %d", vmUUID, res.Domid, d.domid)
+	}
+	t.log.Debug("guest throttle possible", "vm_uuid", vmUUID, "host", string(d.host), "domid", d.domid, "scheduler", res.Scheduler, "cap", res.Cap)
+	return nil
+}
+
 // ReleaseThrottle implements engine.GuestThrottle.
 func (t *Throttle) ReleaseThrottle(ctx context.Context, vmUUID string, st engine.ThrottleState) error {
 	d, err := t.domain(ctx, vmUUID)
@@ -143,6 +166,14 @@ var errDomainGone = errors.New("domain not on the host")
 // call runs the host plugin's throttle function on d's host.
 func (t *Throttle) call(ctx context.Context, d guestDomain, capPct int64) (hostplugin.ThrottleResult, error) {
 	args := map[string]string{hostplugin.ArgDomid: strconv.FormatInt(d.domid, 10), hostplugin.ArgCap: strconv.FormatInt(capPct, 10)}
+	res, err := t.callArgs(ctx, d, args)
+	if err == nil && (res.Domid != d.domid || res.Cap != capPct) {
+		return res, fmt.Errorf("host plugin throttle answered domain %d cap %d for domain %d cap %d", res.Domid, res.Cap, d.domid, capPct)
+	}
+	return res, err
+}
+
+func (t *Throttle) callArgs(ctx context.Context, d guestDomain, args map[string]string) (hostplugin.ThrottleResult, error) {
 	out, err := t.c.HostCallPlugin(ctx, d.host, hostplugin.PluginName, hostplugin.FnThrottle, args)
 	if err != nil {
 		return hostplugin.ThrottleResult{}, t.pluginErr(ctx, d.host, err)
@@ -150,9 +181,6 @@ func (t *Throttle) call(ctx context.Context, d guestDomain, capPct int64) (hostp
 	var res hostplugin.ThrottleResult
 	if err := json.Unmarshal([]byte(out), &res); err != nil {
 		return res, fmt.Errorf("host plugin throttle answered %q: %w", out, err)
-	}
-	if res.Domid != d.domid || res.Cap != capPct {
-		return res, fmt.Errorf("host plugin throttle answered %q for domain %d cap %d", out, d.domid, capPct)
 	}
 	return res, nil
 }

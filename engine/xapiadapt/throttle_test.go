@@ -111,6 +111,9 @@ func TestThrottleSimulator(t *testing.T) {
 	require.Equal(t, int64(2), rec.VCPUsAtStartup, "the demo VM has 2 vCPUs")
 	host := string(rec.ResidentOn)
 
+	require.NoError(t, th.CheckThrottle(ctx, vm.UUID))
+	assert.Equal(t, int64(0), simCap(t, e.sim, host, rec.Domid), "check sets nothing")
+
 	st, err := th.ThrottleGuest(ctx, vm.UUID, 50, nil)
 	require.NoError(t, err)
 	assert.Equal(t, engine.ThrottleState{Host: host, Domid: rec.Domid, VCPUs: 2, Scheduler: "credit", PrevCap: 0, Percent: 50, Cap: 100}, st)
@@ -177,6 +180,7 @@ func TestThrottleSimulator(t *testing.T) {
 		_, err := th.ThrottleGuest(ctx, vm.UUID, 50, nil)
 		require.ErrorIs(t, err, ErrVMNotRunning)
 		assert.Contains(t, err.Error(), "Paused")
+		require.ErrorIs(t, th.CheckThrottle(ctx, vm.UUID), ErrVMNotRunning)
 	})
 
 	t.Run("no such vm", func(t *testing.T) {
@@ -197,6 +201,7 @@ func TestThrottleWithoutHostPlugin(t *testing.T) {
 	e := newThrottleEnv(t)
 	th := NewThrottle(e.src, testutil.Logger(t))
 	vm := e.demoVM(t)
+	require.ErrorIs(t, th.CheckThrottle(ctx, vm.UUID), ErrNoHostPlugin, "found while planning")
 	_, err := th.ThrottleGuest(ctx, vm.UUID, 50, nil)
 	require.ErrorIs(t, err, ErrNoHostPlugin)
 	require.ErrorIs(t, err, xapi.ErrXenAPIMissingPlugin)
@@ -237,6 +242,9 @@ func TestThrottlePluginAnswers(t *testing.T) {
 	_, err = th.ThrottleGuest(ctx, vm.UUID, 50, nil)
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "not supported", "the plugin's message reaches the engine")
+	err = th.CheckThrottle(ctx, vm.UUID)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), `xen scheduler "rtds"`)
 	assert.Contains(t, err.Error(), "site-a-host1")
 
 	scriptPlugin(t, e.sim, xapiplugin.Success(`{"scheduler":"credit","domid":1,"previous_cap":0,"cap":5}`))
