@@ -233,15 +233,15 @@ type Conn struct {
 	nextID atomic.Uint64
 	grace  time.Duration
 
-	liveness  atomic.Int64 // nanoseconds; 0 = no liveness check
-	pending   atomic.Int64 // calls waiting for their reply
-	waitSince atomic.Int64 // unix nanos when pending last went from 0 to 1
+	liveness atomic.Int64 // nanoseconds; 0 = no liveness check
 
-	mu     sync.Mutex
-	reason error // why the connection was declared dead
-	done   chan struct{}
-	once   sync.Once
-	wg     sync.WaitGroup
+	mu        sync.Mutex
+	pending   int       // calls waiting for their reply
+	waitSince time.Time // when pending last went from 0 to 1
+	reason    error     // why the connection was declared dead
+	done      chan struct{}
+	once      sync.Once
+	wg        sync.WaitGroup
 }
 
 // DefaultCancelGrace is how long Call waits, after sending Cancel, for the
@@ -321,17 +321,20 @@ func (c *Conn) watch() {
 			return
 		case <-t.C:
 		}
-		if d <= 0 || c.pending.Load() == 0 {
-			continue
-		}
-		silent := min(c.nc.silentFor(), time.Since(time.Unix(0, c.waitSince.Load())))
-		if silent <= d {
+		if d <= 0 {
 			continue
 		}
 		c.mu.Lock()
-		c.reason = fmt.Errorf("nothing received from the agent for %s while calls waited (half-open connection or path down)",
-			silent.Round(time.Millisecond))
+		silent := min(c.nc.silentFor(), time.Since(c.waitSince))
+		dead := c.pending > 0 && silent > d
+		if dead {
+			c.reason = fmt.Errorf("nothing received from the agent for %s while calls waited (half-open connection or path down)",
+				silent.Round(time.Millisecond))
+		}
 		c.mu.Unlock()
+		if !dead {
+			continue
+		}
 		_ = c.nc.Close() // the read loop fails every pending call
 		c.ended()
 		return
@@ -364,10 +367,17 @@ func Call[Req, Resp any](ctx context.Context, c *Conn, method string, req Req) (
 		args.Call.Deadline = dl
 	}
 	var reply Reply[Resp]
-	if c.pending.Add(1) == 1 {
-		c.waitSince.Store(time.Now().UnixNano())
+	c.mu.Lock()
+	if c.pending == 0 {
+		c.waitSince = time.Now()
 	}
-	defer c.pending.Add(-1)
+	c.pending++
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		c.pending--
+		c.mu.Unlock()
+	}()
 	pending := c.rc.Go(ServiceName+"."+method, args, &reply, make(chan *rpc.Call, 1))
 	select {
 	case <-pending.Done:
