@@ -50,6 +50,9 @@ type guestDomain struct {
 	host  xapi.HostRef
 	domid int64
 	vcpus int64
+	// paused: the domain exists but is paused (domain returns
+	// ErrVMNotRunning with it; a release still applies).
+	paused bool
 }
 
 func (t *Throttle) domain(ctx context.Context, vmUUID string) (guestDomain, error) {
@@ -66,10 +69,14 @@ func (t *Throttle) domain(ctx context.Context, vmUUID string) (guestDomain, erro
 		d.vcpus = rec.VCPUsMax
 	}
 	d.vcpus = max(d.vcpus, 1)
-	if rec.PowerState != xapi.VMPowerStateRunning {
+	hasDomain := !xapi.IsNullRef(string(rec.ResidentOn)) && rec.Domid > 0
+	switch {
+	case rec.PowerState == xapi.VMPowerStatePaused && hasDomain:
+		d.paused = true
+		return d, fmt.Errorf("vm %s: power state Paused, not Running: %w", vmUUID, ErrVMNotRunning)
+	case rec.PowerState != xapi.VMPowerStateRunning:
 		return d, fmt.Errorf("vm %s: power state %s, not Running: %w", vmUUID, rec.PowerState, ErrVMNotRunning)
-	}
-	if xapi.IsNullRef(string(rec.ResidentOn)) || rec.Domid <= 0 {
+	case !hasDomain:
 		return d, fmt.Errorf("vm %s: Running but resident_on %q, domid %d: %w", vmUUID, rec.ResidentOn, rec.Domid, ErrVMNotRunning)
 	}
 	return d, nil
@@ -134,9 +141,13 @@ func (t *Throttle) CheckThrottle(ctx context.Context, vmUUID string) error {
 	return nil
 }
 
-// ReleaseThrottle implements engine.GuestThrottle.
+// ReleaseThrottle implements engine.GuestThrottle. A paused domain keeps
+// its cap, so it is released too.
 func (t *Throttle) ReleaseThrottle(ctx context.Context, vmUUID string, st engine.ThrottleState) error {
 	d, err := t.domain(ctx, vmUUID)
+	if d.paused {
+		err = nil
+	}
 	switch {
 	case errors.Is(err, engine.ErrNotFound), errors.Is(err, ErrVMNotRunning):
 		t.log.Info("guest throttle needs no release: the throttled domain is gone", "vm_uuid", vmUUID, "domid", st.Domid, "reason", err.Error())
@@ -199,7 +210,7 @@ func (t *Throttle) pluginErr(ctx context.Context, host xapi.HostRef, err error) 
 		return fmt.Errorf("%w: the wanmotion host plugin on host %s is older and has no throttle function; upgrade wanmotion on that host (packaging/install.sh; docs/operator-guide.md): %w",
 			ErrNoHostPlugin, t.hostName(ctx, host), err)
 	case hostplugin.CodeNotFound:
-		return fmt.Errorf("%w: %s", errDomainGone, ae.Param(0))
+		return fmt.Errorf("%w: host %s: %w", errDomainGone, t.hostName(ctx, host), err)
 	}
 	return fmt.Errorf("host %s: %w", t.hostName(ctx, host), err)
 }

@@ -174,13 +174,23 @@ func TestThrottleSimulator(t *testing.T) {
 		assert.Equal(t, int64(70), simCap(t, e.sim, string(other), now.Domid))
 	})
 
-	t.Run("not running", func(t *testing.T) {
+	t.Run("paused", func(t *testing.T) {
+		st, err := th.ThrottleGuest(ctx, vm.UUID, 50, nil)
+		require.NoError(t, err)
+		require.NotEqual(t, st.Cap, st.PrevCap)
 		require.NoError(t, e.src.VMPause(ctx, xapi.VMRef(vm.Ref)))
 		t.Cleanup(func() { _ = e.src.VMUnpause(context.Background(), xapi.VMRef(vm.Ref)) })
-		_, err := th.ThrottleGuest(ctx, vm.UUID, 50, nil)
+		_, err = th.ThrottleGuest(ctx, vm.UUID, 50, nil)
 		require.ErrorIs(t, err, ErrVMNotRunning)
 		assert.Contains(t, err.Error(), "Paused")
 		require.ErrorIs(t, th.CheckThrottle(ctx, vm.UUID), ErrVMNotRunning)
+
+		now, err := e.src.VMGetRecord(ctx, xapi.VMRef(vm.Ref))
+		require.NoError(t, err)
+		require.Equal(t, st.Domid, now.Domid)
+		assert.Equal(t, int64(100), simCap(t, e.sim, st.Host, st.Domid), "a paused domain keeps its cap")
+		require.NoError(t, th.ReleaseThrottle(ctx, vm.UUID, st))
+		assert.Equal(t, st.PrevCap, simCap(t, e.sim, st.Host, st.Domid), "and is released")
 	})
 
 	t.Run("no such vm", func(t *testing.T) {
