@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 )
@@ -169,6 +170,10 @@ func (c *Client) Close() error {
 		broken := c.err != nil
 		c.mu.Unlock()
 		if !broken {
+			// A server that stopped reading must not hang Close: bound the
+			// DISC write, and with it a request write stuck on a full socket
+			// while holding wmu (it fails, and fails the connection).
+			_ = c.conn.SetWriteDeadline(time.Now().Add(discTimeout))
 			hdr := Request{Type: cmdDisc}.encode(nil)
 			c.wmu.Lock()
 			_, _ = c.conn.Write(hdr)
@@ -179,6 +184,9 @@ func (c *Client) Close() error {
 	})
 	return nil
 }
+
+// discTimeout bounds how long Close tries to send NBD_CMD_DISC.
+const discTimeout = 2 * time.Second
 
 // fail breaks the connection: every pending and future request gets err.
 func (c *Client) fail(err error) {
