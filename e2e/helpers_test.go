@@ -102,6 +102,7 @@ type env struct {
 	t        *testing.T
 	dir      string
 	stateDir string
+	simDir   string // the simulator's state dir (<simDir>/<host name> is a host's root)
 	direct   [2]string // the pools' own URLs (checks)
 	proxied  [2]string // the same through the gate (the CLI uses these)
 	gate     *gate
@@ -153,13 +154,14 @@ func newEnv(t *testing.T) *env {
 }
 
 func (e *env) startSim() {
+	e.simDir = filepath.Join(e.dir, "sim")
 	t := e.t
 	logf, err := os.Create(filepath.Join(e.dir, "sim.log"))
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = logf.Close() })
-	cmd := exec.Command(bins.wanmotion, "sim", "--state-dir", filepath.Join(e.dir, "sim"), "--hosts", "1",
+	cmd := exec.Command(bins.wanmotion, "sim", "--state-dir", e.simDir, "--hosts", "1",
 		"--disk-size", diskSize, "--fill-size", fillSize, "--memory-size", memorySize,
-		"--guest-rate", guestRate, "--guest-dirty-rate", dirtyRate, "--log-level", "warn")
+		"--guest-rate", guestRate, "--guest-dirty-rate", dirtyRate, "--install-plugin", "--log-level", "warn")
 	cmd.Stderr = logf
 	out, err := cmd.StdoutPipe()
 	require.NoError(t, err)

@@ -105,7 +105,8 @@ func buildEngine(ctx context.Context, o engineOpts) (*engine.Engine, func(), err
 		Source: src, Dest: dst, Tasks: xapiadapt.NewTasks(o.Source),
 		Catalog: pluginCatalog{dirs: host.SearchDirs(o.PluginDir)},
 		Store:   o.Store, Logger: log, Observe: o.Observe, TaskLinger: o.TaskLinger,
-		Pause: xapiadapt.SimPauseMeter{Dest: o.Dest},
+		Pause:    xapiadapt.SimPauseMeter{Dest: o.Dest},
+		Throttle: xapiadapt.NewThrottle(o.Source, log),
 	}
 	if o.Simulator {
 		d.Integrity = xapiadapt.SimIntegrity{Dest: o.Dest}
@@ -118,7 +119,7 @@ func buildEngine(ctx context.Context, o engineOpts) (*engine.Engine, func(), err
 		if err != nil {
 			return nil, nil, err
 		}
-		d.Storage, d.Network, d.Gateway, d.Agents, d.Throttle = dp.Storage, dp.Network, dp.Gateway, dp.Agents, dp.Throttle
+		d.Storage, d.Network, d.Gateway, d.Agents = dp.Storage, dp.Network, dp.Gateway, dp.Agents
 		cleanup = clean
 	}
 	e, err := engine.New(d)
@@ -131,11 +132,10 @@ func buildEngine(ctx context.Context, o engineOpts) (*engine.Engine, func(), err
 
 // dataPathDeps are the engine dependencies the site agents provide.
 type dataPathDeps struct {
-	Storage  engine.StorageBackend
-	Network  engine.NetworkBackend
-	Gateway  engine.Gateway
-	Agents   engine.Agents
-	Throttle engine.GuestThrottle
+	Storage engine.StorageBackend
+	Network engine.NetworkBackend
+	Gateway engine.Gateway
+	Agents  engine.Agents
 }
 
 // dataPath builds the agents, storage, network and gateway drivers: an
