@@ -102,7 +102,7 @@ type env struct {
 	t        *testing.T
 	dir      string
 	stateDir string
-	simDir   string // the simulator's state dir (<simDir>/<host name> is a host's root)
+	simDir   string    // the simulator's state dir (<simDir>/<host name> is a host's root)
 	direct   [2]string // the pools' own URLs (checks)
 	proxied  [2]string // the same through the gate (the CLI uses these)
 	gate     *gate
