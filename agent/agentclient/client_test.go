@@ -26,6 +26,7 @@ import (
 type pair struct {
 	c        *Client
 	l        *inProcLauncher
+	launcher Launcher // the client's launcher: l, or one wrapping it
 	link     *wanemu.Link
 	fx       *fixture
 	agentDir string
@@ -36,11 +37,26 @@ type pair struct {
 
 func newPair(t *testing.T, size int64, linkBits int64) *pair {
 	t.Helper()
+	return newPairWith(t, size, linkBits, nil, nil)
+}
+
+// newPairWith is newPair with the client's launcher wrapping the in-process
+// one (wrap nil: none) and its config adjusted by tune (nil: none).
+func newPairWith(t *testing.T, size int64, linkBits int64, wrap func(*inProcLauncher) Launcher, tune func(*Config)) *pair {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	p := &pair{l: newInProc(t), fx: newFixture(t, size), agentDir: t.TempDir(), stateDir: t.TempDir(), id: "mig-1"}
+	p.launcher = p.l
+	if wrap != nil {
+		p.launcher = wrap(p.l)
+	}
+	cfg := p.config(t)
+	if tune != nil {
+		tune(&cfg)
+	}
 	var err error
-	p.c, err = New(p.config(t))
+	p.c, err = New(cfg)
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = p.c.Close() })
 	p.spec = engine.AgentSpec{MigrationID: p.id, SourceHost: "OpaqueRef:h1", DestHost: "OpaqueRef:h2", StorageBackend: "filecopy", NetworkBackend: "none"}
@@ -58,7 +74,7 @@ func newPair(t *testing.T, size int64, linkBits int64) *pair {
 }
 
 func (p *pair) config(t *testing.T) Config {
-	return Config{Launcher: p.l, StateDir: p.stateDir, AgentStateDir: p.agentDir, StorageConfig: p.fx.config(t),
+	return Config{Launcher: p.launcher, StateDir: p.stateDir, AgentStateDir: p.agentDir, StorageConfig: p.fx.config(t),
 		UUIDOf: uuidOf, IdleTimeout: time.Minute, Logger: testutil.Logger(t),
 		SourceXAPI: func(context.Context, string) (contract.XAPIAccess, error) {
 			return contract.XAPIAccess{URL: "https://source", Session: "OpaqueRef:s1"}, nil

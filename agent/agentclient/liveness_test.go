@@ -1,12 +1,14 @@
 package agentclient
 
 import (
+	"bytes"
 	"context"
 	"runtime"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -16,6 +18,28 @@ import (
 	"github.com/wanmotion/wanmotion/plugins/contract"
 	"github.com/wanmotion/wanmotion/wan/wanemu"
 )
+
+// flagWriter notes whether needle was written to it.
+type flagWriter struct {
+	needle []byte
+	mu     sync.Mutex
+	found  bool
+}
+
+func (w *flagWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if bytes.Contains(p, w.needle) {
+		w.found = true
+	}
+	return len(p), nil
+}
+
+func (w *flagWriter) seen() bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.found
+}
 
 // linkLauncher launches agents in-process and puts an emulated WAN link
 // (which can blackhole) between the controller and each agent's control port.
@@ -115,4 +139,56 @@ func TestHalfOpenControlConnection(t *testing.T) {
 		buf := make([]byte, 1<<20)
 		t.Logf("%s", buf[:runtime.Stack(buf, true)])
 	}
+}
+
+// TestSourceControlPathHalfOpenMidRound: the control path to the source
+// agent goes silent while a round runs there. SyncRound fails with an
+// error wrapping agent.ErrAgentUnreachable within a few heartbeats (its
+// ctx has a minute left); the agent, hearing nothing, closes its end and
+// cancels the orphaned round; once the path is back the engine's re-attach
+// (Start, Recover*) and the repeated round complete, with no new agent.
+func TestSourceControlPathHalfOpenMidRound(t *testing.T) {
+	const size = 4 << 20
+	var ll *linkLauncher
+	silent := &flagWriter{needle: []byte("controller connection silent")}
+	p := newPairWith(t, size, 16e6, func(in *inProcLauncher) Launcher { // ~2 s for the round
+		in.log = hclog.New(&hclog.LoggerOptions{Output: silent, Level: hclog.Warn}) // the agents' warnings
+		ll = &linkLauncher{inProcLauncher: in, links: map[contract.Role]*wanemu.Link{}}
+		t.Cleanup(ll.closeLinks)
+		return ll
+	}, func(cfg *Config) {
+		cfg.HeartbeatInterval, cfg.HeartbeatMisses, cfg.DialTimeout = 100*time.Millisecond, 3, 2*time.Second
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	info, sstate, local := p.prepare(t, ctx)
+	img0, _ := p.fx.writeSnapshot(t, 0, nil)
+
+	errc := make(chan error, 1)
+	go func() {
+		_, err := p.c.Storage().SyncRound(ctx, engine.SyncSpec{Key: p.key(), Round: 0, Snapshot: "OpaqueRef:snap-0", Full: true})
+		errc <- err
+	}()
+	require.Eventually(t, func() bool { return p.link.Counters().Upstream > size/8 }, 30*time.Second, 10*time.Millisecond)
+	ll.link(contract.RoleSource).Blackhole()
+	err := <-errc
+	require.Error(t, err)
+	require.ErrorIs(t, err, agent.ErrAgentUnreachable)
+	require.NoError(t, ctx.Err(), "SyncRound failed before its ctx ended")
+	t.Logf("round failed with: %v", err)
+	require.Eventually(t, silent.seen, 20*time.Second, 10*time.Millisecond,
+		"the source agent closes the silent connection by itself (cancelling the orphaned round)")
+
+	require.NoError(t, ll.link(contract.RoleSource).Restore())
+	require.NoError(t, p.c.Start(ctx, p.spec))
+	assert.Equal(t, 2, p.l.count(), "re-attached, not relaunched")
+	rinfo, err := p.c.Storage().RecoverReceiver(ctx, p.key(), info.State)
+	require.NoError(t, err)
+	require.NoError(t, p.c.Storage().RecoverSender(ctx, p.key(), sstate, engine.Peer{Address: local, Endpoint: rinfo.Endpoint}))
+	res, err := p.c.Storage().SyncRound(ctx, engine.SyncSpec{Key: p.key(), Round: 0, Snapshot: "OpaqueRef:snap-0", Full: true})
+	require.NoError(t, err)
+	assert.Equal(t, int64(size), res.BytesCopied)
+	_, err = p.c.Storage().Finalize(ctx, p.key())
+	require.NoError(t, err)
+	assert.Equal(t, sum(img0), sum(p.replica(t)))
 }
