@@ -120,8 +120,10 @@ type DestPool interface {
 	PoolOtherConfig(ctx context.Context) (map[string]string, error)
 	// PoolMaster returns the destination pool coordinator's host ref.
 	PoolMaster(ctx context.Context) (string, error)
-	// DefaultSR returns pool.default_SR.
-	DefaultSR(ctx context.Context) (string, error)
+	// DefaultSRFor returns the SR new disks for host go to: pool.default_SR
+	// when host can use it, else a shared SR, else an SR plugged on host
+	// ("" host: the coordinator).
+	DefaultSRFor(ctx context.Context, host string) (string, error)
 	// ManagementNetwork returns the network of the host's management PIF.
 	ManagementNetwork(ctx context.Context, host string) (string, error)
 	// CreateVDI creates an empty VDI and returns its ref and uuid.

@@ -447,7 +447,7 @@ func (d dstPool) PoolMaster(ctx context.Context) (string, error) {
 	return "OpaqueRef:dsthost", d.w.call("dst.PoolMaster")
 }
 
-func (d dstPool) DefaultSR(ctx context.Context) (string, error) {
+func (d dstPool) DefaultSRFor(ctx context.Context, host string) (string, error) {
 	return "OpaqueRef:dstsr", d.w.call("dst.DefaultSR")
 }
 

@@ -90,6 +90,11 @@ func (e *Engine) resolve(ctx context.Context, rq RequestState, log interface {
 	if err != nil {
 		return p, fmt.Errorf("list disks: %w", err)
 	}
+	if p.DestHost = rq.DestHost; p.DestHost == "" {
+		if p.DestHost, err = d.Dest.PoolMaster(ctx); err != nil {
+			return p, fmt.Errorf("destination pool coordinator: %w", err)
+		}
+	}
 	defaultSR := rq.DestSR
 	for _, dk := range disks {
 		sr := rq.SRMap[dk.VDIUUID]
@@ -98,7 +103,7 @@ func (e *Engine) resolve(ctx context.Context, rq RequestState, log interface {
 		}
 		if sr == "" {
 			if defaultSR == "" {
-				if defaultSR, err = d.Dest.DefaultSR(ctx); err != nil {
+				if defaultSR, err = d.Dest.DefaultSRFor(ctx, p.DestHost); err != nil {
 					return p, fmt.Errorf("destination default sr: %w", err)
 				}
 			}
@@ -162,11 +167,6 @@ func (e *Engine) resolve(ctx context.Context, rq RequestState, log interface {
 			if err := c.CheckThrottle(ctx, p.VMUUID); err != nil {
 				return p, fmt.Errorf("%w: convergence_policy throttle cannot slow this guest: %w; fix that or choose keep-going or stop", ErrConfig, err)
 			}
-		}
-	}
-	if p.DestHost = rq.DestHost; p.DestHost == "" {
-		if p.DestHost, err = d.Dest.PoolMaster(ctx); err != nil {
-			return p, fmt.Errorf("destination pool coordinator: %w", err)
 		}
 	}
 	if p.DestNetwork = p.Settings.MigrationNetwork; p.DestNetwork == "" {
