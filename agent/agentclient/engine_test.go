@@ -217,8 +217,8 @@ func (d dstPool) VMByUUID(_ context.Context, uuid string) (engine.VMRecord, erro
 func (d dstPool) PoolOtherConfig(context.Context) (map[string]string, error) {
 	return poolConfig(), nil
 }
-func (d dstPool) PoolMaster(context.Context) (string, error) { return "OpaqueRef:h2", nil }
-func (d dstPool) DefaultSR(context.Context) (string, error)  { return "OpaqueRef:dsr", nil }
+func (d dstPool) PoolMaster(context.Context) (string, error)           { return "OpaqueRef:h2", nil }
+func (d dstPool) DefaultSRFor(context.Context, string) (string, error) { return "OpaqueRef:dsr", nil }
 func (d dstPool) ManagementNetwork(context.Context, string) (string, error) {
 	return "OpaqueRef:mnet", nil
 }
