@@ -373,6 +373,15 @@ type ThrottleChecker interface {
 	CheckThrottle(ctx context.Context, vmUUID string) error
 }
 
+// ThrottleReader is implemented by a GuestThrottle that can read the VM's
+// domain and its cap without changing it (Percent 0, PrevCap = the cap
+// now). The engine checkpoints that before the first throttle, so a
+// controller that dies between setting the cap and saving still knows the
+// cap to put back.
+type ThrottleReader interface {
+	ReadThrottle(ctx context.Context, vmUUID string) (ThrottleState, error)
+}
+
 // IntegrityRequest names the disks to compare after the move.
 type IntegrityRequest struct {
 	MigrationID string

@@ -512,6 +512,33 @@ func TestConvergencePolicies(t *testing.T) {
 	}
 }
 
+// The cap to put back is checkpointed before the first throttle: a
+// throttle call that fails after it may have reached the host (the answer
+// lost) still gets the original cap restored when the migration stops.
+func TestThrottleFailureStillReleases(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	w.ChangedBlocks = func(int) int { return 1 << 16 }
+	req := testRequest()
+	pol := PolicyThrottle
+	req.Overrides.Policy = &pol
+	req.Link.BandwidthBytesPerSec = 10_000_000
+	w.Hook = func(m string) error {
+		if m == "throttle" {
+			return errors.New("host.call_plugin: connection reset")
+		}
+		return nil
+	}
+	eng := newEngine(t, w, mustStore(t))
+	rep, err := eng.Run(context.Background(), req)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "connection reset")
+	assert.Equal(t, PhaseRolledBack.String(), rep.Phase, "a failed seed rolls back")
+	assert.Equal(t, 1, w.count("throttle.read"))
+	assert.Equal(t, 1, w.released, "the original cap (50, read before the throttle) is put back")
+	assert.True(t, w.vmAtSource)
+}
+
 // Policy throttle is refused while planning when the throttle cannot work
 // on this VM (no host plugin, no xl, a scheduler without a cap).
 func TestThrottleCheckedWhilePlanning(t *testing.T) {

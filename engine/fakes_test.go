@@ -848,6 +848,13 @@ func (t throttle) ThrottleGuest(ctx context.Context, vm string, percent int, pre
 	return st, nil
 }
 
+func (t throttle) ReadThrottle(ctx context.Context, vm string) (ThrottleState, error) {
+	if err := t.w.call("throttle.read"); err != nil {
+		return ThrottleState{}, err
+	}
+	return ThrottleState{Host: "OpaqueRef:host-a", Domid: 7, VCPUs: 2, Scheduler: "credit", PrevCap: 50, Cap: 50}, nil
+}
+
 func (t throttle) CheckThrottle(ctx context.Context, vm string) error {
 	return t.w.call("throttle.check")
 }

@@ -55,6 +55,19 @@ func (r *run) stepSeed(ctx context.Context) (Phase, error) {
 			if r.d.Throttle == nil {
 				return PhaseSeed, fmt.Errorf("%w: %s, but no guest throttle is available in this installation; %s", ErrNotConverging, dec.Reason, dec.Advice)
 			}
+			if cp.Seed.Throttle == nil || cp.Seed.ThrottleRemoved {
+				// record the cap to put back before changing it
+				if rd, ok := r.d.Throttle.(ThrottleReader); ok {
+					now, err := rd.ReadThrottle(ctx, cp.Request.VMUUID)
+					if err != nil {
+						return PhaseSeed, fmt.Errorf("throttle guest: %w", err)
+					}
+					cp.Seed.Throttle, cp.Seed.Throttled, cp.Seed.ThrottleRemoved = &now, true, false
+					if err := r.save(ctx); err != nil {
+						return PhaseSeed, err
+					}
+				}
+			}
 			st, err := r.d.Throttle.ThrottleGuest(ctx, cp.Request.VMUUID, dec.ThrottlePercent, cp.Seed.Throttle)
 			if err != nil {
 				return PhaseSeed, fmt.Errorf("throttle guest to %d%%: %w", dec.ThrottlePercent, err)

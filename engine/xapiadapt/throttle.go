@@ -34,6 +34,7 @@ type Throttle struct {
 var (
 	_ engine.GuestThrottle   = (*Throttle)(nil)
 	_ engine.ThrottleChecker = (*Throttle)(nil)
+	_ engine.ThrottleReader  = (*Throttle)(nil)
 )
 
 // NewThrottle returns the guest throttle of the pool c is logged in to (the
@@ -139,6 +140,25 @@ func (t *Throttle) CheckThrottle(ctx context.Context, vmUUID string) error {
 	}
 	t.log.Debug("guest throttle possible", "vm_uuid", vmUUID, "host", string(d.host), "domid", d.domid, "scheduler", res.Scheduler, "cap", res.Cap)
 	return nil
+}
+
+// ReadThrottle implements engine.ThrottleReader: the VM's domain and its
+// cap now (as PrevCap, Percent 0), set nothing.
+func (t *Throttle) ReadThrottle(ctx context.Context, vmUUID string) (engine.ThrottleState, error) {
+	d, err := t.domain(ctx, vmUUID)
+	if err != nil {
+		return engine.ThrottleState{}, err
+	}
+	args := map[string]string{hostplugin.ArgDomid: strconv.FormatInt(d.domid, 10), hostplugin.ArgCheck: "true"}
+	res, err := t.callArgs(ctx, d, args)
+	if err != nil {
+		return engine.ThrottleState{}, fmt.Errorf("read the cap of vm %s (domain %d): %w", vmUUID, d.domid, err)
+	}
+	if res.Domid != d.domid {
+		return engine.ThrottleState{}, fmt.Errorf("vm %s: host plugin answered for domain %d, not %d", vmUUID, res.Domid, d.domid)
+	}
+	return engine.ThrottleState{Host: string(d.host), Domid: d.domid, VCPUs: d.vcpus, Scheduler: res.Scheduler,
+		PrevCap: res.Cap, Cap: res.Cap}, nil
 }
 
 // ReleaseThrottle implements engine.GuestThrottle. A paused domain keeps
