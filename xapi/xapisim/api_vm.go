@@ -235,11 +235,12 @@ func allowedVMOps(state string) []string {
 }
 
 func (p *Pool) nextDomid() int64 {
-	var m int64
+	m := p.lastDomid
 	for _, vm := range p.db.all("VM") {
 		m = max(m, vm.int("domid"))
 	}
-	return m + 1
+	p.lastDomid = m + 1
+	return p.lastDomid
 }
 
 // DeviceKey is the VBD other_config key holding the backing-file path of a

@@ -16,6 +16,9 @@ type Pool struct {
 	vdis  map[string]*vdiState // by VDI uuid
 	hosts []*Host              // coordinator first
 	tasks sync.WaitGroup       // running Async calls
+	// lastDomid is the largest domid handed out (under mu): like Xen,
+	// a new domain never reuses a recent domid.
+	lastDomid int64
 }
 
 func newPool(s *Sim, name string) *Pool {

@@ -263,6 +263,7 @@ func TestXLDomainsFollowTheVM(t *testing.T) {
 	ok(t, e.srcURL, "VM.resume_on", e.srcSess, e.vm, h1, false, false)
 	_, domid3, _ := demoDomain(t, e.srcURL, e.srcSess)
 	assert.Equal(t, map[string]string{"0": dom0(h1), strconv.FormatInt(domid3, 10): uuid}, domainFiles(t, s, h1))
+	assert.Greater(t, domid3, domid2, "like Xen, a resumed domain gets a new domid, never a recent one")
 
 	// Across pools: the destination host gets the domain, the source loses it.
 	vdiMap, vifMap := e.maps()
