@@ -67,7 +67,7 @@ func TestMain(m *testing.M) {
 
 // binaries builds wanmotion and wanmotion-storage-nbd (without -race: the
 // processes under test are the product, not the test) into a temp dir.
-func binaries(t *testing.T) {
+func binaries(t testing.TB) {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("end-to-end: builds the binaries and runs real migrations")
@@ -99,7 +99,7 @@ func binaries(t *testing.T) {
 // site-a, an emulated WAN link between the destination gateway's listen and
 // advertised addresses, and a fault gate in front of each pool's API.
 type env struct {
-	t        *testing.T
+	t        testing.TB
 	dir      string
 	stateDir string
 	simDir   string    // the simulator's state dir (<simDir>/<host name> is a host's root)
@@ -117,7 +117,7 @@ const (
 	siteB = 1
 )
 
-func newEnv(t *testing.T) *env {
+func newEnv(t testing.TB) *env {
 	t.Helper()
 	binaries(t)
 	e := &env{t: t, dir: t.TempDir()}
@@ -270,7 +270,7 @@ func (e *env) resume(id string) (engine.Report, int) {
 }
 
 // wait waits for the process and returns its exit code.
-func (p *proc) wait(t *testing.T) int {
+func (p *proc) wait(t testing.TB) int {
 	t.Helper()
 	select {
 	case <-p.done:
@@ -288,7 +288,7 @@ func (p *proc) wait(t *testing.T) int {
 }
 
 // report waits for the process and decodes the one JSON object it printed.
-func (p *proc) report(t *testing.T) (engine.Report, int) {
+func (p *proc) report(t testing.TB) (engine.Report, int) {
 	t.Helper()
 	code := p.wait(t)
 	var r engine.Report
@@ -338,7 +338,7 @@ func (e *env) waitFor(id string, p *proc, what string, cond func(*engine.Checkpo
 // controller is then stopped inside a known phase, so a fault (cancel,
 // kill) lands there deterministically.
 type gate struct {
-	t       *testing.T
+	t       testing.TB
 	servers [2]*httptest.Server
 	mu      sync.Mutex
 	cond    func(method string) bool
@@ -351,7 +351,7 @@ type gate struct {
 
 var methodRE = regexp.MustCompile(`<methodName>([^<]+)</methodName>`)
 
-func newGate(t *testing.T, upstream [2]string, logPath string) *gate {
+func newGate(t testing.TB, upstream [2]string, logPath string) *gate {
 	g := &gate{t: t, hit: make(chan string, 1), release: make(chan bool, 1)}
 	logf, err := os.Create(logPath)
 	require.NoError(t, err)
@@ -637,7 +637,7 @@ func (e *env) linkBytes() int64 {
 
 // baseline returns the link bytes of a fault-free migration (measured by
 // TestMigrateAndLinkCuts/success, or here when that did not run).
-func baseline(t *testing.T) int64 {
+func baseline(t testing.TB) int64 {
 	t.Helper()
 	cutFree.mu.Lock()
 	defer cutFree.mu.Unlock()
