@@ -179,6 +179,17 @@ func doctor(ctx context.Context, root, etc string) doctorReport {
 			strings.Join(append([]string{"none"}, network...), ", "), pluginDir), "")
 	}
 
+	xlPath := hostplugin.XLPathForEtc(etc) // etc is under root already
+	if err := executable(xlPath); err != nil {
+		rep.add("xl", "warn", err.Error()+" (convergence_policy throttle cannot slow guests on this host)",
+			"run doctor in dom0 of a XenServer / XCP-ng host, or use convergence_policy keep-going or stop")
+	} else if sched, err := (hostplugin.XL{Path: xlPath}).Scheduler(ctx); err != nil {
+		rep.add("xl", "warn", err.Error()+" (convergence_policy throttle cannot slow guests on this host)",
+			"use the credit or credit2 scheduler, or convergence_policy keep-going or stop")
+	} else {
+		rep.add("xl", "ok", fmt.Sprintf("%s, scheduler %s (guest throttle available)", xlPath, sched), "")
+	}
+
 	stateDir := cfg.StateDir
 	if root != "/" && !strings.HasPrefix(stateDir, root) {
 		stateDir = filepath.Join(root, stateDir)

@@ -94,6 +94,7 @@ func TestInstallScriptAndDoctor(t *testing.T) {
 	}
 	assert.Equal(t, "fail", status["xapi"])
 	assert.NotEmpty(t, fixes["xapi"], "says what to do")
+	assert.Equal(t, "warn", status["xl"], "no xl in the install tree: the throttle policy cannot work there")
 
 	// A missing hook and plugin are reported with what to do.
 	require.NoError(t, os.Remove(filepath.Join(dest, "etc/xapi.d/plugins/wanmotion")))
@@ -114,6 +115,7 @@ func TestInstallScriptAndDoctor(t *testing.T) {
 	out3, _, _ := run(t, runDoctor, "--root", dest, "--etc", s.HostEtcDir(string(h)))
 	assert.Regexp(t, `ok\s+xapi\s+http://127\.0\.0\.1:\d+/? \(simulator\)`, out3)
 	assert.Regexp(t, `ok\s+host plugin`, out3)
+	assert.Regexp(t, `ok\s+xl\s+\S+/usr/sbin/xl, scheduler credit`, out3, "the simulated host's xl")
 }
 
 // TestMakeInstall runs the Makefile target itself (it builds everything).
