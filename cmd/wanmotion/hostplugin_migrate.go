@@ -42,7 +42,7 @@ const (
 var migrateArgFlags = map[string]string{
 	argVM: "vm", argDestURL: "to", argDestUser: "to-user", "dest_sr": "dest-sr", "dest_host": "dest-host",
 	"storage": "storage", "network": "network", "bandwidth": "bandwidth", "compression": "compression",
-	"rtt": "rtt", "streams": "streams", "downtime_target": "downtime-target", "policy": "policy",
+	"rtt": "rtt", "streams": "streams", "downtime_target": "downtime-target", "policy": "policy", "throttle_max": "throttle-max",
 	argID: "id", "gateway_listen": "gateway-listen", "gateway_advertise": "gateway-advertise", "dest_ca_file": "ca-file",
 }
 

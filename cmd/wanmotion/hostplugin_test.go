@@ -643,6 +643,7 @@ func TestMigrateArgsNamesArguments(t *testing.T) {
 		{"dest_user", "", "dest_user"},
 		{"streams", "0", "streams"},
 		{"downtime_target", "0s", "downtime_target"},
+		{"throttle_max", "100", "throttle_max"},
 		{"network_map", "a", "network_map"},
 		{"gateway_listen", "7000", "gateway_listen"},
 		{"skip_assert", "maybe", "skip_assert"},
