@@ -327,8 +327,8 @@ type Agents interface {
 
 // Installed lists the installed backends by name.
 type Installed struct {
-	Storage []string
-	Network []string
+	Storage []string `json:"storage"`
+	Network []string `json:"network"`
 }
 
 // Catalog reports the installed backends.

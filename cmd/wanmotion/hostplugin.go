@@ -228,14 +228,24 @@ type pluginVersion struct {
 	Config    string `json:"config_file,omitempty"`
 	StateDir  string `json:"state_dir"`
 	PluginDir string `json:"plugin_dir"`
+	// Backends are the backends installed in PluginDir on this host
+	// (absent when discovery failed: BackendsError says why).
+	Backends      *engine.Installed `json:"backends,omitempty"`
+	BackendsError string            `json:"backends_error,omitempty"`
 }
 
 func (p *pluginCall) version(context.Context) (string, error) {
 	if err := p.checkArgs(); err != nil {
 		return "", err
 	}
-	return jsonString(pluginVersion{Version: version, Protocol: "1", GoVersion: runtime.Version(), Simulator: p.env.Sim,
-		HostUUID: p.env.HostUUID, Config: p.cfg.Path, StateDir: p.cfg.StateDir, PluginDir: p.cfg.PluginDir})
+	v := pluginVersion{Version: version, Protocol: "1", GoVersion: runtime.Version(), Simulator: p.env.Sim,
+		HostUUID: p.env.HostUUID, Config: p.cfg.Path, StateDir: p.cfg.StateDir, PluginDir: p.cfg.PluginDir}
+	if inst, err := installedBackends(p.cfg.PluginDir); err != nil {
+		v.BackendsError = err.Error()
+	} else {
+		v.Backends = &inst
+	}
+	return jsonString(v)
 }
 
 // ---- config-get / config-set ----

@@ -164,6 +164,27 @@ func TestHostPluginVersionAndConfig(t *testing.T) {
 	assert.True(t, v.Simulator, "the plugin found the simulator's inventory through argv[0]")
 	assert.Equal(t, e.stateDir, v.StateDir, "config read from next to the binary")
 	assert.NotEmpty(t, v.HostUUID)
+	require.NotNil(t, v.Backends, "backends_error: %s", v.BackendsError)
+	assert.Equal(t, []string{"nbd"}, v.Backends.Storage)
+	assert.Equal(t, []string{"l2tunnel"}, v.Backends.Network)
+
+	// pool configure checks the names on the pool's hosts too: a backend
+	// the CLI machine lacks but the hosts have is a warning, one installed
+	// nowhere an error.
+	pi := e.info.Pools[0]
+	t.Setenv(EnvPassword, pi.Password)
+	empty := t.TempDir()
+	_, stderr, err := run(t, runPool, "configure", "--url", pi.URL, "--user", pi.Username, "--plugin-dir", empty, "--storage", "nbd", "--network", "l2tunnel")
+	require.NoError(t, err)
+	assert.Contains(t, stderr, `warning: on this machine: unknown backend: storage backend "nbd" is not installed`)
+	assert.Contains(t, stderr, "migrations started with this CLI from here need it in --plugin-dir")
+	assert.NotContains(t, stderr, "missing on host")
+	_, _, err = run(t, runPool, "configure", "--url", pi.URL, "--user", pi.Username, "--plugin-dir", empty, "--storage", "drbd")
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "not installed on the pool's hosts either")
+	_, stderr, err = run(t, runPool, "configure", "--url", pi.URL, "--user", pi.Username, "--plugin-dir", e.pluginDir, "--storage=", "--network=")
+	require.NoError(t, err)
+	assert.Empty(t, stderr, "removing the keys checks nothing")
 
 	out, err = e.call(t, fnConfigGet, map[string]string{})
 	require.NoError(t, err)

@@ -15,7 +15,9 @@ import (
 
 	"github.com/wanmotion/wanmotion/engine"
 	"github.com/wanmotion/wanmotion/engine/xapiadapt"
+	"github.com/wanmotion/wanmotion/hostplugin"
 	"github.com/wanmotion/wanmotion/plugins/host"
+	"github.com/wanmotion/wanmotion/xapi"
 )
 
 const poolUsage = `Usage:
@@ -252,22 +254,35 @@ func poolConfigure(ctx context.Context, args []string, stdout, stderr io.Writer)
 			return fmt.Errorf("%s: %w", *configJSON, err)
 		}
 	}
-	// Check names before connecting.
-	var inst engine.Installed
-	if (given["storage"] && *storage != "") || (given["network"] && *network != "" && *network != engine.NetworkNone) {
-		var err error
-		if inst, err = installedBackends(*pluginDir); err != nil {
+	// Check names here (CLI-run migrations run the backends on this
+	// machine) and on the pool's hosts (migrations started through the host
+	// plugin or XenCenter run them there).
+	checkNames := (given["storage"] && *storage != "") || (given["network"] && *network != "" && *network != engine.NetworkNone)
+	var localErr error
+	if checkNames {
+		inst, err := installedBackends(*pluginDir)
+		if err != nil {
 			return err
 		}
-		if err := checkBackendNames(inst, given["storage"], *storage, given["network"], *network); err != nil {
-			return err
-		}
+		localErr = checkBackendNames(inst, given["storage"], *storage, given["network"], *network)
 	}
 	p, closeFn, err := pc.open(ctx, stderr)
 	if err != nil {
 		return err
 	}
 	defer closeFn()
+	if checkNames {
+		found, warnings := backendsOnHosts(ctx, p.Client(), given["storage"], *storage, given["network"], *network)
+		if localErr != nil && !found {
+			return fmt.Errorf("%w; not installed on the pool's hosts either", localErr)
+		}
+		if localErr != nil {
+			warnings = append(warnings, fmt.Sprintf("on this machine: %v; migrations started with this CLI from here need it in --plugin-dir", localErr))
+		}
+		for _, w := range warnings {
+			fmt.Fprintf(stderr, "warning: %s\n", w)
+		}
+	}
 	cur, err := p.PoolOtherConfig(ctx)
 	if err != nil {
 		return err
@@ -387,4 +402,51 @@ func newPoolEntries(cur map[string]string, setStorage bool, storage string, setN
 		o.Network = &nw
 	}
 	return engine.PoolConfigEntries(o)
+}
+
+// backendsOnHosts asks the wanmotion host plugin of every host of the pool
+// which backends it has. found: some host has every named backend.
+// warnings name the hosts that lack one, or that have no plugin.
+func backendsOnHosts(ctx context.Context, c *xapi.Client, setStorage bool, storage string, setNetwork bool, network string) (bool, []string) {
+	recs, err := c.HostGetAllRecords(ctx)
+	if err != nil {
+		return false, []string{fmt.Sprintf("cannot list the pool's hosts to check their backends: %v", err)}
+	}
+	var refs []xapi.HostRef
+	for r := range recs {
+		refs = append(refs, r)
+	}
+	slices.Sort(refs)
+	found := false
+	var noPlugin, lacking []string
+	var warnings []string
+	for _, r := range refs {
+		name := recs[r].NameLabel
+		out, err := c.HostCallPlugin(ctx, r, hostplugin.PluginName, fnVersion, map[string]string{})
+		if err != nil {
+			if xapi.IsCode(err, xapi.CodeXenAPIMissingPlugin) {
+				noPlugin = append(noPlugin, name)
+			} else {
+				warnings = append(warnings, fmt.Sprintf("host %s: cannot ask its wanmotion host plugin for its backends: %v", name, err))
+			}
+			continue
+		}
+		var v pluginVersion
+		if err := json.Unmarshal([]byte(out), &v); err != nil || v.Backends == nil {
+			warnings = append(warnings, fmt.Sprintf("host %s: its wanmotion host plugin does not list its backends (an older version?)", name))
+			continue
+		}
+		if err := checkBackendNames(*v.Backends, setStorage, storage, setNetwork, network); err != nil {
+			lacking = append(lacking, fmt.Sprintf("%s (%v)", name, err))
+			continue
+		}
+		found = true
+	}
+	if len(noPlugin) > 0 {
+		warnings = append(warnings, fmt.Sprintf("the wanmotion host plugin is not installed on %s: migrations started through XenAPI or XenCenter cannot run there (packaging/install.sh)", strings.Join(noPlugin, ", ")))
+	}
+	for _, l := range lacking {
+		warnings = append(warnings, "backend missing on host "+l+": migrations started through XenAPI or XenCenter that use this host fail")
+	}
+	return found, warnings
 }
