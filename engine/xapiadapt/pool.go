@@ -315,21 +315,12 @@ func (p *Pool) PoolMaster(ctx context.Context) (string, error) {
 // ErrNoSR: the pool has no default SR and no SR that can hold a replica.
 var ErrNoSR = errors.New("no usable SR")
 
-// DefaultSR implements engine.DestPool: DefaultSRFor the pool coordinator,
-// the host a migration lands on when none is asked for.
-func (p *Pool) DefaultSR(ctx context.Context) (string, error) {
-	ref, err := p.PoolRef(ctx)
-	if err != nil {
-		return "", err
-	}
-	rec, err := p.c.PoolGetRecord(ctx, ref)
-	if err != nil {
-		return "", fmt.Errorf("pool.get_record: %w", mapErr(err))
-	}
-	return p.defaultSRFor(ctx, rec, string(rec.Master))
-}
+// DefaultSR is DefaultSRFor the pool coordinator, the host a migration
+// lands on when none is asked for.
+func (p *Pool) DefaultSR(ctx context.Context) (string, error) { return p.DefaultSRFor(ctx, "") }
 
-// DefaultSRFor returns the SR that disks of a VM arriving on host go to:
+// DefaultSRFor implements engine.DestPool. It returns the SR that disks of
+// a VM arriving on host go to:
 // pool.default_SR when host can use it, otherwise the SR with the most free
 // space among the SRs that can hold disks (content_type not "iso", type not
 // iso/udev) and are plugged on host (a PBD of host with currently_attached),
