@@ -41,11 +41,9 @@ func TestThrottlePolicy(t *testing.T) {
 		assert.Positive(t, throttled, "rounds ran throttled: %+v", rep.Rounds)
 		e.settled(siteB)
 		// the destination domain runs at full speed
-		var st map[string]string
-		require.Eventually(t, func() bool {
-			st = e.guestStats(siteB)
+		e.pollGuest(siteB, "the destination guest runs at full speed", func(st map[string]string) bool {
 			return st["cap"] == "0" && st["effective_rate"] == st["rate"]
-		}, 10*time.Second, 50*time.Millisecond, "the destination guest runs at full speed: %v", st)
+		})
 	})
 
 	t.Run("cancel-releases", func(t *testing.T) {
@@ -56,16 +54,23 @@ func TestThrottlePolicy(t *testing.T) {
 		// blocks: the seed cannot get under a 100 ms pause and keeps going
 		// (8 delta rounds of seconds each) while we cancel
 		p := e.migrate(id, "--policy", "throttle", "--downtime-target", "100ms", "--throttle-max", "40")
-		cp := e.waitFor(id, p, "a guest throttle", func(cp *engine.Checkpoint) bool { return cp.Seed.Throttle != nil && !cp.Seed.ThrottleRemoved })
+		// (the checkpoint holds the domain's cap before the first step, with
+		// percent 0, then each step)
+		cp := e.waitFor(id, p, "a guest throttle", func(cp *engine.Checkpoint) bool {
+			return cp.Seed.Throttle != nil && cp.Seed.Throttle.Percent > 0 && !cp.Seed.ThrottleRemoved
+		})
 		host, domid := e.domain(siteA)
 		require.Equal(t, cp.Seed.Throttle.Domid, domid)
-		assert.Equal(t, strconv.FormatInt(cp.Seed.Throttle.Cap, 10), e.xlCap(host, domid), "xl shows the cap the controller set")
-		// the simulated guest reads its domain's cap every 250 ms
-		var st map[string]string
-		require.Eventually(t, func() bool {
-			st = e.guestStats(siteA)
-			return st["cap"] == strconv.FormatInt(cp.Seed.Throttle.Cap, 10) && st["effective_rate"] != st["rate"]
-		}, 10*time.Second, 50*time.Millisecond, "the guest is slowed: %v", st)
+		assert.Equal(t, int64(0), cp.Seed.Throttle.PrevCap, "the cap before the migration")
+		capNow, err := strconv.ParseInt(e.xlCap(host, domid), 10, 64)
+		require.NoError(t, err)
+		assert.Positive(t, capNow, "xl shows a cap set by the controller")
+		assert.LessOrEqual(t, capNow, cp.Seed.Throttle.Cap, "the cap only goes down while the seed runs")
+		// the simulated guest reads its domain's cap every 250 ms (the
+		// controller may have stepped the throttle further meanwhile)
+		e.pollGuest(siteA, "the guest is slowed", func(st map[string]string) bool {
+			return st["cap"] != "0" && st["cap"] != "" && st["effective_rate"] != st["rate"]
+		})
 
 		c := e.start(id+"-cancel", "migrate", "cancel", id, "--state-dir", e.stateDir)
 		require.Equal(t, 0, c.wait(t), "cancel: %s", c.stderrText())
@@ -74,10 +79,9 @@ func TestThrottlePolicy(t *testing.T) {
 		assert.Equal(t, "cancelled", rep.Result)
 		e.settled(siteA)
 		assert.Equal(t, "0", e.xlCap(host, domid), "the original cap is back")
-		require.Eventually(t, func() bool {
-			st = e.guestStats(siteA)
+		e.pollGuest(siteA, "the guest runs at full speed again", func(st map[string]string) bool {
 			return st["cap"] == "0" && st["effective_rate"] == st["rate"]
-		}, 10*time.Second, 50*time.Millisecond, "the guest runs at full speed again: %v", st)
+		})
 		assert.True(t, e.checkpoint(id).Seed.ThrottleRemoved)
 	})
 }
@@ -88,6 +92,20 @@ func (e *env) guestStart(site int, rate string) {
 	var res any
 	require.NoError(e.t, e.client(site).CallInto(context.Background(), &res, "sim.guest_start", e.vmUUID,
 		map[string]string{"rate": rate, "dirty_rate": dirtyRate, "pattern": "random", "block_size": "64KiB"}))
+}
+
+// pollGuest polls sim.guest_stats of demo-vm until cond holds (20 s).
+func (e *env) pollGuest(site int, what string, cond func(map[string]string) bool) {
+	e.t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	var last map[string]string
+	for time.Now().Before(deadline) {
+		if last = e.guestStats(site); cond(last) {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	e.t.Fatalf("%s: not within 20 s; last sim.guest_stats: %v", what, last)
 }
 
 // guestStats is sim.guest_stats of demo-vm.
