@@ -3,6 +3,7 @@ package engine
 import (
 	"encoding/base64"
 	"fmt"
+	"math"
 	"math/bits"
 	"time"
 )
@@ -152,7 +153,10 @@ func nextThrottle(in ConvergeInput) int {
 //  5. Delta not at least MinShrink smaller than the previous → throttle
 //     one step more (policy throttle, below the maximum), else hand off
 //     (more rounds would not help).
-//  6. Otherwise continue.
+//  6. Policy throttle, below the maximum: if at the last round's shrink
+//     rate the delta would not get under the threshold before the round
+//     cap → throttle one step more.
+//  7. Otherwise continue.
 func Decide(in ConvergeInput) Decision {
 	d := Decision{ThresholdBytes: HandoffThreshold(in.LinkBytesPerSec, in.DowntimeTarget)}
 	n := len(in.Rounds)
@@ -218,6 +222,19 @@ func Decide(in ConvergeInput) Decision {
 		d.Action = ActionHandoff
 		d.Reason = fmt.Sprintf("delta stopped shrinking (%s after %s)", HumanBytes(last.ChangedBytes), HumanBytes(prev.ChangedBytes))
 		return d
+	}
+	if next > 0 && d.ThresholdBytes > 0 && prev.ChangedBytes > 0 {
+		// Shrinking, but at this pace will the delta get under the
+		// threshold before the round cap? If not, slow the guest now
+		// rather than hand off a large residual.
+		q := float64(last.ChangedBytes) / float64(prev.ChangedBytes)
+		need := math.Log(float64(d.ThresholdBytes)/float64(last.ChangedBytes)) / math.Log(q)
+		if left := maxRounds - deltaRounds; q > 0 && need > float64(left) {
+			d.Action, d.ThrottlePercent = ActionThrottle, next
+			d.Reason = fmt.Sprintf("delta shrinks too slowly (%s after %s; about %.0f more rounds to get under %s, %d left); throttling the guest's vCPUs by %d%%",
+				HumanBytes(last.ChangedBytes), HumanBytes(prev.ChangedBytes), math.Ceil(need), HumanBytes(d.ThresholdBytes), left, next)
+			return d
+		}
 	}
 	d.Action, d.Reason = ActionContinue, "delta shrinking"
 	return d

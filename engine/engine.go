@@ -552,6 +552,11 @@ func (r *run) onStepError(ctx context.Context, from Phase, err error) Phase {
 			r.cause = &PhaseError{Phase: from, Err: fmt.Errorf("%w: %w", ErrHandoffFailed, err)}
 			r.cp.Error = r.cause.Error()
 			r.plog.Error("handoff failed; vm still runs at the source, replica kept for a retry", "error", err)
+			// the guest keeps running here: give it its CPU back now (a
+			// resume throttles again if it needs to)
+			if rerr := r.releaseThrottle(ctx); rerr != nil {
+				r.plog.Warn("could not remove the guest throttle after the failed handoff; resume or abort removes it", "error", rerr)
+			}
 		default:
 			r.cause = &PhaseError{Phase: from, Err: fmt.Errorf("%w: %w (%v)", ErrVMLocation, err, lerr)}
 			r.cp.Error = r.cause.Error()

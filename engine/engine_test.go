@@ -292,6 +292,31 @@ func TestMigrateSendFailureKeepsVMAtSourceAndReplica(t *testing.T) {
 	assert.Zero(t, w.live("snapshot"))
 }
 
+// A guest throttle stays on through VM.migrate_send and is removed when
+// the send fails with the VM still at the source.
+func TestThrottleKeptThroughHandoffReleasedOnFailure(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	w.ChangedBlocks = func(int) int { return 1 << 16 }
+	req := testRequest()
+	pol, rounds := PolicyThrottle, 2
+	req.Overrides.Policy, req.Overrides.MaxRounds = &pol, &rounds
+	req.Link.BandwidthBytesPerSec = 10_000_000
+	throttledAtSend := -1
+	w.MigrateSendF = func(MigrateArgs) []string {
+		throttledAtSend = w.throttle
+		return []string{"MIRROR_FAILED", "OpaqueRef:vdi0"}
+	}
+	e := newEngine(t, w, mustStore(t))
+	rep, err := e.Run(context.Background(), req)
+	require.ErrorIs(t, err, ErrHandoffFailed)
+	assert.Equal(t, 20, throttledAtSend, "the guest stays throttled during VM.migrate_send")
+	assert.True(t, w.vmAtSource)
+	assert.Equal(t, 1, w.released, "the failed handoff gave the guest its CPU back")
+	assert.Zero(t, w.throttle)
+	assert.Equal(t, 20, rep.GuestThrottlePercent, "round 1 throttled; round 2 reached the cap of 2")
+}
+
 func TestAbortAfterFailedHandoff(t *testing.T) {
 	t.Parallel()
 	w := newWorld()
@@ -502,7 +527,7 @@ func TestConvergencePolicies(t *testing.T) {
 				// round 0, then delta rounds 1 and 2 out-write the link
 				// (throttle 20%, then 30%), delta round 3 hits the cap.
 				assert.Equal(t, []int{20, 30}, w.throttleSeen)
-				assert.Equal(t, 1, w.released, "released once, before the handoff")
+				assert.Equal(t, 1, w.released, "released once, in cleanup (kept through the handoff)")
 				assert.Zero(t, w.throttle)
 				assert.Equal(t, 30, rep.GuestThrottlePercent)
 				require.Len(t, rep.Rounds, 4)

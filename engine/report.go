@@ -204,7 +204,7 @@ func (r Report) Text() string {
 		fmt.Fprintf(&b, "  guest writes:    %s/s (measured)\n", HumanBytes(r.GuestWriteBytesPerSec))
 	}
 	if r.GuestThrottlePercent > 0 {
-		fmt.Fprintf(&b, "  guest throttle:  vCPUs slowed by up to %d%% during the seed rounds\n", r.GuestThrottlePercent)
+		fmt.Fprintf(&b, "  guest throttle:  vCPUs slowed by up to %d%% until the hand-over\n", r.GuestThrottlePercent)
 	}
 	pause := "estimated"
 	if r.GuestPauseMeasured {

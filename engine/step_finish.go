@@ -236,9 +236,9 @@ func (r *run) stepRollback(ctx context.Context) (Phase, error) {
 }
 
 // releaseThrottle puts the guest's scheduler cap back if a throttle is in
-// force. It is called before VM.migrate_send (the destination domain is
-// built from the VM's record, without the cap, but a failed send leaves the
-// VM at the source) and in cleanup on every path.
+// force. It is called in cleanup on every path (after a successful move the
+// throttled domain is gone: GuestThrottle finds nothing to do) and when a
+// handoff fails with the VM still at the source.
 func (r *run) releaseThrottle(ctx context.Context) error {
 	cp := r.cp
 	if cp.Seed.Throttle == nil || cp.Seed.ThrottleRemoved {

@@ -14,11 +14,10 @@ func (r *run) stepHandoff(ctx context.Context) (Phase, error) {
 		return PhaseHandoff, err
 	}
 	_ = r.checkCancel(ctx) // logged and ignored: forward-only
-	// The seed is done: give the guest its CPU back before the VM moves
-	// (a failed VM.migrate_send leaves it running here).
-	if err := r.releaseThrottle(ctx); err != nil {
-		return PhaseHandoff, err
-	}
+	// A guest throttle stays on through VM.migrate_send: xapi mirrors the
+	// guest's writes and copies its memory now, and a slower guest makes
+	// that shorter. The destination domain is built without it; a failed
+	// handoff removes it (failure handling), cleanup marks it gone.
 	if h.StartNano == 0 {
 		h.StartNano = r.d.Now().UnixNano()
 	}

@@ -62,7 +62,7 @@ type demoFlags struct {
 	guestRate, guestDirty, guestBlock     string
 	bandwidth                             string
 	rtt, downtimeTarget                   time.Duration
-	workDir, logLevel                     string
+	workDir, logLevel, policy             string
 	keep, asJSON                          bool
 	diskBytes, fillBytes, memBytes, bwBps int64
 }
@@ -80,6 +80,7 @@ func parseDemoFlags(args []string, stderr io.Writer) (*demoFlags, error) {
 	fs.StringVar(&f.bandwidth, "bandwidth", "100Mbit", "emulated WAN link rate per direction (also given to migrate as its cap)")
 	fs.DurationVar(&f.rtt, "rtt", 50*time.Millisecond, "emulated WAN round-trip time")
 	fs.DurationVar(&f.downtimeTarget, "downtime-target", time.Second, "target guest pause given to migrate")
+	fs.StringVar(&f.policy, "policy", "keep-going", "convergence policy given to migrate: keep-going, throttle (slows the guest's vCPUs when it out-writes the link; try --guest-rate 20MiB/s) or stop")
 	fs.StringVar(&f.workDir, "dir", "", "work directory for the simulator's and the migration's state (default: a new temporary directory)")
 	fs.BoolVar(&f.keep, "keep", false, "keep the work directory (logs, checkpoint, disks) at the end")
 	fs.BoolVar(&f.asJSON, "json", false, "print one JSON object (the demo's result) on stdout; everything else goes to stderr")
@@ -118,6 +119,9 @@ func parseDemoFlags(args []string, stderr io.Writer) (*demoFlags, error) {
 		return nil, fmt.Errorf("%w: --bandwidth %q: want a rate such as 100Mbit", errUsage, f.bandwidth)
 	}
 	f.bwBps = bw * 8
+	if _, err := engine.ParsePolicy(f.policy); err != nil {
+		return nil, fmt.Errorf("%w: --policy: %v", errUsage, err)
+	}
 	if f.rtt < 0 || f.downtimeTarget <= 0 {
 		return nil, fmt.Errorf("%w: --rtt must not be negative and --downtime-target must be positive", errUsage)
 	}
@@ -435,7 +439,7 @@ func (d *demo) startSim(ctx context.Context) (*exec.Cmd, xapisim.Info, error) {
 	cmd := exec.Command(d.bin, "sim", "--state-dir", filepath.Join(d.root, "sim"), "--pools", "2",
 		"--disk-size", f.diskSize, "--fill-size", f.fillSize, "--memory-size", f.memSize,
 		"--guest-rate", f.guestRate, "--guest-pattern", "random", "--guest-block-size", f.guestBlock,
-		"--guest-dirty-rate", f.guestDirty, "--log-level", f.logLevel)
+		"--guest-dirty-rate", f.guestDirty, "--install-plugin", "--log-level", f.logLevel)
 	cmd.Stderr = logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	out, err := cmd.StdoutPipe()
@@ -549,7 +553,7 @@ func (d *demo) migrate(ctx context.Context, id string, a, b xapisim.PoolInfo, gw
 		"--from-user", a.Username, "--to-user", b.Username,
 		"--storage", "nbd", "--network", "none", "--plugin-dir", d.pluginDir, "--state-dir", filepath.Join(d.root, "migrate"),
 		"--bandwidth", f.bandwidth, "--rtt", f.rtt.String(), "--downtime-target", f.downtimeTarget.String(),
-		"--gateway-listen", gwListen, "--gateway-advertise", gwAdvertise, "--log-level", f.logLevel)
+		"--policy", f.policy, "--gateway-listen", gwListen, "--gateway-advertise", gwAdvertise, "--log-level", f.logLevel)
 	cmd.Env = d.childEnv(a, b)
 	cmd.Stdout, cmd.Stderr = d.out, d.stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}

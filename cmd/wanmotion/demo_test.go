@@ -107,6 +107,8 @@ func TestDemoFlags(t *testing.T) {
 		{"bad size", []string{"--memory-size", "lots"}, false},
 		{"bad guest rate", []string{"--guest-rate", "x"}, false},
 		{"negative rtt", []string{"--rtt", "-1ms"}, false},
+		{"throttle policy", []string{"--policy", "throttle"}, true},
+		{"bad policy", []string{"--policy", "yolo"}, false},
 		{"extra argument", []string{"now"}, false},
 	}
 	for _, tc := range tests {
