@@ -312,6 +312,12 @@ func (b *Backend) Prepare(ctx context.Context, req contract.NetPrepareRequest) (
 	if err != nil {
 		return contract.NetPrepareResponse{}, err
 	}
+	var pp peerParams
+	if req.Role == contract.RoleSource {
+		if err := contract.DecodeOpaque(req.Peer.Params, &pp); err != nil {
+			return contract.NetPrepareResponse{}, fmt.Errorf("prepare: peer endpoint params: %w", err)
+		}
+	}
 	fp, err := fingerprint(req)
 	if err != nil {
 		return contract.NetPrepareResponse{}, err
@@ -353,11 +359,10 @@ func (b *Backend) Prepare(ctx context.Context, req contract.NetPrepareRequest) (
 	if opts.MTU != 0 {
 		st.MTU = opts.MTU
 	}
-	var pp peerParams
+	if pp.Port < 0 || pp.Port > 65535 {
+		return contract.NetPrepareResponse{}, invalid("prepare: peer endpoint port %d out of range", pp.Port)
+	}
 	if req.Role == contract.RoleSource {
-		if err := contract.DecodeOpaque(req.Peer.Params, &pp); err != nil {
-			return contract.NetPrepareResponse{}, fmt.Errorf("prepare: peer endpoint params: %w", err)
-		}
 		if pp.Port != 0 {
 			st.Port = pp.Port
 		}
