@@ -1,0 +1,131 @@
+package l2tunnel
+
+import (
+	"context"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/wanmotion/wanmotion/internal/testutil"
+	"github.com/wanmotion/wanmotion/plugins/contract"
+)
+
+// ovsDB is a private ovsdb-server (no ovs-vswitchd) on a socket in a
+// temp dir: ovs-vsctl --no-wait commands run against the real schema.
+type ovsDB struct {
+	db string // unix:<socket>
+}
+
+func (o *ovsDB) vsctl(t *testing.T, args ...string) string {
+	t.Helper()
+	out, err := exec.Command("ovs-vsctl", append([]string{"--timeout=10", "--db=" + o.db, "--no-wait"}, args...)...).CombinedOutput()
+	require.NoError(t, err, "ovs-vsctl %s: %s", strings.Join(args, " "), out)
+	return strings.TrimSpace(string(out))
+}
+
+func startOVSDB(t *testing.T) *ovsDB {
+	t.Helper()
+	testutil.RequireTool(t, "ovsdb-tool", "openvswitch-common")
+	testutil.RequireTool(t, "ovsdb-server", "openvswitch-switch")
+	testutil.RequireTool(t, "ovs-vsctl", "openvswitch-switch")
+	schema := "/usr/share/openvswitch/vswitch.ovsschema"
+	dir := t.TempDir()
+	conf, sock := filepath.Join(dir, "conf.db"), filepath.Join(dir, "db.sock")
+	out, err := exec.Command("ovsdb-tool", "create", conf, schema).CombinedOutput()
+	require.NoError(t, err, "ovsdb-tool create: %s", out)
+	srv := exec.Command("ovsdb-server", conf, "--remote=punix:"+sock, "--unixctl="+filepath.Join(dir, "ctl"),
+		"--log-file="+filepath.Join(dir, "ovsdb.log"))
+	require.NoError(t, srv.Start())
+	t.Cleanup(func() {
+		_ = srv.Process.Kill()
+		_ = srv.Wait()
+	})
+	o := &ovsDB{db: "unix:" + sock}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if err := exec.Command("ovs-vsctl", "--timeout=2", "--db="+o.db, "--no-wait", "init").Run(); err == nil {
+			break
+		}
+		require.True(t, time.Now().Before(deadline), "ovsdb-server did not come up")
+		time.Sleep(50 * time.Millisecond)
+	}
+	return o
+}
+
+// TestOVSModeAgainstOVSDB runs the OVS data plane against a real ovsdb
+// (the commands and the schema are real; no ovs-vswitchd forwards
+// anything). The destination's announcements go out on a Linux bridge of
+// the same name in a lab namespace, standing in for the OVS bridge's
+// internal port.
+func TestOVSModeAgainstOVSDB(t *testing.T) {
+	o := startOVSDB(t)
+	l := newLab(t)
+	o.vsctl(t, "add-br", "br0")
+	ovs := map[string]any{"mode": "ovs", "ovs_db": o.db, "ovs_no_wait": true, "bridges": map[string]string{"net-a": "br0", "net-b": "br0"}}
+	src := siteBackend(t, l.siteA, l.ulA, ovs)
+	dst := siteBackend(t, l.siteB, l.ulB, ovs)
+	ctx := context.Background()
+	const mig = "ovs-1"
+	s, d := prepareBoth(t, src, dst, mig)
+
+	ports := strings.Fields(o.vsctl(t, "list-ports", "br0"))
+	names := map[string]string{}
+	for _, role := range []contract.Role{contract.RoleSource, contract.RoleDestination} {
+		for _, dev := range []string{"0", "1"} {
+			names[string(role)+dev] = IfName(mig, role, dev)
+		}
+	}
+	for _, n := range names {
+		assert.Contains(t, ports, n)
+	}
+	dn := names["destination0"]
+	assert.Equal(t, "vxlan", o.vsctl(t, "get", "interface", dn, "type"))
+	vni := DeriveVNI(mig, "0", DefaultVNIBase, DefaultVNICount)
+	opts := o.vsctl(t, "get", "interface", dn, "options")
+	for _, want := range []string{`dst_port="4789"`, `key="` + strconv.Itoa(vni) + `"`, `local_ip="` + l.ulB + `"`, `remote_ip="` + l.ulA + `"`} {
+		assert.Contains(t, opts, want, "destination options (remote set by the source's registration)")
+	}
+	assert.Contains(t, o.vsctl(t, "get", "interface", names["source0"], "options"), `remote_ip="`+l.ulB+`"`)
+	assert.Equal(t, "l2tunnel", o.vsctl(t, "get", "interface", dn, "external_ids:wanmotion"))
+
+	st, err := dst.Status(ctx, contract.NetStatusRequest{Handle: d.Handle.ID})
+	require.NoError(t, err)
+	assert.Contains(t, st.Detail, "ovs vxlan key "+strconv.Itoa(vni)+" remote "+l.ulA)
+
+	a, err := dst.Activate(ctx, contract.ActivateRequest{Handle: d.Handle.ID})
+	require.NoError(t, err)
+	assert.Len(t, a.Announced, 2)
+
+	// Prepare again is idempotent in the database too (--may-exist).
+	again, err := dst.Prepare(ctx, vmRequest(mig, contract.RoleDestination))
+	require.NoError(t, err)
+	assert.True(t, again.Existing)
+	// Recover re-applies the ports (a fresh backend).
+	dst2 := siteBackend(t, l.siteB, l.ulB, ovs)
+	o.vsctl(t, "del-port", dn)
+	_, err = dst2.Recover(ctx, contract.NetRecoverRequest{Handle: d.Handle})
+	require.NoError(t, err)
+	assert.Contains(t, strings.Fields(o.vsctl(t, "list-ports", "br0")), dn)
+
+	// Cleanup from state, and the sweep after a crash.
+	_, err = dst2.Cleanup(ctx, contract.NetCleanupRequest{Handle: d.Handle})
+	require.NoError(t, err)
+	_, err = src.Cleanup(ctx, contract.NetCleanupRequest{Handle: contract.Handle{ID: s.Handle.ID, MigrationID: mig, Role: contract.RoleSource}})
+	require.NoError(t, err)
+	assert.Empty(t, o.vsctl(t, "list-ports", "br0"))
+	_, err = dst.Cleanup(ctx, contract.NetCleanupRequest{Handle: d.Handle})
+	require.NoError(t, err, "cleanup twice")
+
+	// A missing OVS bridge is a precondition error.
+	r := vmRequest("ovs-2", contract.RoleDestination)
+	r.VIFs[0].Bridge = "xenbr9"
+	_, err = dst.Prepare(ctx, r)
+	require.ErrorIs(t, err, contract.ErrFailedPrecondition)
+	assert.Contains(t, err.Error(), "xenbr9")
+}
