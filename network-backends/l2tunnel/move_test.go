@@ -123,6 +123,19 @@ func (f *udpFlow) close() {
 	f.wg.Wait()
 }
 
+// firstRecvAfter is when the first datagram sent after t0 reached the VM.
+func (f *udpFlow) firstRecvAfter(t0 time.Time) time.Time {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var first time.Time
+	for seq, at := range f.sent {
+		if r, ok := f.recv[seq]; ok && at.After(t0) && (first.IsZero() || r.Before(first)) {
+			first = r
+		}
+	}
+	return first
+}
+
 // counts returns how many datagrams were received at the VM and echoed
 // back among those sent after t0.
 func (f *udpFlow) countsAfter(t0 time.Time) (sent, recv, echoed int) {
@@ -297,6 +310,9 @@ func TestMoveAcrossSites(t *testing.T) {
 	sent, recv, echoed := flow.countsAfter(afterMove)
 	t.Logf("move: port swap took %v, activate %v; longest gap at the VM %v, %d datagrams lost around the move; after the move %d sent, %d received, %d echoed",
 		moved.Sub(moveStart).Round(time.Millisecond), activated.Sub(moved).Round(time.Millisecond), gap.Round(time.Millisecond), lost, sent, recv, echoed)
+	first := flow.firstRecvAfter(moveStart)
+	t.Logf("first datagram at the VM's new place %v after the port swap ended (Activate returned after %v)",
+		first.Sub(moved).Round(time.Millisecond), activated.Sub(moved).Round(time.Millisecond))
 	assert.Positive(t, recv)
 	assert.Positive(t, echoed)
 
