@@ -572,7 +572,11 @@ func (b *Backend) Activate(ctx context.Context, req contract.ActivateRequest) (c
 	if err := b.ensureTunnels(ctx, dp, h); err != nil {
 		return contract.ActivateResponse{}, err
 	}
-	announced, err := b.announce(ctx, cfg, dp, h.st.Tunnels)
+	tunnels := append([]tunnel(nil), h.st.Tunnels...)
+	// Status must not wait for the announcements.
+	h.mu.Unlock()
+	announced, err := b.announce(ctx, cfg, dp, tunnels)
+	h.mu.Lock()
 	if err != nil {
 		h.lastErr = err.Error()
 		return contract.ActivateResponse{}, err

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"sync"
 	"time"
@@ -85,9 +86,9 @@ func (r *registrar) serveConn(c net.Conn) {
 	_ = c.SetDeadline(time.Now().Add(registrationTimeout))
 	var reg registration
 	reply := registrationReply{OK: true}
-	line, err := bufio.NewReader(c).ReadBytes('\n')
+	line, err := bufio.NewReader(io.LimitReader(c, maxRegistration)).ReadBytes('\n')
 	if err == nil {
-		err = json.Unmarshal(line, &reg)
+		reg, err = parseRegistration(line)
 	}
 	if err != nil {
 		reply = registrationReply{Error: "bad registration: " + err.Error()}
@@ -99,6 +100,24 @@ func (r *registrar) serveConn(c net.Conn) {
 	}
 	b, _ := json.Marshal(reply)
 	_, _ = c.Write(append(b, '\n'))
+}
+
+// maxRegistration bounds what the registrar reads from a connection.
+const maxRegistration = 4096
+
+// parseRegistration decodes one registration line from the network.
+func parseRegistration(line []byte) (registration, error) {
+	var reg registration
+	if err := json.Unmarshal(line, &reg); err != nil {
+		return reg, invalid("registration: %v", err)
+	}
+	if reg.Token == "" || reg.MigrationID == "" || reg.VMUUID == "" {
+		return reg, invalid("registration: token, migration_id and vm_uuid are required")
+	}
+	if net.ParseIP(reg.Underlay) == nil {
+		return reg, invalid("registration: underlay %q is not an IP address", reg.Underlay)
+	}
+	return reg, nil
 }
 
 func (r *registrar) close() {
