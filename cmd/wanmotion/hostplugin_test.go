@@ -879,3 +879,50 @@ func TestCLICancelOfPluginMigrationPointsToThePlugin(t *testing.T) {
 	assert.Contains(t, err.Error(), "cancel it there")
 	assert.Contains(t, err.Error(), `"wanmotion", "cancel", {"id": "wm-onhost"}`)
 }
+
+// TestCLIMigrateAgentsOnHosts: `wanmotion migrate --agents hosts` starts the
+// site agents on the VM's host and the destination host through the host
+// plugin (the data goes host to host, not through the CLI's machine), with
+// the backends those hosts have; resume keeps the placement.
+func TestCLIMigrateAgentsOnHosts(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the nbd backend and moves a VM")
+	}
+	plugins := t.TempDir()
+	gobin := filepath.Join(runtime.GOROOT(), "bin", "go")
+	out, err := exec.Command(gobin, "build", "-buildvcs=false", "-o", filepath.Join(plugins, "wanmotion-storage-nbd"),
+		"../../storage-backends/nbd/cmd/wanmotion-storage-nbd").CombinedOutput()
+	require.NoError(t, err, "go build: %s", out)
+	e := newPluginEnvWith(t, plugins, "")
+	pa, pb := e.info.Pools[0], e.info.Pools[1]
+	vmUUID, err := e.sim.VMUUIDByName(xapisim.DemoVMName)
+	require.NoError(t, err)
+	gc, err := xapisim.GuestConfigFromMap(map[string]string{"rate": "1MiB/s"})
+	require.NoError(t, err)
+	require.NoError(t, e.sim.StartGuest(vmUUID, gc), "a guest writing, so the engine checks every write arrived")
+	t.Setenv(EnvFromPassword, pa.Password)
+	t.Setenv(EnvToPassword, pb.Password)
+	cliState, emptyPlugins := t.TempDir(), t.TempDir()
+	base := []string{"--vm", "demo-vm", "--from", pa.URL, "--to", pb.URL, "--storage", "nbd", "--network", "none",
+		"--bandwidth", "200Mbit", "--state-dir", cliState, "--plugin-dir", emptyPlugins, "--json"}
+
+	// Locally the nbd backend is missing: a local-agents migration is refused.
+	_, _, err = run(t, runMigrate, append(base, "--id", "wm-local", "--dry-run")...)
+	require.ErrorIs(t, err, engine.ErrUnknownBackend)
+	_, _, err = run(t, runMigrate, append(base, "--agents", "everywhere")...)
+	require.ErrorIs(t, err, errUsage)
+
+	stdout, stderr, err := run(t, runMigrate, append(base, "--id", "wm-hosts", "--agents", "hosts")...)
+	require.NoError(t, err, "stderr:\n%s", stderr)
+	rep := oneJSONObject(t, stdout)
+	assert.Equal(t, "success", rep["result"])
+	assert.Equal(t, "ok", rep["integrity"])
+	for _, role := range []string{"source", "destination"} {
+		dir := filepath.Join(e.stateDir, "agents", "wm-hosts-"+role)
+		assert.FileExists(t, filepath.Join(dir, "agent.log"), "the %s agent ran on a host, under the plugin's state dir", role)
+	}
+	assert.NoDirExists(t, filepath.Join(cliState, "agents-run"), "no agent ran on the CLI's machine")
+	ci, err := os.ReadFile(connPath(cliState, "wm-hosts"))
+	require.NoError(t, err)
+	assert.Contains(t, string(ci), `"agents": "hosts"`, "resume finds the placement")
+}

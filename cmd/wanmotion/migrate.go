@@ -14,10 +14,12 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"golang.org/x/term"
 
 	"github.com/wanmotion/wanmotion/engine"
 	"github.com/wanmotion/wanmotion/engine/xapiadapt"
+	"github.com/wanmotion/wanmotion/hostplugin"
 	"github.com/wanmotion/wanmotion/plugins/host"
 	"github.com/wanmotion/wanmotion/xapi"
 )
@@ -67,7 +69,7 @@ type migrateFlags struct {
 	policy                                      string
 	stateDir, pluginDir                         string
 	gatewayListen, gatewayAdvertise             string
-	id, logLevel                                string
+	id, logLevel, agents                        string
 	dryRun, asJSON, skipAssert                  bool
 	taskLinger                                  time.Duration
 	tls                                         tlsFlags
@@ -118,6 +120,7 @@ func newMigrateFlagSet(stderr io.Writer) (*flag.FlagSet, *migrateFlags) {
 	fs.BoolVar(&f.dryRun, "dry-run", false, "print the plan (estimated duration and guest pause) and exit")
 	fs.BoolVar(&f.asJSON, "json", false, "print exactly one JSON object (the report) on stdout")
 	fs.BoolVar(&f.skipAssert, "skip-assert", false, "do not call host.migrate_receive / VM.assert_can_migrate while planning")
+	fs.StringVar(&f.agents, "agents", agentsLocal, "where the site agents (and the data path) run: local (on this machine, for both sites) or hosts (on the VM's host and the destination host, started through the wanmotion host plugin: the data goes host to host, not through this machine)")
 	fs.DurationVar(&f.taskLinger, "task-linger", 0, "keep the finished xapi task this long before destroying it (XenCenter then shows it complete); negative: keep it for xapi's task GC")
 	f.tls.register(fs)
 	fs.Usage = func() {
@@ -208,6 +211,9 @@ func parseMigrateFlags(args []string, stderr io.Writer) (*migrateFlags, engine.O
 		}
 		o.DowntimeTarget = &f.downtimeTarget
 	}
+	if f.agents != agentsLocal && f.agents != agentsHosts {
+		return nil, o, fmt.Errorf("%w: --agents %q: want local or hosts", errUsage, f.agents)
+	}
 	if f.given["policy"] {
 		p, err := engine.ParsePolicy(f.policy)
 		if err != nil {
@@ -294,6 +300,28 @@ type connInfo struct {
 	CAFile      string   `json:"ca_file,omitempty"`
 	Thumbprints []string `json:"thumbprints,omitempty"`
 	PluginDir   string   `json:"plugin_dir,omitempty"`
+	// Agents is where the site agents run: "local" ("" in older files) or
+	// "hosts" (started on the pools' hosts through the host plugin).
+	Agents string `json:"agents,omitempty"`
+}
+
+// Where the site agents of a CLI-run migration run (--agents).
+const (
+	agentsLocal = "local"
+	agentsHosts = "hosts"
+)
+
+// agentPlacement sets the engine options for where the site agents run:
+// hosts starts them on the VM's host and the destination host through the
+// pools' host plugin (agent-start) and gives their backends that host's
+// own xapi socket (the simulator's hosts share the pools' URLs instead).
+func agentPlacement(o *engineOpts, agents string, log hclog.Logger) {
+	if agents != agentsHosts {
+		return
+	}
+	o.Launcher = &hostplugin.PluginLauncher{Source: o.Source, Dest: o.Dest, HostListen: true, Logger: log}
+	o.Catalog = hostsCatalog{src: o.Source, dst: o.Dest}
+	o.HostXAPI = !o.Simulator
 }
 
 func connPath(stateDir, id string) string { return filepath.Join(stateDir, id+".conn.json") }
@@ -358,7 +386,7 @@ func openPools(ctx context.Context, ci connInfo, tf tlsFlags, logLevel string, s
 func (m *migration) run(ctx context.Context) error {
 	f := m.f
 	ci := connInfo{From: f.from, To: f.to, FromUser: f.fromUser, ToUser: f.toUser, Credentials: f.credentials,
-		Insecure: f.tls.insecure, CAFile: f.tls.caFile, Thumbprints: f.tls.thumbprints, PluginDir: f.pluginDir}
+		Insecure: f.tls.insecure, CAFile: f.tls.caFile, Thumbprints: f.tls.thumbprints, PluginDir: f.pluginDir, Agents: f.agents}
 	p, err := openPools(ctx, ci, f.tls, f.logLevel, m.stderr)
 	if err != nil {
 		return err
@@ -380,9 +408,11 @@ func (m *migration) run(ctx context.Context) error {
 	}
 	tty := !f.asJSON && isTerminal(m.stderr)
 	view := newProgressView(m.stderr, tty, nil)
-	eng, cleanup, err := buildEngine(ctx, engineOpts{Source: p.src, Dest: p.dst, Store: store, PluginDir: f.pluginDir,
+	eo := engineOpts{Source: p.src, Dest: p.dst, Store: store, PluginDir: f.pluginDir,
 		Logger: log, Observe: view.Observe, DryRun: f.dryRun, Simulator: isSimulator(ctx, p.dst), StateDir: f.stateDir,
-		TaskLinger: f.taskLinger})
+		TaskLinger: f.taskLinger}
+	agentPlacement(&eo, f.agents, log)
+	eng, cleanup, err := buildEngine(ctx, eo)
 	if err != nil {
 		return err
 	}

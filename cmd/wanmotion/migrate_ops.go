@@ -275,8 +275,10 @@ func (m *migration) drive(ctx context.Context, o *opFlags, id string, abort bool
 	defer p.close(ctx)
 	log := newCLILogger(o.logLevel, m.stderr)
 	view := newProgressView(m.stderr, !o.asJSON && isTerminal(m.stderr), nil)
-	eng, cleanup, err := buildEngine(ctx, engineOpts{Source: p.src, Dest: p.dst, Store: store, PluginDir: ci.PluginDir,
-		Logger: log, Observe: view.Observe, Simulator: isSimulator(ctx, p.dst), StateDir: o.stateDir, TaskLinger: o.taskLinger})
+	eo := engineOpts{Source: p.src, Dest: p.dst, Store: store, PluginDir: ci.PluginDir,
+		Logger: log, Observe: view.Observe, Simulator: isSimulator(ctx, p.dst), StateDir: o.stateDir, TaskLinger: o.taskLinger}
+	agentPlacement(&eo, ci.Agents, log)
+	eng, cleanup, err := buildEngine(ctx, eo)
 	if err != nil {
 		return err
 	}

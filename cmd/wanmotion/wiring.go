@@ -6,9 +6,11 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -17,6 +19,7 @@ import (
 	"github.com/wanmotion/wanmotion/agent/agentclient"
 	"github.com/wanmotion/wanmotion/engine"
 	"github.com/wanmotion/wanmotion/engine/xapiadapt"
+	"github.com/wanmotion/wanmotion/hostplugin"
 	"github.com/wanmotion/wanmotion/plugins/contract"
 	"github.com/wanmotion/wanmotion/plugins/host"
 	"github.com/wanmotion/wanmotion/xapi"
@@ -29,6 +32,44 @@ var errNoAgents = errors.New("site agents are not available")
 // on disk (plugins/host discovery; the binaries are not launched).
 type pluginCatalog struct {
 	dirs []string
+}
+
+// hostsCatalog lists the backends installed on both pools' coordinators,
+// as their wanmotion host plugin reports them (version): the backends
+// agents started on the pools' hosts can run.
+type hostsCatalog struct{ src, dst *xapi.Client }
+
+func (c hostsCatalog) Installed(ctx context.Context) (engine.Installed, error) {
+	var lists []engine.Installed
+	for _, cl := range []*xapi.Client{c.src, c.dst} {
+		pool, err := cl.ThePool(ctx)
+		if err != nil {
+			return engine.Installed{}, fmt.Errorf("list the hosts' backends: %w", err)
+		}
+		coord, err := cl.PoolGetMaster(ctx, pool)
+		if err != nil {
+			return engine.Installed{}, fmt.Errorf("list the hosts' backends: %w", err)
+		}
+		out, err := cl.HostCallPlugin(ctx, coord, hostplugin.PluginName, fnVersion, map[string]string{})
+		if err != nil {
+			return engine.Installed{}, fmt.Errorf("--agents hosts needs the wanmotion host plugin on both pools' hosts (packaging/install.sh): %w", err)
+		}
+		var v pluginVersion
+		if err := json.Unmarshal([]byte(out), &v); err != nil || v.Backends == nil {
+			return engine.Installed{}, fmt.Errorf("the wanmotion host plugin on %s does not list its backends (%s): upgrade it", cl.URL(), v.BackendsError)
+		}
+		lists = append(lists, *v.Backends)
+	}
+	both := func(a, b []string) []string {
+		var out []string
+		for _, x := range a {
+			if slices.Contains(b, x) {
+				out = append(out, x)
+			}
+		}
+		return out
+	}
+	return engine.Installed{Storage: both(lists[0].Storage, lists[1].Storage), Network: both(lists[0].Network, lists[1].Network)}, nil
 }
 
 func (c pluginCatalog) Installed(context.Context) (engine.Installed, error) {
@@ -87,6 +128,9 @@ type engineOpts struct {
 	// for agents started on pool hosts by a controller that is not on the
 	// simulator. Sessions are pool-wide; xapi forwards to the coordinator.
 	HostXAPI bool
+	// Catalog lists the backends the agents can run (default: those in
+	// PluginDir on this machine, where local agents run).
+	Catalog engine.Catalog
 	// TaskLinger: engine Deps.TaskLinger (0 destroys the finished task at
 	// once, negative keeps it).
 	TaskLinger time.Duration
@@ -103,10 +147,13 @@ func buildEngine(ctx context.Context, o engineOpts) (*engine.Engine, func(), err
 	src, dst := xapiadapt.NewPool(o.Source, log), xapiadapt.NewPool(o.Dest, log)
 	d := engine.Deps{
 		Source: src, Dest: dst, Tasks: xapiadapt.NewTasks(o.Source),
-		Catalog: pluginCatalog{dirs: host.SearchDirs(o.PluginDir)},
+		Catalog: o.Catalog,
 		Store:   o.Store, Logger: log, Observe: o.Observe, TaskLinger: o.TaskLinger,
 		Pause:    xapiadapt.SimPauseMeter{Dest: o.Dest},
 		Throttle: xapiadapt.NewThrottle(o.Source, log),
+	}
+	if d.Catalog == nil {
+		d.Catalog = pluginCatalog{dirs: host.SearchDirs(o.PluginDir)}
 	}
 	if o.Simulator {
 		d.Integrity = xapiadapt.SimIntegrity{Dest: o.Dest}
