@@ -89,6 +89,8 @@ type handle struct {
 	request []byte // fingerprint of the prepare request
 	lastErr string
 	reg     *registrar
+	link    *tapLink          // tap mode
+	peer    contract.Endpoint // tap mode, source: where to (re)dial
 }
 
 // Info implements contract.Network.
@@ -100,7 +102,7 @@ func (b *Backend) Info(context.Context) (contract.Info, error) {
 		Description: "stretches the VM's L2 segments to the destination over VXLAN (kernel or Open vSwitch)",
 		APIVersions: []string{contract.APIVersion10},
 		Capabilities: contract.CapL2Stretch | contract.CapKeepAddress | contract.CapHookActivation |
-			contract.CapResume,
+			contract.CapResume | contract.CapUserspaceTunnel,
 	}, nil
 }
 
@@ -129,8 +131,11 @@ func (b *Backend) Configure(_ context.Context, req contract.ConfigureRequest) (c
 }
 
 func newPlane(cfg Config) (dataplane, error) {
-	if cfg.Mode == ModeOVS {
+	switch cfg.Mode {
+	case ModeOVS:
 		return newOVSPlane(cfg)
+	case ModeTAP:
+		return newTAPPlane(cfg)
 	}
 	return newKernelPlane(cfg.Netns)
 }
@@ -159,17 +164,25 @@ func (b *Backend) Close() {
 	dp := b.dp
 	b.dp = nil
 	b.mu.Unlock()
+	var links []*tapLink
 	for _, h := range hs {
 		h.mu.Lock()
-		reg := h.reg
-		h.reg = nil
+		reg, link := h.reg, h.link
+		h.reg, h.link = nil, nil
 		h.mu.Unlock()
 		if reg != nil {
 			reg.close()
 		}
+		if link != nil {
+			link.close()
+			links = append(links, link)
+		}
 	}
 	if dp != nil {
-		dp.close()
+		dp.close() // closes the taps, which ends the links' readers
+	}
+	for _, l := range links {
+		l.wait()
 	}
 }
 
@@ -339,7 +352,7 @@ func (b *Backend) Prepare(ctx context.Context, req contract.NetPrepareRequest) (
 			return contract.NetPrepareResponse{}, fmt.Errorf("prepare %s: a different request for this migration, vm and role exists: %w", id, contract.ErrAlreadyExists)
 		}
 		if req.Role == contract.RoleSource && !h.st.Registered && req.Peer.Address != "" {
-			if err := b.registerSource(ctx, h, req.Peer); err != nil {
+			if err := b.registerSource(ctx, dp, h, req.Peer); err != nil {
 				return contract.NetPrepareResponse{}, err
 			}
 		}
@@ -350,12 +363,16 @@ func (b *Backend) Prepare(ctx context.Context, req contract.NetPrepareRequest) (
 		return contract.NetPrepareResponse{Handle: ch, Endpoint: h.endpoint(), Existing: true}, nil
 	}
 
-	local, err := localUnderlay(ctx, cfg, dp, req.XAPI.HostUUID)
-	if err != nil {
-		return contract.NetPrepareResponse{}, err
-	}
 	st := state{ID: id, MigrationID: req.MigrationID, VMUUID: req.VMUUID, Role: req.Role, Mode: cfg.Mode,
-		Local: local.String(), Port: cfg.Port, MTU: cfg.MTU}
+		Port: cfg.Port, MTU: cfg.MTU}
+	tap := cfg.Mode == ModeTAP
+	var local net.IP
+	if !tap {
+		if local, err = localUnderlay(ctx, cfg, dp, req.XAPI.HostUUID); err != nil {
+			return contract.NetPrepareResponse{}, err
+		}
+		st.Local = local.String()
+	}
 	if opts.MTU != 0 {
 		st.MTU = opts.MTU
 	}
@@ -368,10 +385,16 @@ func (b *Backend) Prepare(ctx context.Context, req contract.NetPrepareRequest) (
 		}
 		st.Remote = pp.Underlay
 	}
-	if st.Remote == "" {
+	if st.Remote == "" && !tap {
 		st.Remote = cfg.PeerUnderlayAddress
 	}
-	if st.Remote != "" {
+	switch {
+	case tap:
+		st.Remote = ""
+		if req.Role == contract.RoleSource && req.Peer.Address == "" {
+			return contract.NetPrepareResponse{}, invalid("prepare source: tap mode needs the destination's endpoint")
+		}
+	case st.Remote != "":
 		ip := net.ParseIP(st.Remote)
 		if ip == nil {
 			return contract.NetPrepareResponse{}, invalid("prepare: peer underlay address %q is not an IP address", st.Remote)
@@ -379,7 +402,7 @@ func (b *Backend) Prepare(ctx context.Context, req contract.NetPrepareRequest) (
 		if (ip.To4() == nil) != (local.To4() == nil) {
 			return contract.NetPrepareResponse{}, invalid("prepare: underlay addresses %s (local) and %s (peer) are not of the same family", local, ip)
 		}
-	} else if req.Role == contract.RoleSource {
+	case req.Role == contract.RoleSource:
 		return contract.NetPrepareResponse{}, invalid("prepare source: the destination's endpoint carries no underlay address and peer_underlay_address is not configured")
 	}
 	for _, v := range req.VIFs {
@@ -387,7 +410,7 @@ func (b *Backend) Prepare(ctx context.Context, req contract.NetPrepareRequest) (
 		if err != nil {
 			return contract.NetPrepareResponse{}, err
 		}
-		st.Tunnels = append(st.Tunnels, t)
+		st.Tunnels = addTunnel(st.Tunnels, t)
 	}
 	h = &handle{st: st, request: fp}
 	h.mu.Lock()
@@ -395,9 +418,11 @@ func (b *Backend) Prepare(ctx context.Context, req contract.NetPrepareRequest) (
 	if err := b.ensureTunnels(ctx, dp, h); err != nil {
 		return contract.NetPrepareResponse{}, err
 	}
+	b.startLink(dp, h)
 	if req.Role == contract.RoleDestination {
 		h.st.Token = randomHex(16)
 		if err := b.startRegistrar(h, req.Listen); err != nil {
+			b.stopLink(h)
 			b.removeTunnels(dp, h.st)
 			return contract.NetPrepareResponse{}, err
 		}
@@ -406,7 +431,7 @@ func (b *Backend) Prepare(ctx context.Context, req contract.NetPrepareRequest) (
 	b.handles[id] = h
 	b.mu.Unlock()
 	if req.Role == contract.RoleSource && req.Peer.Address != "" {
-		if err := b.registerSource(ctx, h, req.Peer); err != nil {
+		if err := b.registerSource(ctx, dp, h, req.Peer); err != nil {
 			// The handle stays: a repeated Prepare retries the registration.
 			return contract.NetPrepareResponse{}, err
 		}
@@ -422,7 +447,8 @@ func (b *Backend) Prepare(ctx context.Context, req contract.NetPrepareRequest) (
 // tunnelFor builds the tunnel of one VIF: name, VNI (peer's choice, then
 // options, then derived) and bridge (request, then config by network).
 func tunnelFor(cfg Config, opts Options, pp peerParams, req contract.NetPrepareRequest, v contract.VIFInfo) (tunnel, error) {
-	t := tunnel{Device: v.Device, Name: IfName(req.MigrationID, req.Role, v.Device), MAC: v.MAC, IPv4: v.IPv4, IPv6: v.IPv6}
+	t := tunnel{Device: v.Device, Name: IfName(req.MigrationID, req.Role, v.Device),
+		VIFs: []tunnelVIF{{Device: v.Device, MAC: v.MAC, IPv4: v.IPv4, IPv6: v.IPv6}}}
 	switch {
 	case pp.VNIs[v.Device] != 0:
 		t.VNI = pp.VNIs[v.Device]
@@ -446,6 +472,32 @@ func tunnelFor(cfg Config, opts Options, pp peerParams, req contract.NetPrepareR
 		return t, fmt.Errorf("prepare: vif %s: no bridge for network %q on this site (set it in the request or in the config's bridges map): %w", v.Device, network, contract.ErrFailedPrecondition)
 	}
 	return t, nil
+}
+
+// addTunnel adds one VIF's tunnel to ts, merging it with the tunnel of
+// another VIF on the same bridge (the lower device number names both).
+func addTunnel(ts []tunnel, t tunnel) []tunnel {
+	for i := range ts {
+		if ts[i].Bridge != t.Bridge {
+			continue
+		}
+		if deviceLess(t.Device, ts[i].Device) {
+			t.VIFs = append(t.VIFs, ts[i].VIFs...)
+			ts[i] = t
+		} else {
+			ts[i].VIFs = append(ts[i].VIFs, t.VIFs...)
+		}
+		return ts
+	}
+	return append(ts, t)
+}
+
+// deviceLess orders VIF devices numerically ("2" < "10").
+func deviceLess(a, b string) bool {
+	if len(a) != len(b) {
+		return len(a) < len(b)
+	}
+	return a < b
 }
 
 // ensureTunnels creates every tunnel of h (h.mu held); on failure it
@@ -478,7 +530,9 @@ func (h *handle) endpoint() contract.Endpoint {
 	}
 	pp := peerParams{Underlay: h.st.Local, Port: h.st.Port, VNIs: map[string]int{}}
 	for _, t := range h.st.Tunnels {
-		pp.VNIs[t.Device] = t.VNI
+		for _, v := range t.VIFs {
+			pp.VNIs[v.Device] = t.VNI
+		}
 	}
 	params, _ := contract.EncodeOpaque(pp)
 	ep := contract.Endpoint{Params: params, Token: contract.Secret(h.st.Token)}
@@ -494,7 +548,7 @@ func (b *Backend) startRegistrar(h *handle, listen string) error {
 		return nil
 	}
 	id := h.st.ID
-	r, err := startRegistrar(listen, b.log.With("handle", id), func(ctx context.Context, reg registration) error {
+	r, err := startRegistrar(listen, b.log.With("handle", id), func(ctx context.Context, reg registration) (func(net.Conn), error) {
 		return b.onRegistration(ctx, id, reg)
 	})
 	if err != nil {
@@ -504,47 +558,82 @@ func (b *Backend) startRegistrar(h *handle, listen string) error {
 	return nil
 }
 
-// onRegistration applies the source's underlay address to a destination handle.
-func (b *Backend) onRegistration(ctx context.Context, id string, reg registration) error {
+// onRegistration applies the source's underlay address to a destination
+// handle; in tap mode it takes the connection as the frame stream.
+func (b *Backend) onRegistration(ctx context.Context, id string, reg registration) (func(net.Conn), error) {
 	h, err := b.get(id)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	_, dp, err := b.plane()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if !checkToken(h.st.Token, reg.Token) || reg.MigrationID != h.st.MigrationID || reg.VMUUID != h.st.VMUUID {
-		return fmt.Errorf("registration does not match handle %s: %w", id, contract.ErrPermissionDenied)
+		return nil, fmt.Errorf("registration does not match handle %s: %w", id, contract.ErrPermissionDenied)
+	}
+	if h.link != nil {
+		if !reg.Stream {
+			return nil, invalid("registration: this destination runs in tap mode and needs a stream")
+		}
+		h.st.Registered = true
+		link := h.link
+		b.log.Info("source stream attached", "handle", id)
+		return link.attach, nil
 	}
 	ip := net.ParseIP(reg.Underlay)
 	if ip == nil || (ip.To4() == nil) != (net.ParseIP(h.st.Local).To4() == nil) {
-		return invalid("registration: underlay address %q is not an address of the local underlay's family", reg.Underlay)
+		return nil, invalid("registration: underlay address %q is not an address of the local underlay's family", reg.Underlay)
 	}
 	h.st.Remote = ip.String()
 	p := h.st.params()
 	for _, t := range h.st.Tunnels {
 		if err := dp.setRemote(ctx, t, p); err != nil {
 			h.lastErr = err.Error()
-			return err
+			return nil, err
 		}
 	}
 	h.st.Registered = true
 	b.log.Info("source registered", "handle", id, "remote", h.st.Remote)
-	return nil
+	return nil, nil
 }
 
-// registerSource sends the source's registration (h.mu held).
-func (b *Backend) registerSource(ctx context.Context, h *handle, peer contract.Endpoint) error {
-	err := register(ctx, peer, registration{Token: string(peer.Token), MigrationID: h.st.MigrationID, VMUUID: h.st.VMUUID, Underlay: h.st.Local})
+// registerSource sends the source's registration (h.mu held); in tap mode
+// it keeps the connection as the stream and keeps re-dialling it.
+func (b *Backend) registerSource(ctx context.Context, dp dataplane, h *handle, peer contract.Endpoint) error {
+	reg := registration{Token: string(peer.Token), MigrationID: h.st.MigrationID, VMUUID: h.st.VMUUID, Underlay: h.st.Local, Stream: h.link != nil}
+	c, err := register(ctx, peer, reg)
 	if err != nil {
 		h.lastErr = err.Error()
 		return fmt.Errorf("register with the destination: %w", err)
 	}
 	h.st.Registered = true
+	if h.link != nil {
+		h.peer = peer
+		h.link.attach(c)
+		h.link.dialLoop(func(ctx context.Context) (net.Conn, error) { return register(ctx, peer, reg) })
+	}
 	return nil
+}
+
+// startLink starts the frame pump of a tap-mode handle (h.mu held).
+func (b *Backend) startLink(dp dataplane, h *handle) {
+	tp, ok := dp.(*tapPlane)
+	if !ok || h.link != nil {
+		return
+	}
+	h.link = newTAPLink(b.log.With("handle", h.st.ID), tp, h.st.Tunnels)
+}
+
+// stopLink stops a handle's frame pump (h.mu held); its tap readers end
+// when the taps are removed.
+func (b *Backend) stopLink(h *handle) {
+	if h.link != nil {
+		h.link.close()
+		h.link = nil
+	}
 }
 
 // Activate implements contract.Network: at the destination, after the VM
@@ -563,10 +652,14 @@ func (b *Backend) Activate(ctx context.Context, req contract.ActivateRequest) (c
 	if h.st.Role != contract.RoleDestination {
 		return contract.ActivateResponse{}, invalid("activate: handle %s is a %s handle", req.Handle, h.st.Role)
 	}
-	if h.st.Remote == "" && cfg.PeerUnderlayAddress != "" {
+	if h.link != nil {
+		if err := waitConnected(ctx, h); err != nil {
+			return contract.ActivateResponse{}, err
+		}
+	} else if h.st.Remote == "" && cfg.PeerUnderlayAddress != "" {
 		h.st.Remote = cfg.PeerUnderlayAddress
 	}
-	if h.st.Remote == "" {
+	if h.link == nil && h.st.Remote == "" {
 		return contract.ActivateResponse{}, fmt.Errorf("activate %s: the source has not registered its underlay address and peer_underlay_address is not configured: %w", req.Handle, contract.ErrFailedPrecondition)
 	}
 	if err := b.ensureTunnels(ctx, dp, h); err != nil {
@@ -590,6 +683,29 @@ func (b *Backend) Activate(ctx context.Context, req contract.ActivateRequest) (c
 	return contract.ActivateResponse{State: s, Announced: announced}, nil
 }
 
+// waitConnected waits (h.mu held, released while waiting) up to 5 s for
+// the source's stream of a tap-mode handle.
+func waitConnected(ctx context.Context, h *handle) error {
+	deadline := time.Now().Add(5 * time.Second)
+	for !h.link.connected() {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("activate %s: the source's tap stream is not connected: %w", h.st.ID, contract.ErrFailedPrecondition)
+		}
+		h.mu.Unlock()
+		select {
+		case <-ctx.Done():
+			h.mu.Lock()
+			return cancelled(ctx, "activate")
+		case <-time.After(20 * time.Millisecond):
+		}
+		h.mu.Lock()
+		if h.link == nil {
+			return fmt.Errorf("activate %s: handle cleaned up: %w", h.st.ID, contract.ErrNotFound)
+		}
+	}
+	return nil
+}
+
 // announce sends, for every tunnel's VIF, a RARP (MAC only), a gratuitous
 // ARP per IPv4 address and an unsolicited NA per IPv6 address on the
 // VIF's bridge, AnnounceCount times.
@@ -601,31 +717,34 @@ func (b *Backend) announce(ctx context.Context, cfg Config, dp dataplane, ts []t
 	var batches []batch
 	var announced []string
 	for _, t := range ts {
-		mac, err := net.ParseMAC(t.MAC)
-		if err != nil {
-			return nil, invalid("announce: vif %s mac %q", t.Device, t.MAC)
-		}
-		f, err := RARPFrame(mac)
-		if err != nil {
-			return nil, invalid("announce: %v", err)
-		}
-		bt := batch{bridge: t.Bridge, frames: [][]byte{f}}
-		announced = append(announced, "rarp "+mac.String())
-		for _, a := range t.IPv4 {
-			f, err := GratuitousARPFrame(mac, net.ParseIP(a))
+		bt := batch{bridge: t.Bridge}
+		for _, v := range t.VIFs {
+			mac, err := net.ParseMAC(v.MAC)
+			if err != nil {
+				return nil, invalid("announce: vif %s mac %q", v.Device, v.MAC)
+			}
+			f, err := RARPFrame(mac)
 			if err != nil {
 				return nil, invalid("announce: %v", err)
 			}
 			bt.frames = append(bt.frames, f)
-			announced = append(announced, "garp "+a+" "+mac.String())
-		}
-		for _, a := range t.IPv6 {
-			f, err := UnsolicitedNAFrame(mac, net.ParseIP(a))
-			if err != nil {
-				return nil, invalid("announce: %v", err)
+			announced = append(announced, "rarp "+mac.String())
+			for _, a := range v.IPv4 {
+				f, err := GratuitousARPFrame(mac, net.ParseIP(a))
+				if err != nil {
+					return nil, invalid("announce: %v", err)
+				}
+				bt.frames = append(bt.frames, f)
+				announced = append(announced, "garp "+a+" "+mac.String())
 			}
-			bt.frames = append(bt.frames, f)
-			announced = append(announced, "na "+a+" "+mac.String())
+			for _, a := range v.IPv6 {
+				f, err := UnsolicitedNAFrame(mac, net.ParseIP(a))
+				if err != nil {
+					return nil, invalid("announce: %v", err)
+				}
+				bt.frames = append(bt.frames, f)
+				announced = append(announced, "na "+a+" "+mac.String())
+			}
 		}
 		batches = append(batches, bt)
 	}
@@ -678,9 +797,13 @@ func (b *Backend) Status(ctx context.Context, req contract.NetStatusRequest) (co
 		return contract.NetStatus{}, err
 	}
 	h.mu.Lock()
-	st, lastErr := h.st, h.lastErr
+	st, lastErr, link := h.st, h.lastErr, h.link
 	h.mu.Unlock()
-	return b.status(ctx, dp, st, lastErr), nil
+	s := b.status(ctx, dp, st, lastErr)
+	if link != nil {
+		s.Detail += "; stream " + map[bool]string{true: "connected", false: "not connected"}[link.connected()]
+	}
+	return s, nil
 }
 
 func (b *Backend) status(ctx context.Context, dp dataplane, st state, lastErr string) contract.NetStatus {
@@ -743,6 +866,7 @@ func (b *Backend) Recover(ctx context.Context, req contract.NetRecoverRequest) (
 	if err := b.ensureTunnels(ctx, dp, h); err != nil {
 		return contract.NetRecoverResponse{}, err
 	}
+	b.startLink(dp, h)
 	if h.st.Role == contract.RoleDestination {
 		if err := b.startRegistrar(h, ""); err != nil {
 			return contract.NetRecoverResponse{}, err
@@ -754,7 +878,13 @@ func (b *Backend) Recover(ctx context.Context, req contract.NetRecoverRequest) (
 		b.mu.Unlock()
 	}
 	if h.st.Role == contract.RoleSource && req.Peer.Address != "" {
-		if err := b.registerSource(ctx, h, req.Peer); err != nil {
+		if h.link != nil && h.peer.Address != "" {
+			// A running stream dials the old address: start over.
+			h.link.close()
+			h.link = nil
+			b.startLink(dp, h)
+		}
+		if err := b.registerSource(ctx, dp, h, req.Peer); err != nil {
 			return contract.NetRecoverResponse{}, err
 		}
 	}
@@ -789,12 +919,18 @@ func (b *Backend) Cleanup(ctx context.Context, req contract.NetCleanupRequest) (
 		h.mu.Lock()
 		reg := h.reg
 		h.reg = nil
+		link := h.link
+		h.link = nil
 		if len(h.st.Tunnels) >= len(st.Tunnels) {
 			st = h.st
 		}
 		h.mu.Unlock()
 		if reg != nil {
 			reg.close() // outside h.mu: a registration in flight takes it
+		}
+		if link != nil {
+			link.close()
+			defer link.wait() // after the taps are removed below
 		}
 	}
 	var errs []error

@@ -40,7 +40,8 @@ const (
 // carried as msgpack by key). Every key is optional; see
 // docs/network-l2tunnel.md.
 type Config struct {
-	// Mode is "kernel" (default) or "ovs".
+	// Mode is "kernel" (default), "ovs" or "tap" (userspace tunnel over
+	// the WAN gateway).
 	Mode string `msgpack:"mode"`
 	// UnderlayAddresses maps a host UUID to that host's tunnel endpoint
 	// (VTEP) address; looked up with XAPI.HostUUID of the request.
@@ -131,9 +132,9 @@ func (c *Config) setDefaults() error {
 	switch c.Mode {
 	case "":
 		c.Mode = ModeKernel
-	case ModeKernel, ModeOVS:
+	case ModeKernel, ModeOVS, ModeTAP:
 	default:
-		return bad("mode %q: want %q or %q", c.Mode, ModeKernel, ModeOVS)
+		return bad("mode %q: want %q, %q or %q", c.Mode, ModeKernel, ModeOVS, ModeTAP)
 	}
 	if c.Port == 0 {
 		c.Port = DefaultPort

@@ -86,3 +86,23 @@ func TestConformanceSubprocess(t *testing.T) {
 			}}
 	})
 }
+
+func TestConformanceTAP(t *testing.T) {
+	tap := map[string]any{"mode": ModeTAP}
+	conformance.RunNetworkSuite(t, func(t *testing.T) conformance.NetworkSetup {
+		l := newLab(t)
+		src, dst := siteBackend(t, l.siteA, l.ulA, tap), siteBackend(t, l.siteB, l.ulB, tap)
+		vm := conformanceVM(l)
+		return conformance.NetworkSetup{Source: conformance.NetworkOverRPC(t, src), Destination: conformance.NetworkOverRPC(t, dst),
+			NewVM: func(t *testing.T, i int) *conformance.VM {
+				v := vm(t, i)
+				v.CheckActive = nil // checks for a vxlan
+				return v
+			},
+			Restart: func(t *testing.T) (contract.Network, contract.Network) {
+				src.Close()
+				dst.Close()
+				return siteBackend(t, l.siteA, l.ulA, tap), siteBackend(t, l.siteB, l.ulB, tap)
+			}}
+	})
+}

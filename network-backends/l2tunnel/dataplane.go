@@ -5,12 +5,21 @@ import (
 	"net"
 )
 
-// tunnel is one VIF's tunnel on one site (persisted in the handle state).
+// tunnel is one L2 segment's tunnel on one site (persisted in the handle
+// state): every VIF of the VM on the same bridge shares it (two tunnels
+// between the same two bridges would make a loop). Its name and VNI are
+// those of its lowest VIF device.
 type tunnel struct {
+	Device string      `msgpack:"device"`
+	Name   string      `msgpack:"name"`
+	VNI    int         `msgpack:"vni"`
+	Bridge string      `msgpack:"bridge"`
+	VIFs   []tunnelVIF `msgpack:"vifs"`
+}
+
+// tunnelVIF is a VIF announced on its tunnel's bridge by Activate.
+type tunnelVIF struct {
 	Device string   `msgpack:"device"`
-	Name   string   `msgpack:"name"`
-	VNI    int      `msgpack:"vni"`
-	Bridge string   `msgpack:"bridge"`
 	MAC    string   `msgpack:"mac"`
 	IPv4   []string `msgpack:"ipv4"`
 	IPv6   []string `msgpack:"ipv6"`

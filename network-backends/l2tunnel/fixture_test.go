@@ -37,7 +37,7 @@ func TestMain(m *testing.M) {
 const nsPrefix = "wml2t-"
 
 // lab is a set of network namespaces: two sites, each with a Linux
-// bridge br0, joined by a veth underlay (10.250.N.1/30 — 10.250.N.2/30,
+// bridges br0 and br1, joined by a veth underlay (10.250.N.1/30 — 10.250.N.2/30,
 // addresses that exist only inside the namespaces).
 type lab struct {
 	t      *testing.T
@@ -127,7 +127,11 @@ func newLab(t *testing.T) *lab {
 		fmt.Sprintf("-n %s link add br0 type bridge", l.siteA),
 		fmt.Sprintf("-n %s link add br0 type bridge", l.siteB),
 		fmt.Sprintf("-n %s link set br0 up", l.siteA),
+		fmt.Sprintf("-n %s link add br1 type bridge", l.siteA),
+		fmt.Sprintf("-n %s link set br1 up", l.siteA),
 		fmt.Sprintf("-n %s link set br0 up", l.siteB),
+		fmt.Sprintf("-n %s link add br1 type bridge", l.siteB),
+		fmt.Sprintf("-n %s link set br1 up", l.siteB),
 	)
 	return l
 }

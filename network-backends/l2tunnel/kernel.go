@@ -168,11 +168,25 @@ func (k *kernelPlane) ensure(ctx context.Context, t tunnel, p tunnelParams) erro
 			return fmt.Errorf("attach %s to %s: %v: %w", t.Name, t.Bridge, err, contract.ErrInternal)
 		}
 	}
+	if err := isolate(k.h, link); err != nil {
+		return err
+	}
 	if err := k.h.LinkSetUp(link); err != nil {
 		return fmt.Errorf("set %s up: %v: %w", t.Name, err, contract.ErrInternal)
 	}
 	if p.Remote != nil {
 		return k.setRemote(ctx, t, p)
+	}
+	return nil
+}
+
+// isolate marks a tunnel port isolated on its bridge: the bridge never
+// forwards between two isolated ports, so the tunnels of several
+// migrations on one bridge (each to the same other site) cannot form a
+// loop (split horizon).
+func isolate(h *netlink.Handle, link netlink.Link) error {
+	if err := h.LinkSetIsolated(link, true); err != nil {
+		return fmt.Errorf("isolate %s on its bridge: %v: %w", link.Attrs().Name, err, contract.ErrInternal)
 	}
 	return nil
 }

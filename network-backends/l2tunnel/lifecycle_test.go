@@ -14,11 +14,13 @@ func vmRequest(mig string, role contract.Role) contract.NetPrepareRequest {
 	return contract.NetPrepareRequest{MigrationID: mig, Role: role, VMUUID: "vm-1",
 		VIFs: []contract.VIFInfo{
 			{Device: "0", MAC: "02:00:5e:02:00:01", NetworkUUID: "net-a", DestNetworkUUID: "net-b", Bridge: "br0"},
-			{Device: "1", MAC: "02:00:5e:02:00:02", NetworkUUID: "net-a", DestNetworkUUID: "net-b"}, // bridge from the config
+			{Device: "1", MAC: "02:00:5e:02:00:02", NetworkUUID: "net-a2", DestNetworkUUID: "net-b2"}, // bridge from the config
 		}}
 }
 
-var bridgeMap = map[string]any{"bridges": map[string]string{"net-a": "br0", "net-b": "br0"}}
+var bridges = map[string]string{"net-a": "br0", "net-b": "br0", "net-a2": "br1", "net-b2": "br1"}
+
+var bridgeMap = map[string]any{"bridges": bridges}
 
 // prepareBoth prepares the destination, then the source with its endpoint.
 func prepareBoth(t *testing.T, src, dst *Backend, mig string) (contract.NetPrepareResponse, contract.NetPrepareResponse) {
@@ -128,9 +130,9 @@ func TestRegistrationNeedsTheToken(t *testing.T) {
 	require.NoError(t, err)
 	t.Cleanup(func() { _, _ = dst.Cleanup(context.Background(), contract.NetCleanupRequest{Handle: d.Handle}) })
 	ep := d.Endpoint
-	err = register(ctx, ep, registration{Token: "wrong", MigrationID: "token-1", VMUUID: "vm-1", Underlay: "10.250.0.9"})
+	_, err = register(ctx, ep, registration{Token: "wrong", MigrationID: "token-1", VMUUID: "vm-1", Underlay: "10.250.0.9"})
 	require.ErrorIs(t, err, contract.ErrFailedPrecondition)
-	err = register(ctx, ep, registration{Token: string(ep.Token), MigrationID: "token-1", VMUUID: "vm-1", Underlay: "2001:db8::9"})
+	_, err = register(ctx, ep, registration{Token: string(ep.Token), MigrationID: "token-1", VMUUID: "vm-1", Underlay: "2001:db8::9"})
 	require.ErrorIs(t, err, contract.ErrFailedPrecondition, "wrong address family")
 	st, err := dst.Status(ctx, contract.NetStatusRequest{Handle: d.Handle.ID})
 	require.NoError(t, err)
@@ -159,7 +161,7 @@ func TestPreconditions(t *testing.T) {
 	assert.Contains(t, err.Error(), "not configured on this host")
 
 	// The underlay taken from an interface, and a per-host map.
-	b3 := siteBackend(t, l.siteB, "", map[string]any{"underlay_interface": "ul", "bridges": map[string]string{"net-b": "br0"},
+	b3 := siteBackend(t, l.siteB, "", map[string]any{"underlay_interface": "ul", "bridges": bridges,
 		"underlay_address": nil})
 	d, err := b3.Prepare(ctx, vmRequest("pre-3", contract.RoleDestination))
 	require.NoError(t, err)
@@ -178,7 +180,7 @@ func TestOptionsAndMTU(t *testing.T) {
 	l := newLab(t)
 	ctx := context.Background()
 	hb := handleIn(t, l.siteB)
-	b := siteBackend(t, l.siteB, l.ulB, map[string]any{"mtu": 1400, "bridges": map[string]string{"net-b": "br0"}})
+	b := siteBackend(t, l.siteB, l.ulB, map[string]any{"mtu": 1400, "bridges": bridges})
 	r := vmRequest("opt-1", contract.RoleDestination)
 	var err error
 	r.Options, err = contract.EncodeOpaque(Options{VNIs: map[string]int{"1": 4242}})
@@ -197,4 +199,54 @@ func TestOptionsAndMTU(t *testing.T) {
 	assert.Equal(t, map[string]int{"0": v0.VxlanId, "1": 4242}, pp.VNIs, "the source gets the destination's VNIs")
 	_, err = b.Cleanup(ctx, contract.NetCleanupRequest{Handle: d.Handle})
 	require.NoError(t, err)
+}
+
+// TestVIFsShareTheirBridgesTunnel: two VIFs on one bridge get one tunnel
+// (two would loop), named after the lower device; both are announced; and
+// every tunnel port is isolated on its bridge, so the tunnels of two
+// migrations on the same bridge cannot loop either.
+func TestVIFsShareTheirBridgesTunnel(t *testing.T) {
+	l := newLab(t)
+	ctx := context.Background()
+	src, dst := siteBackend(t, l.siteA, l.ulA, bridgeMap), siteBackend(t, l.siteB, l.ulB, bridgeMap)
+	req := func(mig string, role contract.Role) contract.NetPrepareRequest {
+		r := vmRequest(mig, role)
+		r.VIFs = []contract.VIFInfo{
+			{Device: "10", MAC: "02:00:5e:03:00:10", NetworkUUID: "net-a", DestNetworkUUID: "net-b", IPv4: []string{"192.0.2.10"}},
+			{Device: "2", MAC: "02:00:5e:03:00:02", NetworkUUID: "net-a", DestNetworkUUID: "net-b"},
+		}
+		return r
+	}
+	var handles []contract.Handle
+	for _, mig := range []string{"share-1", "share-2"} {
+		d, err := dst.Prepare(ctx, req(mig, contract.RoleDestination))
+		require.NoError(t, err)
+		sr := req(mig, contract.RoleSource)
+		sr.Peer = d.Endpoint
+		s, err := src.Prepare(ctx, sr)
+		require.NoError(t, err)
+		handles = append(handles, d.Handle, s.Handle)
+		a, err := dst.Activate(ctx, contract.ActivateRequest{Handle: d.Handle.ID})
+		require.NoError(t, err)
+		assert.Equal(t, []string{"rarp 02:00:5e:03:00:02", "rarp 02:00:5e:03:00:10", "garp 192.0.2.10 02:00:5e:03:00:10"}, a.Announced)
+	}
+	hb := handleIn(t, l.siteB)
+	vx := vxlans(t, hb)
+	require.Len(t, vx, 2, "one tunnel per migration")
+	for _, mig := range []string{"share-1", "share-2"} {
+		name := IfName(mig, contract.RoleDestination, "2")
+		require.Contains(t, vx, name)
+		pi, err := hb.LinkGetProtinfo(vx[name])
+		require.NoError(t, err)
+		assert.True(t, pi.Isolated, "%s isolated", name)
+	}
+	for i, h := range handles {
+		b := src
+		if i%2 == 0 {
+			b = dst
+		}
+		_, err := b.Cleanup(ctx, contract.NetCleanupRequest{Handle: h})
+		require.NoError(t, err)
+	}
+	assert.Empty(t, vxlans(t, hb))
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net"
 	"sort"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -231,7 +232,28 @@ func fdbPort(t *testing.T, h *netlink.Handle, mac string) string {
 // client on the same bridge, tunnels prepared on both sites, the VM moved
 // to site B (same MAC and IP), Activate at B, and the client keeps
 // reaching the VM through the tunnel.
-func TestMoveAcrossSites(t *testing.T) {
+func TestMoveAcrossSites(t *testing.T) { testMove(t, ModeKernel) }
+
+// TestMoveAcrossSitesTAP is the same story with the userspace tunnel:
+// frames travel over one TCP stream between the backends (here over
+// loopback; in production through the WAN gateway), no UDP underlay.
+func TestMoveAcrossSitesTAP(t *testing.T) { testMove(t, ModeTAP) }
+
+// tunnelLinks lists the interfaces of a namespace whose names start with prefix.
+func tunnelLinks(t *testing.T, h *netlink.Handle, prefix string) map[string]netlink.Link {
+	t.Helper()
+	links, err := h.LinkList()
+	require.NoError(t, err)
+	out := map[string]netlink.Link{}
+	for _, lk := range links {
+		if strings.HasPrefix(lk.Attrs().Name, prefix) {
+			out[lk.Attrs().Name] = lk
+		}
+	}
+	return out
+}
+
+func testMove(t *testing.T, mode string) {
 	l := newLab(t)
 	vmNS, clientNS := l.addNS("vm"), l.addNS("cl")
 	l.attach(vmNS, l.siteA, "vmp", vmMAC, vmIP+"/24", vmIP2+"/24", vmIP6+"/64")
@@ -241,10 +263,10 @@ func TestMoveAcrossSites(t *testing.T) {
 	sysctl(t, clientNS, "net.ipv6.conf.eth0.forwarding", "1")
 	sysctl(t, clientNS, "net.ipv6.conf.eth0.accept_untracked_na", "1")
 
-	src := siteBackend(t, l.siteA, l.ulA, nil)
-	dst := siteBackend(t, l.siteB, l.ulB, nil)
+	src := siteBackend(t, l.siteA, l.ulA, map[string]any{"mode": mode})
+	dst := siteBackend(t, l.siteB, l.ulB, map[string]any{"mode": mode})
 	ctx := context.Background()
-	const mig = "mig-move-1"
+	mig := "mig-move-" + mode
 	req := contract.NetPrepareRequest{MigrationID: mig, VMUUID: "vm-uuid-1", VMName: "vm1",
 		VIFs: []contract.VIFInfo{{Device: "0", MAC: vmMAC, NetworkUUID: "net-a", DestNetworkUUID: "net-b", Bridge: "br0",
 			IPv4: []string{vmIP, vmIP2}, IPv6: []string{vmIP6}}}}
@@ -260,20 +282,32 @@ func TestMoveAcrossSites(t *testing.T) {
 
 	ha, hb := handleIn(t, l.siteA), handleIn(t, l.siteB)
 	nameA, nameB := IfName(mig, contract.RoleSource, "0"), IfName(mig, contract.RoleDestination, "0")
-	vxA, vxB := vxlans(t, ha)[nameA], vxlans(t, hb)[nameB]
-	require.NotNil(t, vxA, "vxlan at A")
-	require.NotNil(t, vxB, "vxlan at B")
-	assert.Equal(t, vxA.VxlanId, vxB.VxlanId, "same VNI on both sites")
-	assert.Equal(t, DeriveVNI(mig, "0", DefaultVNIBase, DefaultVNICount), vxB.VxlanId)
-	assert.Equal(t, 1500-VXLANOverheadV4, vxA.MTU)
-	assert.Equal(t, DefaultPort, vxA.Port)
-	// The destination learned the source's address through the registration.
 	stB, err := dst.Status(ctx, contract.NetStatusRequest{Handle: dresp.Handle.ID})
 	require.NoError(t, err)
-	assert.Contains(t, stB.Detail, "remote "+l.ulA)
 	stA, err := src.Status(ctx, contract.NetStatusRequest{Handle: sresp.Handle.ID})
 	require.NoError(t, err)
-	assert.Contains(t, stA.Detail, "remote "+l.ulB)
+	if mode == ModeKernel {
+		vxA, vxB := vxlans(t, ha)[nameA], vxlans(t, hb)[nameB]
+		require.NotNil(t, vxA, "vxlan at A")
+		require.NotNil(t, vxB, "vxlan at B")
+		assert.Equal(t, vxA.VxlanId, vxB.VxlanId, "same VNI on both sites")
+		assert.Equal(t, DeriveVNI(mig, "0", DefaultVNIBase, DefaultVNICount), vxB.VxlanId)
+		assert.Equal(t, 1500-VXLANOverheadV4, vxA.MTU)
+		assert.Equal(t, DefaultPort, vxA.Port)
+		// The destination learned the source's address through the registration.
+		assert.Contains(t, stB.Detail, "remote "+l.ulA)
+		assert.Contains(t, stA.Detail, "remote "+l.ulB)
+	} else {
+		tapA, tapB := tunnelLinks(t, ha, nameA)[nameA], tunnelLinks(t, hb, nameB)[nameB]
+		require.NotNil(t, tapA, "tap at A")
+		require.NotNil(t, tapB, "tap at B")
+		assert.Equal(t, "tuntap", tapA.Type())
+		assert.Contains(t, stA.Detail, "stream connected")
+		waitFor(t, "the destination's stream", func() bool {
+			st, err := dst.Status(ctx, contract.NetStatusRequest{Handle: dresp.Handle.ID})
+			return err == nil && strings.Contains(st.Detail, "stream connected")
+		})
+	}
 	t.Logf("status A: %s; B: %s", stA.Detail, stB.Detail)
 
 	flow := startFlow(t, clientNS, vmNS)
@@ -308,8 +342,8 @@ func TestMoveAcrossSites(t *testing.T) {
 	time.Sleep(100 * time.Millisecond)
 	gap, lost := flow.gap(moveStart.Add(-500*time.Millisecond), time.Now().Add(-150*time.Millisecond))
 	sent, recv, echoed := flow.countsAfter(afterMove)
-	t.Logf("move: port swap took %v, activate %v; longest gap at the VM %v, %d datagrams lost around the move; after the move %d sent, %d received, %d echoed",
-		moved.Sub(moveStart).Round(time.Millisecond), activated.Sub(moved).Round(time.Millisecond), gap.Round(time.Millisecond), lost, sent, recv, echoed)
+	t.Logf("%s move: port swap took %v, activate %v; longest gap at the VM %v, %d datagrams lost around the move; after the move %d sent, %d received, %d echoed",
+		mode, moved.Sub(moveStart).Round(time.Millisecond), activated.Sub(moved).Round(time.Millisecond), gap.Round(time.Millisecond), lost, sent, recv, echoed)
 	first := flow.firstRecvAfter(moveStart)
 	t.Logf("first datagram at the VM's new place %v after the port swap ended (Activate returned after %v)",
 		first.Sub(moved).Round(time.Millisecond), activated.Sub(moved).Round(time.Millisecond))
@@ -323,6 +357,6 @@ func TestMoveAcrossSites(t *testing.T) {
 		_, err = dst.Cleanup(ctx, contract.NetCleanupRequest{Handle: dresp.Handle})
 		require.NoError(t, err)
 	}
-	assert.Empty(t, vxlans(t, ha))
-	assert.Empty(t, vxlans(t, hb))
+	assert.Empty(t, tunnelLinks(t, ha, "wm"))
+	assert.Empty(t, tunnelLinks(t, hb, "wm"))
 }

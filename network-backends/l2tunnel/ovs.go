@@ -48,7 +48,10 @@ func OVSGlobalArgs(db string, noWait bool) []string {
 // OVSAddPortArgs is the ovs-vsctl command (without global options) that
 // adds, or updates, the VXLAN port name on bridge: VNI as the tunnel key,
 // the local and remote VTEP addresses and the UDP port. A nil remote gives
-// remote_ip=flow (the port then sends nothing until a remote is set).
+// remote_ip=flow (the port then sends nothing until a remote is set). The
+// port is protected: the NORMAL action never forwards between two
+// protected ports, so tunnels of several migrations on one bridge cannot
+// form a loop.
 func OVSAddPortArgs(bridge, name string, vni int, local, remote net.IP, port int) []string {
 	r := "flow"
 	if remote != nil {
@@ -62,6 +65,7 @@ func OVSAddPortArgs(bridge, name string, vni int, local, remote net.IP, port int
 		"options:key=" + strconv.Itoa(vni),
 		"options:dst_port=" + strconv.Itoa(port),
 		"external_ids:wanmotion=l2tunnel",
+		"--", "set", "port", name, "protected=true",
 	}
 }
 

@@ -67,14 +67,15 @@ func TestOVSModeAgainstOVSDB(t *testing.T) {
 	o := startOVSDB(t)
 	l := newLab(t)
 	o.vsctl(t, "add-br", "br0")
-	ovs := map[string]any{"mode": "ovs", "ovs_db": o.db, "ovs_no_wait": true, "bridges": map[string]string{"net-a": "br0", "net-b": "br0"}}
+	o.vsctl(t, "add-br", "br1")
+	ovs := map[string]any{"mode": "ovs", "ovs_db": o.db, "ovs_no_wait": true, "bridges": bridges}
 	src := siteBackend(t, l.siteA, l.ulA, ovs)
 	dst := siteBackend(t, l.siteB, l.ulB, ovs)
 	ctx := context.Background()
 	const mig = "ovs-1"
 	s, d := prepareBoth(t, src, dst, mig)
 
-	ports := strings.Fields(o.vsctl(t, "list-ports", "br0"))
+	ports := append(strings.Fields(o.vsctl(t, "list-ports", "br0")), strings.Fields(o.vsctl(t, "list-ports", "br1"))...)
 	names := map[string]string{}
 	for _, role := range []contract.Role{contract.RoleSource, contract.RoleDestination} {
 		for _, dev := range []string{"0", "1"} {
@@ -93,6 +94,8 @@ func TestOVSModeAgainstOVSDB(t *testing.T) {
 	}
 	assert.Contains(t, o.vsctl(t, "get", "interface", names["source0"], "options"), `remote_ip="`+l.ulB+`"`)
 	assert.Equal(t, "l2tunnel", o.vsctl(t, "get", "interface", dn, "external_ids:wanmotion"))
+	assert.Equal(t, "true", o.vsctl(t, "get", "port", dn, "protected"))
+	assert.Equal(t, "br1", o.vsctl(t, "port-to-br", names["destination1"]))
 
 	st, err := dst.Status(ctx, contract.NetStatusRequest{Handle: d.Handle.ID})
 	require.NoError(t, err)
@@ -119,6 +122,7 @@ func TestOVSModeAgainstOVSDB(t *testing.T) {
 	_, err = src.Cleanup(ctx, contract.NetCleanupRequest{Handle: contract.Handle{ID: s.Handle.ID, MigrationID: mig, Role: contract.RoleSource}})
 	require.NoError(t, err)
 	assert.Empty(t, o.vsctl(t, "list-ports", "br0"))
+	assert.Empty(t, o.vsctl(t, "list-ports", "br1"))
 	_, err = dst.Cleanup(ctx, contract.NetCleanupRequest{Handle: d.Handle})
 	require.NoError(t, err, "cleanup twice")
 

@@ -1,7 +1,6 @@
 package l2tunnel
 
 import (
-	"bufio"
 	"context"
 	"crypto/subtle"
 	"encoding/json"
@@ -27,6 +26,8 @@ type registration struct {
 	MigrationID string `json:"migration_id"`
 	VMUUID      string `json:"vm_uuid"`
 	Underlay    string `json:"underlay"`
+	// Stream (tap mode): keep the connection as the frame stream.
+	Stream bool `json:"stream,omitempty"`
 }
 
 type registrationReply struct {
@@ -40,13 +41,17 @@ const registrationTimeout = 10 * time.Second
 type registrar struct {
 	ln     net.Listener
 	log    hclog.Logger
-	handle func(ctx context.Context, r registration) error
+	handle registrationHandler
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 }
 
-func startRegistrar(listen string, log hclog.Logger, handle func(ctx context.Context, r registration) error) (*registrar, error) {
+// registrationHandler applies a registration; a non-nil keep takes the
+// connection over (after the reply) as a frame stream.
+type registrationHandler func(ctx context.Context, r registration) (keep func(net.Conn), err error)
+
+func startRegistrar(listen string, log hclog.Logger, handle registrationHandler) (*registrar, error) {
 	if listen == "" {
 		listen = "127.0.0.1:0"
 	}
@@ -82,24 +87,45 @@ func (r *registrar) serve() {
 }
 
 func (r *registrar) serveConn(c net.Conn) {
-	defer c.Close()
 	_ = c.SetDeadline(time.Now().Add(registrationTimeout))
 	var reg registration
+	var keep func(net.Conn)
 	reply := registrationReply{OK: true}
-	line, err := bufio.NewReader(io.LimitReader(c, maxRegistration)).ReadBytes('\n')
+	line, err := readLine(io.LimitReader(c, maxRegistration))
 	if err == nil {
 		reg, err = parseRegistration(line)
 	}
-	if err != nil {
-		reply = registrationReply{Error: "bad registration: " + err.Error()}
-	} else if err := r.handle(r.ctx, reg); err != nil {
-		reply = registrationReply{Error: err.Error()}
+	if err == nil {
+		keep, err = r.handle(r.ctx, reg)
 	}
-	if !reply.OK {
+	if err != nil {
+		reply = registrationReply{Error: err.Error()}
+		keep = nil
 		r.log.Warn("registration refused", "remote", c.RemoteAddr().String(), "error", reply.Error)
 	}
 	b, _ := json.Marshal(reply)
-	_, _ = c.Write(append(b, '\n'))
+	if _, err := c.Write(append(b, '\n')); err != nil || keep == nil {
+		_ = c.Close()
+		return
+	}
+	_ = c.SetDeadline(time.Time{})
+	keep(c)
+}
+
+// readLine reads up to and including '\n' one byte at a time, so nothing
+// after the line (frames of a stream) is consumed.
+func readLine(r io.Reader) ([]byte, error) {
+	var line []byte
+	var b [1]byte
+	for {
+		if _, err := io.ReadFull(r, b[:]); err != nil {
+			return nil, err
+		}
+		line = append(line, b[0])
+		if b[0] == '\n' {
+			return line, nil
+		}
+	}
 }
 
 // maxRegistration bounds what the registrar reads from a connection.
@@ -114,7 +140,7 @@ func parseRegistration(line []byte) (registration, error) {
 	if reg.Token == "" || reg.MigrationID == "" || reg.VMUUID == "" {
 		return reg, invalid("registration: token, migration_id and vm_uuid are required")
 	}
-	if net.ParseIP(reg.Underlay) == nil {
+	if !reg.Stream && net.ParseIP(reg.Underlay) == nil {
 		return reg, invalid("registration: underlay %q is not an IP address", reg.Underlay)
 	}
 	return reg, nil
@@ -132,8 +158,9 @@ func checkToken(want, got string) bool {
 }
 
 // register tells the destination (through ep, usually the local end of
-// the WAN gateway) this site's underlay address.
-func register(ctx context.Context, ep contract.Endpoint, reg registration) error {
+// the WAN gateway) this site's underlay address. With reg.Stream the
+// connection is returned open, as the frame stream; otherwise it is closed.
+func register(ctx context.Context, ep contract.Endpoint, reg registration) (net.Conn, error) {
 	network := ep.Network
 	if network == "" {
 		network = "tcp"
@@ -144,31 +171,41 @@ func register(ctx context.Context, ep contract.Endpoint, reg registration) error
 	c, err := d.DialContext(ctx, network, ep.Address)
 	if err != nil {
 		if ctx.Err() != nil && errors.Is(ctx.Err(), context.Canceled) {
-			return fmt.Errorf("%w: %v", contract.ErrCancelled, ctx.Err())
+			return nil, fmt.Errorf("%w: %v", contract.ErrCancelled, ctx.Err())
 		}
-		return fmt.Errorf("reach the destination's registration channel %s: %v: %w", ep.Address, err, contract.ErrUnavailable)
+		return nil, fmt.Errorf("reach the destination's registration channel %s: %v: %w", ep.Address, err, contract.ErrUnavailable)
 	}
-	defer c.Close()
+	ok := false
+	defer func() {
+		if !ok {
+			_ = c.Close()
+		}
+	}()
 	if dl, ok := ctx.Deadline(); ok {
 		_ = c.SetDeadline(dl)
 	}
 	b, err := json.Marshal(reg)
 	if err != nil {
-		return fmt.Errorf("encode registration: %v: %w", err, contract.ErrInternal)
+		return nil, fmt.Errorf("encode registration: %v: %w", err, contract.ErrInternal)
 	}
 	if _, err := c.Write(append(b, '\n')); err != nil {
-		return fmt.Errorf("send registration: %v: %w", err, contract.ErrUnavailable)
+		return nil, fmt.Errorf("send registration: %v: %w", err, contract.ErrUnavailable)
 	}
-	line, err := bufio.NewReader(c).ReadBytes('\n')
+	line, err := readLine(io.LimitReader(c, maxRegistration))
 	if err != nil {
-		return fmt.Errorf("read registration reply: %v: %w", err, contract.ErrUnavailable)
+		return nil, fmt.Errorf("read registration reply: %v: %w", err, contract.ErrUnavailable)
 	}
 	var reply registrationReply
 	if err := json.Unmarshal(line, &reply); err != nil {
-		return fmt.Errorf("bad registration reply: %v: %w", err, contract.ErrInternal)
+		return nil, fmt.Errorf("bad registration reply: %v: %w", err, contract.ErrInternal)
 	}
 	if !reply.OK {
-		return fmt.Errorf("destination refused the registration: %s: %w", reply.Error, contract.ErrFailedPrecondition)
+		return nil, fmt.Errorf("destination refused the registration: %s: %w", reply.Error, contract.ErrFailedPrecondition)
 	}
-	return nil
+	if !reg.Stream {
+		return nil, nil
+	}
+	_ = c.SetDeadline(time.Time{})
+	ok = true
+	return c, nil
 }

@@ -118,7 +118,7 @@ func TestOVSArgs(t *testing.T) {
 	assert.Equal(t, []string{"--timeout=10", "--db=unix:/tmp/db.sock", "--no-wait"}, OVSGlobalArgs("unix:/tmp/db.sock", true))
 	assert.Equal(t, []string{"--may-exist", "add-port", "xenbr0", "wm1234567dv0", "--", "set", "interface", "wm1234567dv0",
 		"type=vxlan", "options:remote_ip=192.0.2.2", "options:local_ip=192.0.2.1", "options:key=4242", "options:dst_port=4789",
-		"external_ids:wanmotion=l2tunnel"},
+		"external_ids:wanmotion=l2tunnel", "--", "set", "port", "wm1234567dv0", "protected=true"},
 		OVSAddPortArgs("xenbr0", "wm1234567dv0", 4242, net.ParseIP("192.0.2.1"), net.ParseIP("192.0.2.2"), 4789))
 	assert.Contains(t, OVSAddPortArgs("xenbr0", "p", 1, net.ParseIP("192.0.2.1"), nil, 4789), "options:remote_ip=flow")
 	assert.Equal(t, []string{"set", "interface", "p", "options:remote_ip=2001:db8::2"}, OVSSetRemoteArgs("p", net.ParseIP("2001:db8::2")))
