@@ -3,8 +3,9 @@
 // the destination site with a VXLAN tunnel between the two sites'
 // bridges, so the VM keeps its MAC and IP addresses, and announces the VM
 // at the destination after the move (RARP, gratuitous ARP, unsolicited
-// neighbour advertisements). Kernel VXLAN (netlink, Linux bridges) or
-// Open vSwitch ports (ovs-vsctl). See docs/network-l2tunnel.md.
+// neighbour advertisements). Kernel VXLAN (netlink, Linux bridges), Open
+// vSwitch VXLAN ports (ovs-vsctl), or a userspace TAP tunnel over one TCP
+// stream through the WAN gateway. See docs/network-l2tunnel.md.
 package l2tunnel
 
 import (
