@@ -67,6 +67,11 @@ type Config struct {
 	// UUIDOf resolves snapshot, SR and network refs to uuids (optional:
 	// nil leaves the uuid fields of backend requests empty).
 	UUIDOf UUIDFunc
+	// BridgeOf resolves a network ref of a site to its bridge name
+	// (network.bridge), given to network backends as VIFInfo.Bridge for
+	// that site (optional: nil leaves it empty; backends then need their
+	// own network → bridge map).
+	BridgeOf UUIDFunc
 	// DialTimeout bounds one control connection attempt (default 10s).
 	DialTimeout time.Duration
 	// PeerWatch is how often SyncRound, while a round runs on the source

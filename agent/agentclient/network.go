@@ -48,6 +48,31 @@ func (n *Network) vifs(ctx context.Context, spec engine.NetSpec) ([]contract.VIF
 	return out, nil
 }
 
+// withBridges returns a copy of vifs with Bridge set to the bridge of
+// each VIF's network at site (the source network, or the mapped
+// destination network), when Config.BridgeOf is set.
+func (n *Network) withBridges(ctx context.Context, spec engine.NetSpec, vifs []contract.VIFInfo, site contract.Role) ([]contract.VIFInfo, error) {
+	out := append([]contract.VIFInfo(nil), vifs...)
+	if n.c.cfg.BridgeOf == nil {
+		return out, nil
+	}
+	for i, v := range spec.VIFs {
+		ref := v.NetworkRef
+		if site == contract.RoleDestination {
+			ref = spec.VIFMap[v.Ref]
+		}
+		if ref == "" {
+			continue
+		}
+		b, err := n.c.cfg.BridgeOf(ctx, site, ref)
+		if err != nil {
+			return nil, fmt.Errorf("bridge of network %s at the %s: %w", ref, site, err)
+		}
+		out[i].Bridge = b
+	}
+	return out, nil
+}
+
 // peerOf makes the destination endpoint reachable from the source through
 // the gateway (when it has an address).
 func (n *Network) peerOf(ctx context.Context, id string, ep contract.Endpoint) (contract.Endpoint, error) {
@@ -74,7 +99,10 @@ func (n *Network) Prepare(ctx context.Context, spec engine.NetSpec) ([]byte, err
 	if err != nil {
 		return nil, err
 	}
-	req := contract.NetPrepareRequest{MigrationID: spec.MigrationID, VMUUID: spec.VMUUID, VMName: spec.VMName, VIFs: vifs}
+	req := contract.NetPrepareRequest{MigrationID: spec.MigrationID, VMUUID: spec.VMUUID, VMName: spec.VMName}
+	if req.VIFs, err = n.withBridges(ctx, spec, vifs, contract.RoleDestination); err != nil {
+		return nil, err
+	}
 	req.Role = contract.RoleDestination
 	if req.XAPI, err = c.xapi(ctx, contract.RoleDestination, spec.MigrationID); err != nil {
 		return nil, err
@@ -85,6 +113,9 @@ func (n *Network) Prepare(ctx context.Context, spec engine.NetSpec) ([]byte, err
 	}
 	st.Dest, st.DestEndpoint = &dresp.Handle, dresp.Endpoint
 	req.Role = contract.RoleSource
+	if req.VIFs, err = n.withBridges(ctx, spec, vifs, contract.RoleSource); err != nil {
+		return nil, err
+	}
 	if req.Peer, err = n.peerOf(ctx, spec.MigrationID, dresp.Endpoint); err != nil {
 		return nil, err
 	}

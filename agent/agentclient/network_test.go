@@ -2,6 +2,7 @@ package agentclient
 
 import (
 	"context"
+	"errors"
 	"testing"
 	"time"
 
@@ -80,4 +81,40 @@ func TestNetworkLifecycle(t *testing.T) {
 	_, err = callRole[contract.NetStatusRequest, contract.NetStatus](ctx, c2, id, contract.RoleDestination, agent.MethodNetworkStatus, contract.NetStatusRequest{Handle: ds.Dest.ID})
 	require.ErrorIs(t, err, contract.ErrNotFound)
 	require.NoError(t, c2.Stop(ctx, id))
+}
+
+// Network backends get each VIF's bridge at their own site: the source
+// network's at the source, the mapped destination network's at the
+// destination.
+func TestNetworkBridgesPerSite(t *testing.T) {
+	bridges := map[string]string{"source/OpaqueRef:net-a": "xenbr0", "destination/OpaqueRef:net-b": "xapi7"}
+	n := &Network{c: &Client{cfg: Config{BridgeOf: func(_ context.Context, site contract.Role, ref string) (string, error) {
+		b, ok := bridges[string(site)+"/"+ref]
+		if !ok {
+			return "", errors.New("no such network")
+		}
+		return b, nil
+	}}}}
+	spec := engine.NetSpec{VIFs: []engine.VIF{{Ref: "OpaqueRef:vif0", Device: "0", NetworkRef: "OpaqueRef:net-a"}},
+		VIFMap: map[string]string{"OpaqueRef:vif0": "OpaqueRef:net-b"}}
+	vifs := []contract.VIFInfo{{Device: "0", MAC: "52:54:00:12:34:56"}}
+	ctx := context.Background()
+	src, err := n.withBridges(ctx, spec, vifs, contract.RoleSource)
+	require.NoError(t, err)
+	dst, err := n.withBridges(ctx, spec, vifs, contract.RoleDestination)
+	require.NoError(t, err)
+	assert.Equal(t, "xenbr0", src[0].Bridge)
+	assert.Equal(t, "xapi7", dst[0].Bridge)
+	assert.Empty(t, vifs[0].Bridge, "the shared list is not changed")
+	assert.Equal(t, "52:54:00:12:34:56", dst[0].MAC)
+
+	spec.VIFMap["OpaqueRef:vif0"] = "OpaqueRef:gone"
+	_, err = n.withBridges(ctx, spec, vifs, contract.RoleDestination)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "bridge of network OpaqueRef:gone at the destination")
+
+	none := &Network{c: &Client{}}
+	out, err := none.withBridges(ctx, spec, vifs, contract.RoleSource)
+	require.NoError(t, err)
+	assert.Empty(t, out[0].Bridge)
 }

@@ -216,6 +216,17 @@ func dataPath(_ context.Context, o engineOpts, log hclog.Logger) (dataPathDeps, 
 		}
 		return uuidOf(ctx, o.Dest, ref)
 	}
+	cfg.BridgeOf = func(ctx context.Context, site contract.Role, ref string) (string, error) {
+		c := o.Source
+		if site == contract.RoleDestination {
+			c = o.Dest
+		}
+		rec, err := c.NetworkGetRecord(ctx, xapi.NetworkRef(ref))
+		if err != nil {
+			return "", fmt.Errorf("network.get_record %s: %w", ref, err)
+		}
+		return rec.Bridge, nil
+	}
 	cfg.Logger = log
 	c, err := agentclient.New(cfg)
 	if err != nil {
