@@ -136,10 +136,13 @@ type SeedState struct {
 	ThrottleRemoved bool        `msgpack:"throttle_removed"`
 	// Throttle is the guest throttle in force (nil: none); kept after it is
 	// released (ThrottleRemoved) for the report.
-	Throttle  *ThrottleState `msgpack:"throttle,omitempty"`
-	Finished  bool           `msgpack:"finished"`
-	Decision  string         `msgpack:"decision"`
-	WriteRate int64          `msgpack:"write_rate"` // last measured guest write rate, bytes/s
+	Throttle *ThrottleState `msgpack:"throttle,omitempty"`
+	// ThrottleConflict: someone else changed the guest's cap while it was
+	// throttled; wanmotion left it alone and throttles no more.
+	ThrottleConflict bool   `msgpack:"throttle_conflict,omitempty"`
+	Finished         bool   `msgpack:"finished"`
+	Decision         string `msgpack:"decision"`
+	WriteRate        int64  `msgpack:"write_rate"` // last measured guest write rate, bytes/s
 }
 
 // HandoffState tracks the xapi migration.

@@ -95,6 +95,9 @@ type ConvergeInput struct {
 	Policy    ConvergencePolicy
 	// ThrottlePercent is the guest throttle in force (0: none).
 	ThrottlePercent int
+	// ThrottleDisabled: no (more) throttling, e.g. someone else took over
+	// the guest's cap; policy throttle then behaves as keep-going.
+	ThrottleDisabled bool
 	// Throttle steps (policy throttle; 0 takes the defaults).
 	ThrottleInitial, ThrottleStep, ThrottleMax int
 }
@@ -183,7 +186,7 @@ func Decide(in ConvergeInput) Decision {
 		return d
 	}
 	next := 0
-	if in.Policy == PolicyThrottle && deltaRounds < maxRounds {
+	if in.Policy == PolicyThrottle && !in.ThrottleDisabled && deltaRounds < maxRounds {
 		next = nextThrottle(in)
 	}
 	if in.LinkBytesPerSec > 0 && d.WriteRate >= in.LinkBytesPerSec {

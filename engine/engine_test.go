@@ -564,6 +564,34 @@ func TestThrottleFailureStillReleases(t *testing.T) {
 	assert.True(t, w.vmAtSource)
 }
 
+// Someone else changing the guest's cap while it is throttled: wanmotion
+// leaves the cap alone, throttles no more, and the migration goes on.
+func TestThrottleConflictLeavesTheCap(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	w.ChangedBlocks = func(int) int { return 1 << 16 }
+	req := testRequest()
+	pol, rounds := PolicyThrottle, 4
+	req.Overrides.Policy, req.Overrides.MaxRounds = &pol, &rounds
+	req.Link.BandwidthBytesPerSec = 10_000_000
+	throttles := 0
+	w.Hook = func(m string) error {
+		if m == "throttle" {
+			throttles++
+			if throttles == 2 {
+				return fmt.Errorf("host h1: %w: expect_cap 160, cap is 30", ErrThrottleConflict)
+			}
+		}
+		return nil
+	}
+	rep, err := newEngine(t, w, mustStore(t)).Run(context.Background(), req)
+	require.NoError(t, err)
+	assert.Equal(t, ResultSuccess, rep.Result)
+	assert.Equal(t, 2, throttles, "no step after the conflict")
+	assert.Zero(t, w.count("throttle.release"), "the cap someone else set is left alone")
+	assert.Equal(t, 20, rep.GuestThrottlePercent)
+}
+
 // Policy throttle is refused while planning when the throttle cannot work
 // on this VM (no host plugin, no xl, a scheduler without a cap).
 func TestThrottleCheckedWhilePlanning(t *testing.T) {

@@ -29,6 +29,10 @@ var (
 	// ErrNotConverging: the guest writes faster than the link carries and the
 	// convergence policy is "stop".
 	ErrNotConverging = errors.New("seed does not converge")
+	// ErrThrottleConflict: the guest's CPU cap is not the one wanmotion set
+	// (an administrator or another tool changed it meanwhile); wanmotion
+	// leaves it alone.
+	ErrThrottleConflict = errors.New("the guest's CPU cap was changed by someone else")
 	// ErrUnknownBackend: a configured backend is not installed.
 	ErrUnknownBackend = errors.New("unknown backend")
 	// ErrConfig: invalid wanmotion configuration.

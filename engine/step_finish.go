@@ -102,6 +102,10 @@ func (r *run) stepVerify(ctx context.Context) (Phase, error) {
 func (r *run) releaseAll(ctx context.Context, rollback bool) error {
 	cp := r.cp
 	var errs []error
+	// the guest gets its CPU back first (storage cleanup can take a while)
+	if err := r.releaseThrottle(ctx); err != nil {
+		errs = append(errs, err)
+	}
 	for i := range cp.Disks {
 		d := &cp.Disks[i]
 		if (d.ReceiverReady || d.SenderReady) && !d.StorageClosed {
@@ -129,9 +133,6 @@ func (r *run) releaseAll(ctx context.Context, rollback bool) error {
 				return err
 			}
 		}
-	}
-	if err := r.releaseThrottle(ctx); err != nil {
-		errs = append(errs, err)
 	}
 	if cp.GatewayUp && !cp.GatewayDown {
 		if rollback { // keep the counters of what crossed the link for the report
@@ -245,10 +246,15 @@ func (r *run) releaseThrottle(ctx context.Context) error {
 		return nil
 	}
 	if r.d.Throttle == nil {
-		return fmt.Errorf("remove guest throttle: a throttle (cap %d on domain %d) is recorded but this installation has no guest throttle; restore the cap by hand with xl sched-%s -d %d -c %d",
-			cp.Seed.Throttle.Cap, cp.Seed.Throttle.Domid, schedulerName(cp.Seed.Throttle.Scheduler), cp.Seed.Throttle.Domid, cp.Seed.Throttle.PrevCap)
+		return fmt.Errorf("remove guest throttle: a throttle (cap %d on domain %d of host %s) is recorded but this installation has no guest throttle; restore the cap by hand in that host's dom0: xl sched-%s -d %d -c %d",
+			cp.Seed.Throttle.Cap, cp.Seed.Throttle.Domid, cp.Seed.Throttle.Host, schedulerName(cp.Seed.Throttle.Scheduler), cp.Seed.Throttle.Domid, cp.Seed.Throttle.PrevCap)
 	}
-	if err := r.d.Throttle.ReleaseThrottle(ctx, cp.Request.VMUUID, *cp.Seed.Throttle); err != nil {
+	err := r.d.Throttle.ReleaseThrottle(ctx, cp.Request.VMUUID, *cp.Seed.Throttle)
+	switch {
+	case errors.Is(err, ErrThrottleConflict):
+		r.plog.Warn("the guest's CPU cap was changed by someone else; wanmotion leaves it as it is", "error", err)
+		cp.Seed.ThrottleConflict = true
+	case err != nil:
 		return fmt.Errorf("remove guest throttle: %w", err)
 	}
 	cp.Seed.ThrottleRemoved = true

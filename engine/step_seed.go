@@ -39,7 +39,8 @@ func (r *run) stepSeed(ctx context.Context) (Phase, error) {
 		dec := Decide(ConvergeInput{Rounds: cp.Seed.Rounds, LinkBytesPerSec: cp.Plan.LinkBytesPerSec,
 			DowntimeTarget: cp.Settings.DowntimeTarget, MinShrink: cp.Settings.MinShrink,
 			MaxRounds: cp.Settings.MaxRounds, Policy: cp.Settings.Policy, ThrottlePercent: throttlePercent(cp.Seed),
-			ThrottleMax: cp.Settings.ThrottleMax})
+			ThrottleDisabled: cp.Seed.ThrottleConflict,
+			ThrottleMax:      cp.Settings.ThrottleMax})
 		cp.Seed.Decision = dec.Reason
 		if dec.WriteRate > 0 {
 			cp.Seed.WriteRate = dec.WriteRate
@@ -69,6 +70,17 @@ func (r *run) stepSeed(ctx context.Context) (Phase, error) {
 				}
 			}
 			st, err := r.d.Throttle.ThrottleGuest(ctx, cp.Request.VMUUID, dec.ThrottlePercent, cp.Seed.Throttle)
+			if errors.Is(err, ErrThrottleConflict) {
+				// not ours any more: leave the cap alone, go on as keep-going
+				r.plog.Warn("the guest's CPU cap was changed by someone else; wanmotion leaves it and throttles no more", "error", err)
+				cp.Seed.ThrottleConflict, cp.Seed.ThrottleRemoved = true, true
+				cp.Seed.Round++
+				cp.Seed.RoundStartNano = 0
+				if err := r.save(ctx); err != nil {
+					return PhaseSeed, err
+				}
+				continue
+			}
 			if err != nil {
 				return PhaseSeed, fmt.Errorf("throttle guest to %d%%: %w", dec.ThrottlePercent, err)
 			}

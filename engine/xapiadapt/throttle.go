@@ -108,7 +108,11 @@ func (t *Throttle) ThrottleGuest(ctx context.Context, vmUUID string, percent int
 		t.log.Info("vm runs as another domain since its last throttle; the old cap went with the old domain",
 			"vm_uuid", vmUUID, "old_host", prev.Host, "old_domid", prev.Domid, "host", string(d.host), "domid", d.domid)
 	}
-	res, err := t.call(ctx, d, capPct)
+	expect := int64(-1)
+	if same {
+		expect = prev.Cap // the cap wanmotion read or set last
+	}
+	res, err := t.call(ctx, d, capPct, expect)
 	if err != nil {
 		return engine.ThrottleState{}, fmt.Errorf("throttle vm %s (domain %d) to %d%%: %w", vmUUID, d.domid, percent, err)
 	}
@@ -179,8 +183,15 @@ func (t *Throttle) ReleaseThrottle(ctx context.Context, vmUUID string, st engine
 			"vm_uuid", vmUUID, "old_host", st.Host, "old_domid", st.Domid, "host", string(d.host), "domid", d.domid)
 		return nil
 	}
-	res, err := t.call(ctx, d, st.PrevCap)
+	res, err := t.call(ctx, d, st.PrevCap, st.Cap)
 	if errors.Is(err, errDomainGone) {
+		// xl could not read the domain: trust that only if xapi agrees
+		// it is no longer the throttled one
+		now, derr := t.domain(ctx, vmUUID)
+		if derr == nil && string(now.host) == st.Host && now.domid == st.Domid {
+			return fmt.Errorf("release throttle of vm %s: xl on its host could not read domain %d although xapi says the vm runs as it (retry with resume, or run xl sched-%s -d %d -c %d in that host's dom0): %w",
+				vmUUID, st.Domid, schedName(st.Scheduler), st.Domid, st.PrevCap, err)
+		}
 		t.log.Info("guest throttle needs no release: the domain went away", "vm_uuid", vmUUID, "domid", st.Domid)
 		return nil
 	}
@@ -195,9 +206,23 @@ func (t *Throttle) ReleaseThrottle(ctx context.Context, vmUUID string, st engine
 var errDomainGone = errors.New("domain not on the host")
 
 // call runs the host plugin's throttle function on d's host.
-func (t *Throttle) call(ctx context.Context, d guestDomain, capPct int64) (hostplugin.ThrottleResult, error) {
+// expect (>= 0) is the cap the domain must have now: the plugin changes
+// nothing otherwise (engine.ErrThrottleConflict), so wanmotion never
+// overwrites a cap someone else set meanwhile.
+func (t *Throttle) call(ctx context.Context, d guestDomain, capPct, expect int64) (hostplugin.ThrottleResult, error) {
 	args := map[string]string{hostplugin.ArgDomid: strconv.FormatInt(d.domid, 10), hostplugin.ArgCap: strconv.FormatInt(capPct, 10)}
+	if expect >= 0 && expect != capPct {
+		args[hostplugin.ArgExpectCap] = strconv.FormatInt(expect, 10)
+	}
 	res, err := t.callArgs(ctx, d, args)
+	if errors.Is(err, engine.ErrThrottleConflict) {
+		// A replay after a crash finds the cap it set before: done.
+		now, rerr := t.callArgs(ctx, d, map[string]string{hostplugin.ArgDomid: strconv.FormatInt(d.domid, 10), hostplugin.ArgCheck: "true"})
+		if rerr == nil && now.Domid == d.domid && now.Cap == capPct {
+			return hostplugin.ThrottleResult{Scheduler: now.Scheduler, Domid: d.domid, PreviousCap: capPct, Cap: capPct}, nil
+		}
+		return res, err
+	}
 	if err == nil && (res.Domid != d.domid || res.Cap != capPct) {
 		return res, fmt.Errorf("host plugin throttle answered domain %d cap %d for domain %d cap %d", res.Domid, res.Cap, d.domid, capPct)
 	}
@@ -231,6 +256,8 @@ func (t *Throttle) pluginErr(ctx context.Context, host xapi.HostRef, err error) 
 			ErrNoHostPlugin, t.hostName(ctx, host), err)
 	case hostplugin.CodeNotFound:
 		return fmt.Errorf("%w: host %s: %w", errDomainGone, t.hostName(ctx, host), err)
+	case hostplugin.CodeCapChanged:
+		return fmt.Errorf("%w: host %s: %w", engine.ErrThrottleConflict, t.hostName(ctx, host), err)
 	}
 	return fmt.Errorf("host %s: %w", t.hostName(ctx, host), err)
 }
@@ -242,4 +269,11 @@ func (t *Throttle) hostName(ctx context.Context, host xapi.HostRef) string {
 		return string(host)
 	}
 	return fmt.Sprintf("%s (%s)", rec.NameLabel, host)
+}
+
+func schedName(s string) string {
+	if s == "" {
+		return hostplugin.SchedCredit
+	}
+	return s
 }

@@ -128,6 +128,26 @@ func TestThrottleSimulator(t *testing.T) {
 	require.NoError(t, th.ReleaseThrottle(ctx, vm.UUID, st2))
 	assert.Equal(t, int64(0), simCap(t, e.sim, host, rec.Domid), "released to the cap before the throttle")
 
+	t.Run("a cap changed meanwhile is left alone", func(t *testing.T) {
+		x := hostplugin.XL{Path: e.sim.XLPath(host)}
+		st, err := th.ThrottleGuest(ctx, vm.UUID, 50, nil)
+		require.NoError(t, err)
+		require.NoError(t, x.SetCap(ctx, rec.Domid, 30), "an administrator caps the guest harder")
+		_, err = th.ThrottleGuest(ctx, vm.UUID, 60, &st)
+		require.ErrorIs(t, err, engine.ErrThrottleConflict, "a step does not overwrite it")
+		assert.Equal(t, int64(30), simCap(t, e.sim, host, rec.Domid))
+		err = th.ReleaseThrottle(ctx, vm.UUID, st)
+		require.ErrorIs(t, err, engine.ErrThrottleConflict, "nor does the release")
+		assert.Equal(t, int64(30), simCap(t, e.sim, host, rec.Domid))
+		// a replay after a crash (the cap already is the target) is fine
+		require.NoError(t, x.SetCap(ctx, rec.Domid, 100))
+		st60, err := th.ThrottleGuest(ctx, vm.UUID, 60, &st)
+		require.NoError(t, err)
+		require.NoError(t, th.ReleaseThrottle(ctx, vm.UUID, st60))
+		require.NoError(t, th.ReleaseThrottle(ctx, vm.UUID, st60), "a second release (crash before saving) finds the cap already back")
+		assert.Equal(t, int64(0), simCap(t, e.sim, host, rec.Domid))
+	})
+
 	t.Run("an administrator's cap is put back", func(t *testing.T) {
 		x := hostplugin.XL{Path: e.sim.XLPath(host)}
 		require.NoError(t, x.SetCap(ctx, rec.Domid, 150))
@@ -265,6 +285,8 @@ func TestThrottlePluginAnswers(t *testing.T) {
 	scriptPlugin(t, e.sim, xapiplugin.Failure(hostplugin.CodeNotFound, "domain 1 on this host: no such domain", "1"))
 	rec, err := e.src.VMGetRecord(ctx, xapi.VMRef(vm.Ref))
 	require.NoError(t, err)
-	require.NoError(t, th.ReleaseThrottle(ctx, vm.UUID, engine.ThrottleState{Host: string(rec.ResidentOn), Domid: rec.Domid, Cap: 100}),
-		"the domain went away between the lookup and the call: nothing to release")
+	err = th.ReleaseThrottle(ctx, vm.UUID, engine.ThrottleState{Host: string(rec.ResidentOn), Domid: rec.Domid, Cap: 100})
+	require.Error(t, err, "xl says no such domain but xapi says the vm runs as it: not taken as released")
+	assert.Contains(t, err.Error(), "although xapi says the vm runs as it")
+	assert.Contains(t, err.Error(), "xl sched-credit -d 1 -c 0")
 }
