@@ -51,6 +51,9 @@ type Report struct {
 	// GuestThrottlePercent is the largest guest throttle applied (policy
 	// throttle; 0: none): the share of the guest's CPU time taken away.
 	GuestThrottlePercent int `json:"guest_throttle_percent"`
+	// GuestThrottleActive: the guest is still throttled (the migration
+	// stopped before it could give the CPU back: resume or cancel does).
+	GuestThrottleActive bool `json:"guest_throttle_active"`
 
 	BytesToMove      int64   `json:"bytes_to_move"`
 	BytesOffered     int64   `json:"bytes_offered"`
@@ -89,6 +92,7 @@ func BuildReport(c *Checkpoint) Report {
 	}
 	if c.Seed.Throttle != nil {
 		r.GuestThrottlePercent = c.Seed.Throttle.Percent
+		r.GuestThrottleActive = c.Seed.Throttle.Percent > 0 && !c.Seed.ThrottleRemoved && c.Phase != PhaseDone
 	}
 	switch c.Phase {
 	case PhaseDone:
@@ -203,7 +207,10 @@ func (r Report) Text() string {
 	if r.GuestWriteBytesPerSec > 0 {
 		fmt.Fprintf(&b, "  guest writes:    %s/s (measured)\n", HumanBytes(r.GuestWriteBytesPerSec))
 	}
-	if r.GuestThrottlePercent > 0 {
+	switch {
+	case r.GuestThrottleActive:
+		fmt.Fprintf(&b, "  guest throttle:  STILL IN FORCE: vCPUs slowed by %d%%; wanmotion migrate resume %s (or cancel) gives the guest its CPU back\n", r.GuestThrottlePercent, r.MigrationID)
+	case r.GuestThrottlePercent > 0:
 		fmt.Fprintf(&b, "  guest throttle:  vCPUs slowed by up to %d%% until the hand-over\n", r.GuestThrottlePercent)
 	}
 	pause := "estimated"

@@ -709,3 +709,18 @@ func TestHumanBytes(t *testing.T) {
 	assert.Equal(t, "1.0 KiB", HumanBytes(1024))
 	assert.Equal(t, "1.5 GiB", HumanBytes(3<<29))
 }
+
+// A report of a migration stopped with the guest still throttled says so.
+func TestReportThrottleStillActive(t *testing.T) {
+	cp := &Checkpoint{MigrationID: "wm-t", Phase: PhaseSeed}
+	cp.Seed.Throttle = &ThrottleState{Percent: 40, Cap: 120}
+	r := BuildReport(cp)
+	assert.True(t, r.GuestThrottleActive)
+	assert.Contains(t, r.Text(), "STILL IN FORCE: vCPUs slowed by 40%; wanmotion migrate resume wm-t")
+	cp.Seed.ThrottleRemoved = true
+	r = BuildReport(cp)
+	assert.False(t, r.GuestThrottleActive)
+	assert.Contains(t, r.Text(), "slowed by up to 40% until the hand-over")
+	cp.Seed.ThrottleRemoved, cp.Phase = false, PhaseDone
+	assert.False(t, BuildReport(cp).GuestThrottleActive, "after the move the throttled domain is gone")
+}

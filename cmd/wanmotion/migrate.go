@@ -470,6 +470,9 @@ func outcomeError(rep engine.Report, err error) error {
 		return nil
 	case errors.Is(err, engine.ErrCancelled):
 		return &exitError{code: exitCancelled, err: fmt.Errorf("migration %s cancelled and rolled back: %w", rep.MigrationID, err)}
+	case errors.Is(err, engine.ErrInterrupted) && rep.GuestThrottleActive:
+		return &exitError{code: exitFailed, err: fmt.Errorf("%w; the guest is still throttled (%d%% of its CPU taken): continue with: wanmotion migrate resume %s, or give it back with: wanmotion migrate cancel %s",
+			err, rep.GuestThrottlePercent, rep.MigrationID, rep.MigrationID)}
 	case errors.Is(err, engine.ErrInterrupted):
 		return &exitError{code: exitFailed, err: fmt.Errorf("%w; continue with: wanmotion migrate resume %s", err, rep.MigrationID)}
 	case errors.Is(err, engine.ErrHandoffFailed):

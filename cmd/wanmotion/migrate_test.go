@@ -249,4 +249,7 @@ func TestOutcomeExitCodes(t *testing.T) {
 	hf := outcomeError(rep, fmt.Errorf("handoff: %w", engine.ErrHandoffFailed)).Error()
 	assert.Contains(t, hf, "wanmotion migrate resume wm-1")
 	assert.Contains(t, hf, "wanmotion migrate cancel wm-1")
+	throttled := outcomeError(engine.Report{MigrationID: "wm-1", GuestThrottleActive: true, GuestThrottlePercent: 40}, engine.ErrInterrupted).Error()
+	assert.Contains(t, throttled, "the guest is still throttled (40% of its CPU taken)")
+	assert.Contains(t, throttled, "wanmotion migrate cancel wm-1")
 }

@@ -272,8 +272,14 @@ func poolConfigure(ctx context.Context, args []string, stdout, stderr io.Writer)
 	}
 	defer closeFn()
 	if checkNames {
-		found, warnings := backendsOnHosts(ctx, p.Client(), given["storage"], *storage, given["network"], *network)
+		found, asked, warnings := backendsOnHosts(ctx, p.Client(), given["storage"], *storage, given["network"], *network)
 		if localErr != nil && !found {
+			for _, w := range warnings {
+				fmt.Fprintf(stderr, "warning: %s\n", w)
+			}
+			if asked == 0 {
+				return fmt.Errorf("%w; and no host of the pool could be asked (see the warnings)", localErr)
+			}
 			return fmt.Errorf("%w; not installed on the pool's hosts either", localErr)
 		}
 		if localErr != nil {
@@ -405,13 +411,15 @@ func newPoolEntries(cur map[string]string, setStorage bool, storage string, setN
 }
 
 // backendsOnHosts asks the wanmotion host plugin of every host of the pool
-// which backends it has. found: some host has every named backend.
-// warnings name the hosts that lack one, or that have no plugin.
-func backendsOnHosts(ctx context.Context, c *xapi.Client, setStorage bool, storage string, setNetwork bool, network string) (bool, []string) {
+// which backends it has. found: some host has every named backend; asked:
+// how many hosts answered. warnings name the hosts that lack one, or that
+// have no plugin.
+func backendsOnHosts(ctx context.Context, c *xapi.Client, setStorage bool, storage string, setNetwork bool, network string) (bool, int, []string) {
 	recs, err := c.HostGetAllRecords(ctx)
 	if err != nil {
-		return false, []string{fmt.Sprintf("cannot list the pool's hosts to check their backends: %v", err)}
+		return false, 0, []string{fmt.Sprintf("cannot list the pool's hosts to check their backends: %v", err)}
 	}
+	asked := 0
 	var refs []xapi.HostRef
 	for r := range recs {
 		refs = append(refs, r)
@@ -436,6 +444,7 @@ func backendsOnHosts(ctx context.Context, c *xapi.Client, setStorage bool, stora
 			warnings = append(warnings, fmt.Sprintf("host %s: its wanmotion host plugin does not list its backends (an older version?)", name))
 			continue
 		}
+		asked++
 		if err := checkBackendNames(*v.Backends, setStorage, storage, setNetwork, network); err != nil {
 			lacking = append(lacking, fmt.Sprintf("%s (%v)", name, err))
 			continue
@@ -448,5 +457,5 @@ func backendsOnHosts(ctx context.Context, c *xapi.Client, setStorage bool, stora
 	for _, l := range lacking {
 		warnings = append(warnings, "backend missing on host "+l+": migrations started through XenAPI or XenCenter that use this host fail")
 	}
-	return found, warnings
+	return found, asked, warnings
 }

@@ -55,7 +55,10 @@ func (c hostsCatalog) Installed(ctx context.Context) (engine.Installed, error) {
 			return engine.Installed{}, fmt.Errorf("--agents hosts needs the wanmotion host plugin on both pools' hosts (packaging/install.sh): %w", err)
 		}
 		var v pluginVersion
-		if err := json.Unmarshal([]byte(out), &v); err != nil || v.Backends == nil {
+		if err := json.Unmarshal([]byte(out), &v); err != nil {
+			return engine.Installed{}, fmt.Errorf("the wanmotion host plugin on %s answered version with %q: %w", cl.URL(), out, err)
+		}
+		if v.Backends == nil {
 			return engine.Installed{}, fmt.Errorf("the wanmotion host plugin on %s does not list its backends (%s): upgrade it", cl.URL(), v.BackendsError)
 		}
 		lists = append(lists, *v.Backends)

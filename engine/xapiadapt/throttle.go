@@ -142,6 +142,9 @@ func (t *Throttle) CheckThrottle(ctx context.Context, vmUUID string) error {
 	if res.Domid != d.domid {
 		return fmt.Errorf("vm %s: host plugin throttle check answered for domain %d, not %d", vmUUID, res.Domid, d.domid)
 	}
+	if c := ThrottleCap(d.vcpus, engine.DefaultThrottleInitial); c > hostplugin.MaxCap {
+		return fmt.Errorf("vm %s: its %d vCPUs need caps up to %d, above the %d the host plugin accepts: %w", vmUUID, d.vcpus, c, hostplugin.MaxCap, engine.ErrConfig)
+	}
 	t.log.Debug("guest throttle possible", "vm_uuid", vmUUID, "host", string(d.host), "domid", d.domid, "scheduler", res.Scheduler, "cap", res.Cap)
 	return nil
 }
