@@ -91,13 +91,15 @@ func New(cfg Config) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	peer := new(peerCert)
-	peer.wrap(tlsCfg)
+	// Only the API calls record the server certificate: they go to the
+	// coordinator (c.URL()); data transfers may be redirected to members.
+	peer, rpcTLS := new(peerCert), tlsCfg.Clone()
+	peer.wrap(rpcTLS)
 	return &Client{
 		peer:   peer,
 		cfg:    cfg,
 		log:    cfg.Logger.Named("xapi"),
-		rpc:    newHTTPClient(tlsCfg, 8),
+		rpc:    newHTTPClient(rpcTLS, 8),
 		events: newHTTPClient(tlsCfg, 2),
 		data:   newHTTPClient(tlsCfg, 2),
 		base:   u,

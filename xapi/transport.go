@@ -154,8 +154,8 @@ func (p *peerCert) wrap(cfg *tls.Config) {
 }
 
 // PeerCertificatePEM returns the PEM of the server certificate of the
-// client's last verified TLS handshake ("" before one, and for http or a
-// local socket). Give it to a process that reuses the client's session as
+// client's last verified TLS handshake of an API call, i.e. of the pool
+// coordinator it talks to ("" before one, and for http or a local socket). Give it to a process that reuses the client's session as
 // its pin (e.g. contract.XAPIAccess.TLSPin): it then trusts exactly the
 // server this client verified, self-signed pool certificates included.
 func (c *Client) PeerCertificatePEM() string {
