@@ -222,7 +222,15 @@ func (c *clientCodec) ReadResponseHeader(r *rpc.Response) error {
 	return nil
 }
 
-func (c *clientCodec) ReadResponseBody(body any) error { return c.readBody(body) }
+// ReadResponseBody: a body that cannot be decoded ends net/rpc's read loop
+// too, so the connection is marked closed (Done) as for a header error.
+func (c *clientCodec) ReadResponseBody(body any) error {
+	err := c.readBody(body)
+	if err != nil && c.onClose != nil {
+		c.onClose()
+	}
+	return err
+}
 
 func (c *clientCodec) Close() error { return c.c.Close() }
 
