@@ -77,9 +77,9 @@ func (b *FileBackend) ReadAt(p []byte, off int64) (int, error) {
 // fileWriteStep is the largest single pwrite FileBackend.WriteAt issues;
 // longer writes are split at multiples of it in the file.
 //
-// Why: since Linux 6.16 ext4 (like xfs) caches file data in large folios
-// sized from each write's length, so a 2 MiB or 4 MiB pwrite into a hole
-// allocates 2 MiB folios. Where 2 MiB blocks of free memory are rare or cold
+// Why: recent kernels (seen on 6.18) let ext4, like xfs, cache file data in
+// large folios sized from each write's length, so a 2 MiB or 4 MiB pwrite
+// into a hole allocates 2 MiB folios. Where 2 MiB blocks of free memory are rare or cold
 // (fragmented memory, or a VM whose free memory was handed back to the
 // hypervisor by virtio-balloon free page reporting, which reports exactly
 // such 2 MiB blocks), copying into them was 5-10x slower than with 256 KiB
