@@ -77,14 +77,13 @@ func (b *FileBackend) ReadAt(p []byte, off int64) (int, error) {
 // fileWriteStep is the largest single pwrite FileBackend.WriteAt issues;
 // longer writes are split at multiples of it in the file.
 //
-// Why: recent kernels (seen on 6.18) let ext4, like xfs, cache file data in
-// large folios sized from each write's length, so a 2 MiB or 4 MiB pwrite
-// into a hole allocates 2 MiB folios. Where 2 MiB blocks of free memory are rare or cold
-// (fragmented memory, or a VM whose free memory was handed back to the
-// hypervisor by virtio-balloon free page reporting, which reports exactly
-// such 2 MiB blocks), copying into them was 5-10x slower than with 256 KiB
-// writes in our measurements (docs/benchmarks.md, "NBD copy over
-// loopback"). 256 KiB is also nbdcopy's request size.
+// Why: recent kernels (seen on 6.18) let ext4, like xfs, cache file data
+// in large folios sized from each write's length, so a 2 MiB or 4 MiB
+// pwrite into a hole allocates 2 MiB folios. On our test VM, copying into
+// freshly allocated 2 MiB folios was 5-10x slower than with 256 KiB
+// writes (likely because the balloon driver's free page reporting hands
+// free 2 MiB blocks back to the hypervisor); see docs/benchmarks.md, "NBD
+// copy over loopback". 256 KiB is also nbdcopy's request size.
 const fileWriteStep = 256 << 10
 
 // WriteAt implements Backend. Writes longer than 256 KiB are issued as
