@@ -69,6 +69,7 @@ type VMRecord struct {
 	Domid             int64             `xapi:"domid"`
 	VBDs              []VBDRef          `xapi:"VBDs"`
 	VIFs              []VIFRef          `xapi:"VIFs"`
+	GuestMetrics      VMGuestMetricsRef `xapi:"guest_metrics"` // null without a guest agent
 	OtherConfig       map[string]string `xapi:"other_config"`
 	Platform          map[string]string `xapi:"platform"`
 	BlockedOperations map[string]string `xapi:"blocked_operations"`
