@@ -78,6 +78,7 @@ func registerVM() {
 		for _, vif := range c.db().find("VIF", "VM", o.Ref) {
 			c.db().destroy(vif)
 		}
+		c.db().destroyGuestMetrics(o)
 		c.db().destroy(o)
 		return "", nil
 	}})
@@ -410,6 +411,8 @@ func vmSnapshot(c *Call) (any, error) {
 	fields["domid"] = int64(-1)
 	fields["current_operations"] = map[string]string{}
 	fields["allowed_operations"] = []string{}
+	// xapi's clone copies the guest metrics into a new object.
+	fields["guest_metrics"] = p.db.copyGuestMetrics(vm.str("guest_metrics"))
 	snap := p.db.create("VM", fields)
 	for _, vbd := range p.db.find("VBD", "VM", vm.Ref) {
 		vdi := vbd.str("VDI")

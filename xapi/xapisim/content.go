@@ -106,6 +106,8 @@ func (p *Pool) createDemoVM(sr, network *object, host string) error {
 		"HVM_boot_policy": "BIOS order", "platform": map[string]string{"device-model": "qemu-upstream-compat"},
 		"domarch": "x86_64",
 	})
+	gm := d.createGuestMetrics(demoGuestNetworks(cfg.DemoIPv4, cfg.DemoIPv6))
+	d.set(vm, "guest_metrics", gm.Ref)
 	vdiRef, err := p.CreateVDI(sr.Ref, cfg.DiskSize, map[string]any{
 		"name_label": DemoVMName + " disk 0", "name_description": "root disk", "type": "user",
 	})

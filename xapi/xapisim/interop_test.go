@@ -40,6 +40,11 @@ out["memory_static_max"] = rec["memory_static_max"]
 out["vbds"] = len(rec["VBDs"])
 vdi = s.xenapi.VBD.get_VDI(rec["VBDs"][0])
 out["vdi_size"] = s.xenapi.VDI.get_virtual_size(vdi)
+gm = rec["guest_metrics"]
+out["guest_networks"] = s.xenapi.VM_guest_metrics.get_networks(gm)
+out["guest_record_networks"] = s.xenapi.VM_guest_metrics.get_record(gm)["networks"]
+dom0 = [r for r in recs.values() if r["is_control_domain"]][0]
+out["dom0_guest_metrics"] = dom0["guest_metrics"]
 
 # XenAPI.py turns SESSION_INVALID into a re-login; read the raw reply through
 # the same ServerProxy transport, then check XenAPI's parser recognises it.
@@ -113,18 +118,21 @@ func TestInteropPythonXenAPI(t *testing.T) {
 	outb, err := cmd.Output()
 	require.NoError(t, err, "python: %s", stderr.String())
 	var out struct {
-		APIVersion      string   `json:"api_version"`
-		VMs             []string `json:"vms"`
-		PowerState      string   `json:"power_state"`
-		MemoryStaticMax string   `json:"memory_static_max"`
-		VBDs            int      `json:"vbds"`
-		VDISize         string   `json:"vdi_size"`
-		BadSession      []string `json:"bad_session"`
-		BadRelogin      bool     `json:"bad_session_relogin"`
-		RedirectLogin   bool     `json:"redirect_login"`
-		ReloginVMs      int      `json:"relogin_vms"`
-		ReloginNew      bool     `json:"relogin_new_session"`
-		MemberLogin     []string `json:"member_login"`
+		APIVersion      string            `json:"api_version"`
+		VMs             []string          `json:"vms"`
+		PowerState      string            `json:"power_state"`
+		MemoryStaticMax string            `json:"memory_static_max"`
+		VBDs            int               `json:"vbds"`
+		VDISize         string            `json:"vdi_size"`
+		GuestNetworks   map[string]string `json:"guest_networks"`
+		GuestRecordNets map[string]string `json:"guest_record_networks"`
+		Dom0GM          string            `json:"dom0_guest_metrics"`
+		BadSession      []string          `json:"bad_session"`
+		BadRelogin      bool              `json:"bad_session_relogin"`
+		RedirectLogin   bool              `json:"redirect_login"`
+		ReloginVMs      int               `json:"relogin_vms"`
+		ReloginNew      bool              `json:"relogin_new_session"`
+		MemberLogin     []string          `json:"member_login"`
 		Task            struct {
 			Status   string  `json:"status"`
 			Progress float64 `json:"progress"`
@@ -142,6 +150,10 @@ func TestInteropPythonXenAPI(t *testing.T) {
 	assert.Equal(t, "536870912", out.MemoryStaticMax)
 	assert.Equal(t, 1, out.VBDs)
 	assert.Equal(t, "16777216", out.VDISize)
+	wantNets := map[string]string{"0/ip": DefaultDemoIPv4, "0/ipv4/0": DefaultDemoIPv4, "0/ipv6/0": DefaultDemoIPv6}
+	assert.Equal(t, wantNets, out.GuestNetworks)
+	assert.Equal(t, wantNets, out.GuestRecordNets)
+	assert.Equal(t, NullRef, out.Dom0GM)
 	assert.Equal(t, []string{ErrSessionInvalid, "OpaqueRef:not-a-session"}, out.BadSession)
 	assert.True(t, out.BadRelogin, "XenAPI.py recognises SESSION_INVALID")
 	assert.Equal(t, 3, out.ReloginVMs)

@@ -80,6 +80,14 @@ func TestMigrateWithGoClient(t *testing.T) {
 	assert.Equal(t, rec.UUID, drec.UUID)
 	assert.Equal(t, hosts[0], drec.ResidentOn)
 	assert.NotEmpty(t, drec.OtherConfig["sim:migration_pause_ms"])
+	// The guest metrics move with the VM (xapi exports them in the metadata).
+	require.False(t, drec.GuestMetrics.IsNull())
+	assert.NotEqual(t, rec.GuestMetrics, drec.GuestMetrics)
+	dnets, err := dst.VMGuestMetricsGetNetworks(ctx, drec.GuestMetrics)
+	require.NoError(t, err)
+	assert.Equal(t, map[string]string{"0/ip": DefaultDemoIPv4, "0/ipv4/0": DefaultDemoIPv4, "0/ipv6/0": DefaultDemoIPv6}, dnets)
+	_, err = src.VMGuestMetricsGetNetworks(ctx, rec.GuestMetrics)
+	require.Error(t, err, "the source's guest metrics went with the source VM")
 	_, err = src.VMGetRecord(ctx, vm)
 	var apiErr *xapi.APIError
 	require.True(t, errors.As(err, &apiErr), "%v", err)

@@ -271,6 +271,8 @@ type importReq struct {
 	Host        string            `json:"host"`
 	VBDs        []importVBD       `json:"vbds"`
 	VIFs        []importVIF       `json:"vifs"`
+	// GuestMetrics is absent for a VM without guest metrics.
+	GuestMetrics *guestMetricsImport `json:"guest_metrics,omitempty"`
 }
 
 type importVBD struct {
@@ -512,6 +514,7 @@ func (p *Pool) importVM(req importReq) (string, error) {
 		"VCPUs_max": req.VCPUsMax, "VCPUs_at_startup": req.VCPUsStart, "HVM_boot_policy": req.HVMBoot,
 		"domarch": req.Domarch, "platform": req.Platform, "other_config": oc,
 		"allowed_operations": allowedVMOps(Halted),
+		"guest_metrics":      p.db.importGuestMetrics(req.GuestMetrics),
 	})
 	for _, b := range req.VBDs {
 		p.db.create("VBD", map[string]any{"VM": vm.Ref, "VDI": b.VDI, "userdevice": b.Userdevice,
@@ -554,5 +557,6 @@ func (p *Pool) destroyVMRecord(o *object) {
 	for _, vif := range p.db.find("VIF", "VM", o.Ref) {
 		p.db.destroy(vif)
 	}
+	p.db.destroyGuestMetrics(o)
 	p.db.destroy(o)
 }

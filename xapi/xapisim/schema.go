@@ -179,7 +179,16 @@ func initSchema() {
 		"HVM_boot_params m rw", "platform m rw", "PV_bootloader s rw", "PV_args s rw",
 		"other_config m rw", "xenstore_data m rw", "is_a_snapshot b", "snapshot_of r:VM",
 		"snapshots R:VM.snapshot_of", "snapshot_time d", "tags S rw", "blocked_operations m rw",
-		"start_time d", "last_boot_CPU_flags m", "ha_restart_priority s rw"))
+		"start_time d", "last_boot_CPU_flags m", "ha_restart_priority s rw",
+		"guest_metrics r:VM_guest_metrics"))
+	// VM_guest_metrics has no constructor on the wire (xapi creates it when
+	// the guest agent first reports). memory and disks are "Removed" in
+	// the datamodel but still in every record, always {}.
+	register(def("VM_guest_metrics",
+		"os_version m", "netbios_name m", "PV_drivers_version m", "PV_drivers_up_to_date b",
+		"memory m", "disks m", "networks m", "other m", "last_updated d", "other_config m rw",
+		"live b", "can_use_hotplug_vbd e =unspecified", "can_use_hotplug_vif e =unspecified",
+		"PV_drivers_detected b", "services m"))
 	register(def("VBD",
 		"allowed_operations S", "current_operations m", "VM r:VM", "VDI r:VDI", "device s",
 		"userdevice s rw", "bootable b rw", "mode e rw =RW", "type e rw =Disk", "unpluggable b rw =true",

@@ -32,6 +32,7 @@
 //	plugins.go   host.call_plugin (argv protocol, output parsing), per-host etc dirs, inventory, local XML-RPC socket
 //	guest.go     guest workload (StartGuest, VerifyGuest, shadow files), sim.guest_* methods live in migrate.go
 //	guest_mem.go synthetic guest memory (pages, versions, dirty set), per-Sim extension state (simExt)
+//	guest_metrics.go VM_guest_metrics (the guest agent's report: addresses per VIF), SetGuestNetworks
 //	guest_power.go VM.pool_migrate, VM.suspend/resume with a real memory image
 //	migrate.go   host.migrate_receive, VM.assert_can_migrate/migrate_send (source side), sim.* methods, MigrationRecord
 //	migrate_http.go /services/SM and /services/xenops (destination side of a migration)
@@ -90,6 +91,11 @@ type Config struct {
 	Username, Password string
 	// NoDemoVM skips creating demo-vm in the first pool.
 	NoDemoVM bool
+	// DemoIPv4 and DemoIPv6 are the addresses demo-vm's simulated guest
+	// agent reports for VIF 0 in VM_guest_metrics.networks (defaults
+	// DefaultDemoIPv4, DefaultDemoIPv6; "none" reports no address of
+	// that family).
+	DemoIPv4, DemoIPv6 string
 	// EtcDir, when set, is the /etc that every host's plugins and hooks
 	// come from (EtcDir/xapi.d/plugins, EtcDir/xapi.d/<hook>), e.g. an
 	// install tree. By default each host has its own
@@ -166,6 +172,12 @@ func New(cfg Config) (*Sim, error) {
 	cfg.FillSize = min(cfg.FillSize, cfg.DiskSize)
 	if cfg.MemorySize <= 0 {
 		cfg.MemorySize = 512 << 20
+	}
+	if cfg.DemoIPv4 == "" {
+		cfg.DemoIPv4 = DefaultDemoIPv4
+	}
+	if cfg.DemoIPv6 == "" {
+		cfg.DemoIPv6 = DefaultDemoIPv6
 	}
 	if cfg.Username == "" {
 		cfg.Username = "root"
