@@ -40,6 +40,14 @@ type VIF struct {
 	Device     string `msgpack:"device"`
 	MAC        string `msgpack:"mac"`
 	NetworkRef string `msgpack:"network_ref"`
+	// IPv4 and IPv6 are the addresses the guest agent reported for this
+	// VIF (VM_guest_metrics.networks), sorted and deduplicated; empty when
+	// the VM has no guest agent. Network backends announce them at the
+	// destination (gratuitous ARP, unsolicited neighbour advertisements).
+	// Optional in checkpoints: plans written before they existed load
+	// with both empty.
+	IPv4 []string `msgpack:"ipv4,omitempty"`
+	IPv6 []string `msgpack:"ipv6,omitempty"`
 }
 
 // VDISpec describes a replica VDI to create on the destination SR.
