@@ -75,6 +75,9 @@ type state struct {
 	Activated   bool          `msgpack:"activated"`
 	Released    bool          `msgpack:"released"`
 	Announced   []string      `msgpack:"announced"`
+	// Keep: leave the tunnels in place at Cleanup if the migration
+	// succeeded (config keep_after_migration or the option).
+	Keep bool `msgpack:"keep"`
 }
 
 // peerParams are Endpoint.Params of the destination's endpoint.
@@ -307,7 +310,8 @@ func (h *handle) contractHandle() (contract.Handle, error) {
 }
 
 func (st *state) params() tunnelParams {
-	p := tunnelParams{Local: net.ParseIP(st.Local), Port: st.Port, MTU: st.MTU}
+	p := tunnelParams{Local: net.ParseIP(st.Local), Port: st.Port, MTU: st.MTU,
+		Marker: Marker{MigrationID: st.MigrationID, Role: st.Role, VMUUID: st.VMUUID}}
 	if st.Remote != "" {
 		p.Remote = net.ParseIP(st.Remote)
 	}
@@ -365,8 +369,14 @@ func (b *Backend) Prepare(ctx context.Context, req contract.NetPrepareRequest) (
 	}
 
 	st := state{ID: id, MigrationID: req.MigrationID, VMUUID: req.VMUUID, Role: req.Role, Mode: cfg.Mode,
-		Port: cfg.Port, MTU: cfg.MTU}
+		Port: cfg.Port, MTU: cfg.MTU, Keep: cfg.KeepAfterMigration}
+	if opts.KeepAfterMigration != nil {
+		st.Keep = *opts.KeepAfterMigration
+	}
 	tap := cfg.Mode == ModeTAP
+	if tap && st.Keep {
+		return contract.NetPrepareResponse{}, invalid("prepare: option %s", errKeepTAP)
+	}
 	var local net.IP
 	if !tap {
 		if local, err = localUnderlay(ctx, cfg, dp, req.XAPI.HostUUID); err != nil {
@@ -901,6 +911,12 @@ func (b *Backend) Recover(ctx context.Context, req contract.NetRecoverRequest) (
 // and any other tunnel of this migration and role (a crash between
 // creating a tunnel and returning the state), stop the registration
 // channel, forget the handle. Idempotent.
+//
+// With keep (keep_after_migration) and a migration that succeeded on this
+// site (destination: activated; source: released), it leaves the tunnels
+// in place, marked kept, and stops only the registration channel. It
+// never deletes a kept tunnel, nor one whose marker names another
+// migration.
 func (b *Backend) Cleanup(ctx context.Context, req contract.NetCleanupRequest) (contract.NetCleanupResponse, error) {
 	_, dp, err := b.plane()
 	if err != nil {
@@ -922,9 +938,13 @@ func (b *Backend) Cleanup(ctx context.Context, req contract.NetCleanupRequest) (
 		h.reg = nil
 		link := h.link
 		h.link = nil
+		saved := st
 		if len(h.st.Tunnels) >= len(st.Tunnels) {
 			st = h.st
 		}
+		st.Activated = st.Activated || saved.Activated
+		st.Released = st.Released || saved.Released
+		st.Keep = st.Keep || saved.Keep
 		h.mu.Unlock()
 		if reg != nil {
 			reg.close() // outside h.mu: a registration in flight takes it
@@ -934,20 +954,45 @@ func (b *Backend) Cleanup(ctx context.Context, req contract.NetCleanupRequest) (
 			defer link.wait() // after the taps are removed below
 		}
 	}
-	var errs []error
-	for _, t := range st.Tunnels {
-		if err := dp.remove(ctx, t); err != nil {
-			errs = append(errs, err)
-		}
+	if keep, why := keepTunnels(st); keep {
+		return contract.NetCleanupResponse{}, b.keep(ctx, dp, req.Handle.ID, st)
+	} else if st.Keep {
+		b.log.Info("tunnels not kept", "handle", req.Handle.ID, "reason", why)
 	}
 	mig, role := req.Handle.MigrationID, req.Handle.Role
 	if mig == "" {
 		mig, role = st.MigrationID, st.Role
 	}
-	if mig != "" && (role == contract.RoleSource || role == contract.RoleDestination) {
-		gone, err := dp.sweep(ctx, IfPrefix(mig, role))
-		if err != nil {
+	found, err := dp.list(ctx)
+	if err != nil {
+		return contract.NetCleanupResponse{}, fmt.Errorf("cleanup %s: %w", req.Handle.ID, err)
+	}
+	byName := map[string]FoundTunnel{}
+	for _, f := range found {
+		byName[f.Name] = f
+	}
+	var errs []error
+	for _, t := range st.Tunnels {
+		if f, ok := byName[t.Name]; ok && f.foreign(mig) {
+			b.log.Warn("tunnel left alone", "name", t.Name, "marker", f.Marker.Alias())
+			continue
+		}
+		if err := dp.remove(ctx, t); err != nil {
 			errs = append(errs, err)
+		}
+	}
+	if mig != "" && (role == contract.RoleSource || role == contract.RoleDestination) {
+		prefix := IfPrefix(mig, role)
+		var gone []string
+		for _, f := range found {
+			if !strings.HasPrefix(f.Name, prefix) || f.foreign(mig) || inTunnels(st.Tunnels, f.Name) {
+				continue
+			}
+			if err := dp.removeName(ctx, f.Name); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			gone = append(gone, f.Name)
 		}
 		if len(gone) > 0 {
 			b.log.Info("removed leftover tunnels", "names", strings.Join(gone, ","))
@@ -960,6 +1005,60 @@ func (b *Backend) Cleanup(ctx context.Context, req contract.NetCleanupRequest) (
 		b.log.Info("cleaned up", "handle", req.Handle.ID)
 	}
 	return contract.NetCleanupResponse{}, nil
+}
+
+// keepTunnels decides from a handle's state whether Cleanup keeps its
+// tunnels, and if not, why (for the log).
+func keepTunnels(st state) (bool, string) {
+	switch {
+	case !st.Keep:
+		return false, "keep_after_migration is off"
+	case st.Mode == ModeTAP:
+		return false, "tap mode"
+	case len(st.Tunnels) == 0:
+		return false, "no tunnels in the state"
+	case st.Role == contract.RoleDestination && !st.Activated:
+		return false, "the destination was not activated (the migration did not complete)"
+	case st.Role == contract.RoleSource && !st.Released:
+		return false, "the source was not released (the migration did not complete)"
+	case st.Role != contract.RoleSource && st.Role != contract.RoleDestination:
+		return false, "unknown role"
+	}
+	return true, ""
+}
+
+// keep marks the tunnels of a finished migration kept and leaves them.
+func (b *Backend) keep(ctx context.Context, dp dataplane, id string, st state) error {
+	m := st.params().Marker
+	m.Kept = true
+	var kept, missing []string
+	for _, t := range st.Tunnels {
+		ok, err := dp.mark(ctx, t, m)
+		if err != nil {
+			return fmt.Errorf("cleanup %s: keep %s: %w", id, t.Name, err)
+		}
+		if ok {
+			kept = append(kept, t.Name)
+		} else {
+			missing = append(missing, t.Name)
+		}
+	}
+	if len(missing) > 0 {
+		b.log.Warn("tunnels to keep are gone", "handle", id, "names", strings.Join(missing, ","))
+	}
+	b.log.Info("kept tunnels after the migration", "handle", id, "migration_id", st.MigrationID, "role", string(st.Role),
+		"names", strings.Join(kept, ","), "remote", st.Remote,
+		"remove_with", "wanmotion-network-l2tunnel remove --mode "+st.Mode+" --migration "+st.MigrationID)
+	return nil
+}
+
+func inTunnels(ts []tunnel, name string) bool {
+	for _, t := range ts {
+		if t.Name == name {
+			return true
+		}
+	}
+	return false
 }
 
 func randomHex(n int) string {

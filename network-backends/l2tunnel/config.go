@@ -81,11 +81,16 @@ type Config struct {
 	// OVSNoWait passes --no-wait to ovs-vsctl (do not wait for
 	// ovs-vswitchd to apply the change); for tests against a bare ovsdb.
 	OVSNoWait bool `msgpack:"ovs_no_wait"`
+	// KeepAfterMigration leaves the tunnels in place (both sites) when a
+	// migration succeeded, so the VM stays reachable on the stretched
+	// segment; they are removed later with "wanmotion-network-l2tunnel
+	// remove". Kernel and OVS mode only (a tap needs a process).
+	KeepAfterMigration bool `msgpack:"keep_after_migration"`
 }
 
 var configKeys = []string{"mode", "underlay_addresses", "underlay_address", "underlay_interface",
 	"peer_underlay_address", "vni_base", "vni_count", "port", "mtu", "bridges", "netns",
-	"announce_count", "announce_interval_ms", "ovs_vsctl", "ovs_db", "ovs_no_wait"}
+	"announce_count", "announce_interval_ms", "ovs_vsctl", "ovs_db", "ovs_no_wait", "keep_after_migration"}
 
 // ParseConfig decodes and validates a Configure payload (msgpack, empty
 // for defaults). It returns warnings for keys it does not know.
@@ -195,8 +200,14 @@ func (c *Config) setDefaults() error {
 	if c.OVSVsctl == "" {
 		c.OVSVsctl = "ovs-vsctl"
 	}
+	if c.KeepAfterMigration && c.Mode == ModeTAP {
+		return bad("%s", errKeepTAP)
+	}
 	return nil
 }
+
+// errKeepTAP explains why tap mode refuses keep_after_migration.
+const errKeepTAP = "keep_after_migration needs kernel or ovs mode: a tap tunnel lives only as long as the backend process that pumps its frames, which ends with the migration"
 
 // checkIfName checks a Linux interface name.
 func checkIfName(s string) error {
@@ -215,6 +226,9 @@ type Options struct {
 	VNIs map[string]int `msgpack:"vnis"`
 	// MTU overrides the config's MTU for this VM's tunnels.
 	MTU int `msgpack:"mtu"`
+	// KeepAfterMigration, when set, overrides the config's
+	// keep_after_migration for this migration.
+	KeepAfterMigration *bool `msgpack:"keep_after_migration"`
 }
 
 // ParseOptions decodes and validates per-request options.

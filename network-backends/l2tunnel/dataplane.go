@@ -31,6 +31,8 @@ type tunnelParams struct {
 	Remote net.IP // nil: not known yet
 	Port   int
 	MTU    int // 0: underlay MTU minus the VXLAN overhead
+	// Marker is written on the tunnel (kernel: alias; OVS: external_ids).
+	Marker Marker
 }
 
 // dataplane creates and removes tunnels. kernelPlane and ovsPlane
@@ -45,8 +47,15 @@ type dataplane interface {
 	remote(ctx context.Context, t tunnel) (net.IP, error)
 	// remove deletes the tunnel; a missing tunnel is not an error.
 	remove(ctx context.Context, t tunnel) error
-	// sweep deletes every tunnel whose name starts with prefix.
-	sweep(ctx context.Context, prefix string) ([]string, error)
+	// list returns every tunnel of this backend on the host: names that
+	// start with "wm" (kernel: vxlan interfaces only) or carry our marker.
+	list(ctx context.Context) ([]FoundTunnel, error)
+	// removeName deletes the tunnel called name; a missing one is not an
+	// error.
+	removeName(ctx context.Context, name string) error
+	// mark rewrites the tunnel's marker; false when the tunnel does not
+	// exist.
+	mark(ctx context.Context, t tunnel, m Marker) (bool, error)
 	// describe is a one-line state of the tunnel for Status.
 	describe(ctx context.Context, t tunnel) string
 	// localAddress returns the first global address of an interface.

@@ -27,6 +27,10 @@ import (
 // symlink named like the backend (go-plugin's helper-process pattern).
 func TestMain(m *testing.M) {
 	if filepath.Base(os.Args[0]) == "wanmotion-network-"+Name {
+		// As cmd/wanmotion-network-l2tunnel does.
+		if len(os.Args) > 1 {
+			os.Exit(RunCLI(context.Background(), os.Args[1:], os.Stdout, os.Stderr))
+		}
 		sdk.ServeNetwork(New(sdk.Logger(Name)))
 		os.Exit(0)
 	}

@@ -135,6 +135,9 @@ func (k *kernelPlane) ensure(ctx context.Context, t tunnel, p tunnelParams) erro
 		if !ok {
 			return fmt.Errorf("interface %s exists and is a %s, not our vxlan: %w", t.Name, link.Type(), contract.ErrFailedPrecondition)
 		}
+		if m, ok := ParseAlias(vx.Alias); ok && m.MigrationID != "" && p.Marker.MigrationID != "" && m.MigrationID != p.Marker.MigrationID {
+			return fmt.Errorf("interface %s belongs to migration %s (%s); remove it first if it is stale: %w", t.Name, m.MigrationID, m.state(), contract.ErrFailedPrecondition)
+		}
 		if vx.VxlanId != t.VNI || vx.Port != p.Port || !vx.SrcAddr.Equal(p.Local) {
 			// Ours by name, but made with other parameters: recreate.
 			if err := k.h.LinkDel(link); err != nil && !isNotFound(err) {
@@ -169,6 +172,9 @@ func (k *kernelPlane) ensure(ctx context.Context, t tunnel, p tunnelParams) erro
 		}
 	}
 	if err := isolate(k.h, link); err != nil {
+		return err
+	}
+	if err := k.setAlias(link, p.Marker); err != nil {
 		return err
 	}
 	if err := k.h.LinkSetUp(link); err != nil {
@@ -274,24 +280,61 @@ func (k *kernelPlane) remove(_ context.Context, t tunnel) error {
 	return nil
 }
 
-func (k *kernelPlane) sweep(_ context.Context, prefix string) ([]string, error) {
+// list returns the vxlan interfaces whose name starts with "wm" or whose
+// alias is one of our markers.
+func (k *kernelPlane) list(_ context.Context) ([]FoundTunnel, error) {
 	links, err := k.h.LinkList()
 	if err != nil {
 		return nil, fmt.Errorf("list links: %v: %w", err, contract.ErrInternal)
 	}
-	var gone []string
-	var errs []error
+	names := map[int]string{}
 	for _, l := range links {
-		if _, ok := l.(*netlink.Vxlan); !ok || !strings.HasPrefix(l.Attrs().Name, prefix) {
-			continue
-		}
-		if err := k.h.LinkDel(l); err != nil && !isNotFound(err) {
-			errs = append(errs, fmt.Errorf("delete %s: %v: %w", l.Attrs().Name, err, contract.ErrInternal))
-			continue
-		}
-		gone = append(gone, l.Attrs().Name)
+		names[l.Attrs().Index] = l.Attrs().Name
 	}
-	return gone, errors.Join(errs...)
+	var out []FoundTunnel
+	for _, l := range links {
+		vx, ok := l.(*netlink.Vxlan)
+		if !ok {
+			continue
+		}
+		m, marked := ParseAlias(vx.Alias)
+		if !marked && !strings.HasPrefix(vx.Name, "wm") {
+			continue
+		}
+		f := FoundTunnel{Name: vx.Name, Marker: m, Marked: marked, VNI: vx.VxlanId, Bridge: names[vx.MasterIndex]}
+		if es, err := k.defaultEntries(l); err == nil && len(es) > 0 {
+			f.Remote = es[0].IP.String()
+		}
+		out = append(out, f)
+	}
+	return out, nil
+}
+
+func (k *kernelPlane) removeName(ctx context.Context, name string) error {
+	return k.remove(ctx, tunnel{Name: name})
+}
+
+func (k *kernelPlane) mark(_ context.Context, t tunnel, m Marker) (bool, error) {
+	link, err := k.h.LinkByName(t.Name)
+	if isNotFound(err) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("look up %s: %v: %w", t.Name, err, contract.ErrInternal)
+	}
+	if _, ok := link.(*netlink.Vxlan); !ok {
+		return false, fmt.Errorf("%s is a %s, not our vxlan: %w", t.Name, link.Type(), contract.ErrFailedPrecondition)
+	}
+	return true, k.setAlias(link, m)
+}
+
+func (k *kernelPlane) setAlias(link netlink.Link, m Marker) error {
+	if a := m.Alias(); link.Attrs().Alias != a {
+		if err := k.h.LinkSetAlias(link, a); err != nil {
+			return fmt.Errorf("set alias of %s: %v: %w", link.Attrs().Name, err, contract.ErrInternal)
+		}
+	}
+	return nil
 }
 
 func (k *kernelPlane) describe(ctx context.Context, t tunnel) string {

@@ -3,6 +3,7 @@ package l2tunnel
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -51,13 +52,13 @@ func OVSGlobalArgs(db string, noWait bool) []string {
 // remote_ip=flow (the port then sends nothing until a remote is set). The
 // port is protected: the NORMAL action never forwards between two
 // protected ports, so tunnels of several migrations on one bridge cannot
-// form a loop.
-func OVSAddPortArgs(bridge, name string, vni int, local, remote net.IP, port int) []string {
+// form a loop. The interface's external_ids carry the marker m.
+func OVSAddPortArgs(bridge, name string, vni int, local, remote net.IP, port int, m Marker) []string {
 	r := "flow"
 	if remote != nil {
 		r = remote.String()
 	}
-	return []string{
+	args := []string{
 		"--may-exist", "add-port", bridge, name,
 		"--", "set", "interface", name, "type=vxlan",
 		"options:remote_ip=" + r,
@@ -65,8 +66,26 @@ func OVSAddPortArgs(bridge, name string, vni int, local, remote net.IP, port int
 		"options:key=" + strconv.Itoa(vni),
 		"options:dst_port=" + strconv.Itoa(port),
 		"external_ids:wanmotion=l2tunnel",
-		"--", "set", "port", name, "protected=true",
 	}
+	args = append(args, m.ovsIDs()...)
+	return append(args, "--", "set", "port", name, "protected=true")
+}
+
+// OVSMarkArgs rewrites the marker in an interface's external_ids.
+func OVSMarkArgs(name string, m Marker) []string {
+	return append([]string{"set", "interface", name, "external_ids:wanmotion=l2tunnel"}, m.ovsIDs()...)
+}
+
+// OVSGetMigrationArgs reads the migration an interface belongs to
+// (nothing when the interface or the key does not exist).
+func OVSGetMigrationArgs(name string) []string {
+	return []string{"--if-exists", "get", "interface", name, "external_ids:" + ovsKeyMigration}
+}
+
+// OVSListArgs lists every VXLAN interface with its external_ids and
+// options, as JSON.
+func OVSListArgs() []string {
+	return []string{"--format=json", "--columns=name,external_ids,options", "find", "interface", "type=vxlan"}
 }
 
 // OVSSetRemoteArgs points an existing VXLAN port at remote.
@@ -82,11 +101,6 @@ func OVSDelPortArgs(name string) []string {
 // OVSBridgeExistsArgs checks a bridge (exit status 2 when missing).
 func OVSBridgeExistsArgs(bridge string) []string {
 	return []string{"br-exists", bridge}
-}
-
-// OVSListTunnelsArgs lists the names of every VXLAN interface.
-func OVSListTunnelsArgs() []string {
-	return []string{"--bare", "--columns=name", "find", "interface", "type=vxlan"}
 }
 
 // OVSGetRemoteArgs reads a port's remote_ip option.
@@ -121,8 +135,24 @@ func (o *ovsPlane) ensure(ctx context.Context, t tunnel, p tunnelParams) error {
 	if err != nil {
 		return err
 	}
-	_, _, err = o.run(ctx, OVSAddPortArgs(t.Bridge, t.Name, t.VNI, p.Local, p.Remote, p.Port))
+	out, _, err := o.run(ctx, OVSGetMigrationArgs(t.Name))
+	if err != nil {
+		return err
+	}
+	if m := unquoteOVS(out); m != "" && p.Marker.MigrationID != "" && m != p.Marker.MigrationID {
+		return fmt.Errorf("open vswitch interface %s belongs to migration %s; remove it first if it is stale: %w", t.Name, m, contract.ErrFailedPrecondition)
+	}
+	_, _, err = o.run(ctx, OVSAddPortArgs(t.Bridge, t.Name, t.VNI, p.Local, p.Remote, p.Port, p.Marker))
 	return err
+}
+
+// unquoteOVS turns ovs-vsctl's printed string ("a b" or a) into its value.
+func unquoteOVS(s string) string {
+	s = strings.TrimSpace(s)
+	if u, err := strconv.Unquote(s); err == nil {
+		return u
+	}
+	return s
 }
 
 func (o *ovsPlane) setRemote(ctx context.Context, t tunnel, p tunnelParams) error {
@@ -135,7 +165,7 @@ func (o *ovsPlane) remote(ctx context.Context, t tunnel) (net.IP, error) {
 	if err != nil {
 		return nil, err
 	}
-	return net.ParseIP(strings.Trim(strings.TrimSpace(out), `"`)), nil
+	return net.ParseIP(unquoteOVS(out)), nil
 }
 
 func (o *ovsPlane) remove(ctx context.Context, t tunnel) error {
@@ -143,24 +173,107 @@ func (o *ovsPlane) remove(ctx context.Context, t tunnel) error {
 	return err
 }
 
-func (o *ovsPlane) sweep(ctx context.Context, prefix string) ([]string, error) {
-	out, _, err := o.run(ctx, OVSListTunnelsArgs())
+func (o *ovsPlane) list(ctx context.Context) ([]FoundTunnel, error) {
+	out, _, err := o.run(ctx, OVSListArgs())
 	if err != nil {
 		return nil, err
 	}
-	var gone []string
-	var errs []error
-	for _, n := range strings.Fields(out) {
-		if !strings.HasPrefix(n, prefix) {
-			continue
-		}
-		if _, _, err := o.run(ctx, OVSDelPortArgs(n)); err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		gone = append(gone, n)
+	rows, err := parseOVSList([]byte(out))
+	if err != nil {
+		return nil, err
 	}
-	return gone, errors.Join(errs...)
+	var found []FoundTunnel
+	for _, r := range rows {
+		m, marked := markerFromOVS(r.ids)
+		if !marked && !strings.HasPrefix(r.name, "wm") {
+			continue
+		}
+		f := FoundTunnel{Name: r.name, Marker: m, Marked: marked, Remote: r.options["remote_ip"]}
+		f.VNI, _ = strconv.Atoi(r.options["key"])
+		found = append(found, f)
+	}
+	return found, nil
+}
+
+type ovsRow struct {
+	name         string
+	ids, options map[string]string
+}
+
+// parseOVSList reads the JSON of OVSListArgs: {"headings": [...],
+// "data": [[name, ["map", [[k, v], ...]], ["map", ...]], ...]}.
+func parseOVSList(b []byte) ([]ovsRow, error) {
+	var doc struct {
+		Headings []string            `json:"headings"`
+		Data     [][]json.RawMessage `json:"data"`
+	}
+	if err := json.Unmarshal(b, &doc); err != nil {
+		return nil, fmt.Errorf("ovs-vsctl find output: %v: %w", err, contract.ErrInternal)
+	}
+	col := map[string]int{}
+	for i, h := range doc.Headings {
+		col[h] = i
+	}
+	var rows []ovsRow
+	for _, d := range doc.Data {
+		var r ovsRow
+		for _, c := range []struct {
+			name string
+			into func(json.RawMessage) error
+		}{
+			{"name", func(m json.RawMessage) error { return json.Unmarshal(m, &r.name) }},
+			{"external_ids", func(m json.RawMessage) (err error) { r.ids, err = ovsMap(m); return }},
+			{"options", func(m json.RawMessage) (err error) { r.options, err = ovsMap(m); return }},
+		} {
+			i, ok := col[c.name]
+			if !ok || i >= len(d) {
+				return nil, fmt.Errorf("ovs-vsctl find output: no column %s: %w", c.name, contract.ErrInternal)
+			}
+			if err := c.into(d[i]); err != nil {
+				return nil, fmt.Errorf("ovs-vsctl find output: column %s: %v: %w", c.name, err, contract.ErrInternal)
+			}
+		}
+		rows = append(rows, r)
+	}
+	return rows, nil
+}
+
+// ovsMap decodes an OVSDB JSON map: ["map", [["k", "v"], ...]].
+func ovsMap(m json.RawMessage) (map[string]string, error) {
+	var v []json.RawMessage
+	if err := json.Unmarshal(m, &v); err != nil {
+		return nil, err
+	}
+	var tag string
+	if len(v) != 2 || json.Unmarshal(v[0], &tag) != nil || tag != "map" {
+		return nil, fmt.Errorf("not an ovsdb map: %.60s", m)
+	}
+	var pairs [][2]string
+	if err := json.Unmarshal(v[1], &pairs); err != nil {
+		return nil, err
+	}
+	out := make(map[string]string, len(pairs))
+	for _, p := range pairs {
+		out[p[0]] = p[1]
+	}
+	return out, nil
+}
+
+func (o *ovsPlane) removeName(ctx context.Context, name string) error {
+	_, _, err := o.run(ctx, OVSDelPortArgs(name))
+	return err
+}
+
+func (o *ovsPlane) mark(ctx context.Context, t tunnel, m Marker) (bool, error) {
+	out, _, err := o.run(ctx, []string{"--if-exists", "get", "interface", t.Name, "type"})
+	if err != nil {
+		return false, err
+	}
+	if strings.TrimSpace(out) == "" {
+		return false, nil
+	}
+	_, _, err = o.run(ctx, OVSMarkArgs(t.Name, m))
+	return err == nil, err
 }
 
 func (o *ovsPlane) describe(ctx context.Context, t tunnel) string {

@@ -10,7 +10,6 @@ import (
 	"net"
 	"os"
 	"runtime"
-	"strings"
 	"sync"
 	"time"
 	"unsafe"
@@ -174,18 +173,25 @@ func (p *tapPlane) remove(_ context.Context, t tunnel) error {
 	return nil
 }
 
-func (p *tapPlane) sweep(_ context.Context, prefix string) ([]string, error) {
+// list returns this process's taps (the only ones that exist: a tap
+// vanishes with its descriptor).
+func (p *tapPlane) list(context.Context) ([]FoundTunnel, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	var gone []string
-	for name, f := range p.taps {
-		if strings.HasPrefix(name, prefix) {
-			_ = f.Close()
-			delete(p.taps, name)
-			gone = append(gone, name)
-		}
+	out := make([]FoundTunnel, 0, len(p.taps))
+	for name := range p.taps {
+		out = append(out, FoundTunnel{Name: name})
 	}
-	return gone, nil
+	return out, nil
+}
+
+func (p *tapPlane) removeName(ctx context.Context, name string) error {
+	return p.remove(ctx, tunnel{Name: name})
+}
+
+// mark refuses: a tap cannot outlive its process, so it cannot be kept.
+func (p *tapPlane) mark(context.Context, tunnel, Marker) (bool, error) {
+	return false, fmt.Errorf("tap mode tunnels cannot be kept: %w", contract.ErrFailedPrecondition)
 }
 
 func (p *tapPlane) describe(_ context.Context, t tunnel) string {

@@ -118,9 +118,14 @@ func TestOVSArgs(t *testing.T) {
 	assert.Equal(t, []string{"--timeout=10", "--db=unix:/tmp/db.sock", "--no-wait"}, OVSGlobalArgs("unix:/tmp/db.sock", true))
 	assert.Equal(t, []string{"--may-exist", "add-port", "xenbr0", "wm1234567dv0", "--", "set", "interface", "wm1234567dv0",
 		"type=vxlan", "options:remote_ip=192.0.2.2", "options:local_ip=192.0.2.1", "options:key=4242", "options:dst_port=4789",
-		"external_ids:wanmotion=l2tunnel", "--", "set", "port", "wm1234567dv0", "protected=true"},
-		OVSAddPortArgs("xenbr0", "wm1234567dv0", 4242, net.ParseIP("192.0.2.1"), net.ParseIP("192.0.2.2"), 4789))
-	assert.Contains(t, OVSAddPortArgs("xenbr0", "p", 1, net.ParseIP("192.0.2.1"), nil, 4789), "options:remote_ip=flow")
+		"external_ids:wanmotion=l2tunnel", "external_ids:wanmotion-state=active", "external_ids:wanmotion-migration=wm-0a1b",
+		"external_ids:wanmotion-role=destination", "external_ids:wanmotion-vm=\"vm 1\"",
+		"--", "set", "port", "wm1234567dv0", "protected=true"},
+		OVSAddPortArgs("xenbr0", "wm1234567dv0", 4242, net.ParseIP("192.0.2.1"), net.ParseIP("192.0.2.2"), 4789,
+			Marker{MigrationID: "wm-0a1b", Role: contract.RoleDestination, VMUUID: "vm 1"}))
+	assert.Contains(t, OVSAddPortArgs("xenbr0", "p", 1, net.ParseIP("192.0.2.1"), nil, 4789, Marker{}), "options:remote_ip=flow")
+	assert.Equal(t, []string{"set", "interface", "p", "external_ids:wanmotion=l2tunnel", "external_ids:wanmotion-state=kept",
+		"external_ids:wanmotion-migration=m"}, OVSMarkArgs("p", Marker{MigrationID: "m", Kept: true}))
 	assert.Equal(t, []string{"set", "interface", "p", "options:remote_ip=2001:db8::2"}, OVSSetRemoteArgs("p", net.ParseIP("2001:db8::2")))
 	assert.Equal(t, []string{"--if-exists", "del-port", "p"}, OVSDelPortArgs("p"))
 	assert.Equal(t, []string{"br-exists", "xenbr0"}, OVSBridgeExistsArgs("xenbr0"))
