@@ -118,11 +118,18 @@ func (p *Pool) VMDisks(ctx context.Context, vm string) ([]engine.Disk, error) {
 	return out, nil
 }
 
-// VMVIFs implements engine.SourcePool.
+// VMVIFs implements engine.SourcePool. Each VIF carries the addresses the
+// guest agent reported for its device (VM_guest_metrics.networks, see
+// xapi.GuestNetworks); a VM without guest metrics, or whose metrics cannot
+// be read, gives VIFs without addresses, never an error.
 func (p *Pool) VMVIFs(ctx context.Context, vm string) ([]engine.VIF, error) {
 	rec, err := p.c.VMGetRecord(ctx, xapi.VMRef(vm))
 	if err != nil {
 		return nil, fmt.Errorf("VM.get_record: %w", mapErr(err))
+	}
+	addrs, err := p.guestAddresses(ctx, vm, rec.GuestMetrics)
+	if err != nil {
+		return nil, err
 	}
 	var out []engine.VIF
 	for _, ref := range rec.VIFs {
@@ -130,10 +137,33 @@ func (p *Pool) VMVIFs(ctx context.Context, vm string) ([]engine.VIF, error) {
 		if err != nil {
 			return nil, fmt.Errorf("VIF.get_record: %w", mapErr(err))
 		}
-		out = append(out, engine.VIF{Ref: string(ref), Device: v.Device, MAC: v.MAC, NetworkRef: string(v.Network)})
+		a := addrs[v.Device]
+		out = append(out, engine.VIF{Ref: string(ref), Device: v.Device, MAC: v.MAC, NetworkRef: string(v.Network),
+			IPv4: a.IPv4, IPv6: a.IPv6})
 	}
 	sort.SliceStable(out, func(i, j int) bool { return out[i].Device < out[j].Device })
 	return out, nil
+}
+
+// guestAddresses reads the guest-reported addresses per VIF device. A null
+// ref gives none; a read failure (the metrics object vanished, an old
+// server) is logged and gives none too: the addresses only help the
+// network backend announce the VM, they never block a migration. Only a
+// cancelled context is an error.
+func (p *Pool) guestAddresses(ctx context.Context, vm string, gm xapi.VMGuestMetricsRef) (map[string]xapi.GuestAddresses, error) {
+	if gm.IsNull() {
+		p.log.Debug("vm has no guest metrics: no guest addresses", "vm", vm)
+		return nil, nil
+	}
+	nets, err := p.c.VMGuestMetricsGetNetworks(ctx, gm)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("VM_guest_metrics.get_networks: %w", ctx.Err())
+		}
+		p.log.Warn("cannot read guest metrics: no guest addresses", "vm", vm, "error", err)
+		return nil, nil
+	}
+	return xapi.GuestNetworks(nets), nil
 }
 
 // PoolOtherConfig implements engine.SourcePool and engine.DestPool.
