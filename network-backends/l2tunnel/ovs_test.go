@@ -1,6 +1,7 @@
 package l2tunnel
 
 import (
+	"bytes"
 	"context"
 	"os/exec"
 	"path/filepath"
@@ -132,4 +133,80 @@ func TestOVSModeAgainstOVSDB(t *testing.T) {
 	_, err = dst.Prepare(ctx, r)
 	require.ErrorIs(t, err, contract.ErrFailedPrecondition)
 	assert.Contains(t, err.Error(), "xenbr9")
+}
+
+// TestOVSKeepAndRemove: the per-migration option keeps the OVS ports of a
+// migration that succeeded (the config says nothing), marked kept in
+// their external_ids; a later migration's sweep leaves them; the remove
+// command deletes them.
+func TestOVSKeepAndRemove(t *testing.T) {
+	o := startOVSDB(t)
+	l := newLab(t)
+	o.vsctl(t, "add-br", "br0")
+	o.vsctl(t, "add-br", "br1")
+	ovs := map[string]any{"mode": "ovs", "ovs_db": o.db, "ovs_no_wait": true, "bridges": bridges}
+	src := siteBackend(t, l.siteA, l.ulA, ovs)
+	dst := siteBackend(t, l.siteB, l.ulB, ovs)
+	ctx := context.Background()
+	mig1, mig2 := collidingIDs(t, "ovs-keep")
+	d, err := dst.Prepare(ctx, func() contract.NetPrepareRequest {
+		r := vmRequest(mig1, contract.RoleDestination)
+		r.Options = keepOption(t, true)
+		return r
+	}())
+	require.NoError(t, err)
+	sr := vmRequest(mig1, contract.RoleSource)
+	sr.Options, sr.Peer = keepOption(t, true), d.Endpoint
+	s, err := src.Prepare(ctx, sr)
+	require.NoError(t, err)
+	_, err = dst.Activate(ctx, contract.ActivateRequest{Handle: d.Handle.ID})
+	require.NoError(t, err)
+	_, err = src.Release(ctx, contract.ReleaseRequest{Handle: s.Handle.ID})
+	require.NoError(t, err)
+	for _, x := range []struct {
+		b *Backend
+		h contract.Handle
+	}{{src, s.Handle}, {dst, d.Handle}} {
+		_, err := x.b.Cleanup(ctx, contract.NetCleanupRequest{Handle: x.h})
+		require.NoError(t, err)
+	}
+	var names []string
+	for _, role := range []contract.Role{contract.RoleSource, contract.RoleDestination} {
+		for _, dev := range []string{"0", "1"} {
+			names = append(names, IfName(mig1, role, dev))
+		}
+	}
+	ports := func() []string {
+		return append(strings.Fields(o.vsctl(t, "list-ports", "br0")), strings.Fields(o.vsctl(t, "list-ports", "br1"))...)
+	}
+	assert.ElementsMatch(t, names, ports(), "kept on both sites")
+	dn := IfName(mig1, contract.RoleDestination, "0")
+	assert.Equal(t, "kept", o.vsctl(t, "get", "interface", dn, "external_ids:wanmotion-state"))
+	assert.Equal(t, mig1, unquoteOVS(o.vsctl(t, "get", "interface", dn, "external_ids:wanmotion-migration")))
+	assert.Equal(t, "destination", o.vsctl(t, "get", "interface", dn, "external_ids:wanmotion-role"))
+	assert.Contains(t, o.vsctl(t, "get", "interface", dn, "options"), `remote_ip="`+l.ulA+`"`)
+
+	// A migration whose names share the prefix: crash sweep leaves them.
+	_, err = dst.Cleanup(ctx, contract.NetCleanupRequest{Handle: contract.Handle{ID: "x", MigrationID: mig2, Role: contract.RoleDestination}})
+	require.NoError(t, err)
+	assert.ElementsMatch(t, names, ports())
+
+	common := []string{"--mode", "ovs", "--ovs-db", o.db, "--ovs-no-wait"}
+	var out bytes.Buffer
+	require.Equal(t, 0, RunCLI(ctx, append([]string{"list"}, common...), &out, &out), out.String())
+	assert.Regexp(t, dn+` +kept +`+mig1+` +destination +vm-1 +- +[0-9]+ +`+l.ulA, out.String())
+	// Values that are not plain words are quoted for ovs-vsctl.
+	odd := Marker{MigrationID: `a b="c"`, Role: contract.RoleDestination, Kept: true}
+	o.vsctl(t, OVSMarkArgs(dn, odd)...)
+	assert.Equal(t, odd.MigrationID, unquoteOVS(o.vsctl(t, "get", "interface", dn, "external_ids:wanmotion-migration")))
+	out.Reset()
+	require.Equal(t, 0, RunCLI(ctx, append([]string{"remove", "--migration", mig1, "--role", "source"}, common...), &out, &out), out.String())
+	assert.Equal(t, 2, strings.Count(out.String(), "removed "), out.String())
+	out.Reset()
+	require.Equal(t, 0, RunCLI(ctx, append([]string{"remove", "--all-kept"}, common...), &out, &out), out.String())
+	assert.Equal(t, 2, strings.Count(out.String(), "removed "), out.String())
+	assert.Empty(t, ports())
+	out.Reset()
+	require.Equal(t, 0, RunCLI(ctx, append([]string{"remove", "--all-kept"}, common...), &out, &out), out.String())
+	assert.Contains(t, out.String(), "no ovs tunnel matched")
 }
