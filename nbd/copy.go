@@ -31,23 +31,37 @@ type Pool struct {
 }
 
 // DialPool opens up to n connections to the export; more than one only when
-// the server advertises NBD_FLAG_CAN_MULTI_CONN.
+// the server advertises NBD_FLAG_CAN_MULTI_CONN. After the first, the
+// connections are opened concurrently (a handshake can take tens of
+// milliseconds, e.g. qemu-nbd's replies meet Nagle and delayed ACKs).
 func DialPool(ctx context.Context, network, addr string, opts DialOptions, n int) (*Pool, error) {
 	first, err := Dial(ctx, network, addr, opts)
 	if err != nil {
 		return nil, err
 	}
 	p := &Pool{clients: []*Client{first}}
-	if !first.CanMultiConn() {
+	if !first.CanMultiConn() || n <= 1 {
 		return p, nil
 	}
-	for len(p.clients) < n {
-		c, err := Dial(ctx, network, addr, opts)
-		if err != nil {
-			_ = p.Close()
-			return nil, err
+	rest := make([]*Client, n-1)
+	errs := make([]error, n-1)
+	var wg sync.WaitGroup
+	for i := range rest {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rest[i], errs[i] = Dial(ctx, network, addr, opts)
+		}()
+	}
+	wg.Wait()
+	for _, c := range rest {
+		if c != nil {
+			p.clients = append(p.clients, c)
 		}
-		p.clients = append(p.clients, c)
+	}
+	if err := errors.Join(errs...); err != nil {
+		_ = p.Close()
+		return nil, err
 	}
 	return p, nil
 }

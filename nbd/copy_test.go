@@ -3,7 +3,9 @@ package nbd
 import (
 	"context"
 	"fmt"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -83,5 +85,52 @@ func TestCopy(t *testing.T) {
 		defer to.Close()
 		_, err = Copy(ctx, to, from, CopyOptions{ChunkSize: 1 << 20})
 		assert.ErrorIs(t, err, ErrIO)
+	})
+}
+
+func TestDialPool(t *testing.T) {
+	checkNoLeak(t)
+	ctx := context.Background()
+	mem := NewMemBackend(1 << 20)
+	t.Run("opens n connections", func(t *testing.T) {
+		ts := startStatic(t, nil, false, &Export{Name: "d", Backend: mem, MultiConn: true})
+		pool, err := DialPool(ctx, "tcp", ts.addr, DialOptions{Export: "d"}, 5)
+		require.NoError(t, err)
+		defer pool.Close()
+		require.Len(t, pool.Clients(), 5)
+		for _, c := range pool.Clients() {
+			require.NoError(t, c.WriteAt(ctx, []byte{1}, 0, false), "every connection works")
+		}
+	})
+	t.Run("one connection without multi-conn", func(t *testing.T) {
+		ts := startStatic(t, nil, false, &Export{Name: "d", Backend: mem})
+		pool, err := DialPool(ctx, "tcp", ts.addr, DialOptions{Export: "d"}, 5)
+		require.NoError(t, err)
+		defer pool.Close()
+		assert.Len(t, pool.Clients(), 1)
+	})
+	t.Run("a refused later connection closes the others", func(t *testing.T) {
+		var mu sync.Mutex
+		opened, released := 0, 0
+		ts := startServer(t, ServerOptions{Exports: func(context.Context, string) (*Export, error) {
+			mu.Lock()
+			defer mu.Unlock()
+			if opened == 3 {
+				return nil, fmt.Errorf("full: %w", ErrUnknownExport)
+			}
+			opened++
+			return &Export{Name: "d", Backend: mem, MultiConn: true, Release: func() {
+				mu.Lock()
+				released++
+				mu.Unlock()
+			}}, nil
+		}})
+		_, err := DialPool(ctx, "tcp", ts.addr, DialOptions{Export: "d"}, 5)
+		require.ErrorIs(t, err, ErrUnknownExport)
+		assert.Eventually(t, func() bool {
+			mu.Lock()
+			defer mu.Unlock()
+			return released == opened
+		}, 5*time.Second, 10*time.Millisecond, "the server saw every opened connection closed")
 	})
 }
