@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/wanmotion/wanmotion/agent"
 	"github.com/wanmotion/wanmotion/engine"
@@ -32,6 +33,9 @@ func (st netState) encode() ([]byte, error) {
 	return contract.EncodeOpaque(st)
 }
 
+// vifs turns the plan's VIFs into the backends' VIFInfo: network UUIDs at
+// both sites, and the guest-reported addresses (copied, so a backend in
+// this process cannot change the plan).
 func (n *Network) vifs(ctx context.Context, spec engine.NetSpec) ([]contract.VIFInfo, error) {
 	out := make([]contract.VIFInfo, 0, len(spec.VIFs))
 	for _, v := range spec.VIFs {
@@ -43,7 +47,8 @@ func (n *Network) vifs(ctx context.Context, spec engine.NetSpec) ([]contract.VIF
 		if err != nil {
 			return nil, err
 		}
-		out = append(out, contract.VIFInfo{Device: v.Device, MAC: v.MAC, NetworkUUID: src, DestNetworkUUID: dst})
+		out = append(out, contract.VIFInfo{Device: v.Device, MAC: v.MAC, NetworkUUID: src, DestNetworkUUID: dst,
+			IPv4: slices.Clone(v.IPv4), IPv6: slices.Clone(v.IPv6)})
 	}
 	return out, nil
 }
