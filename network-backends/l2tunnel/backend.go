@@ -5,7 +5,9 @@
 // at the destination after the move (RARP, gratuitous ARP, unsolicited
 // neighbour advertisements). Kernel VXLAN (netlink, Linux bridges), Open
 // vSwitch VXLAN ports (ovs-vsctl), or a userspace TAP tunnel over one TCP
-// stream through the WAN gateway. See docs/network-l2tunnel.md.
+// stream through the WAN gateway. With keep_after_migration the kernel or
+// OVS tunnels of a migration that succeeded outlive it (marked kept), until
+// an admin removes them (RunCLI: "remove"). See docs/network-l2tunnel.md.
 package l2tunnel
 
 import (
@@ -430,6 +432,7 @@ func (b *Backend) Prepare(ctx context.Context, req contract.NetPrepareRequest) (
 		return contract.NetPrepareResponse{}, err
 	}
 	b.startLink(dp, h)
+	b.warnKept(ctx, dp, h.st)
 	if req.Role == contract.RoleDestination {
 		h.st.Token = randomHex(16)
 		if err := b.startRegistrar(h, req.Listen); err != nil {
@@ -1050,6 +1053,26 @@ func (b *Backend) keep(ctx context.Context, dp dataplane, id string, st state) e
 		"names", strings.Join(kept, ","), "remote", st.Remote,
 		"remove_with", "wanmotion-network-l2tunnel remove --mode "+st.Mode+" --migration "+st.MigrationID)
 	return nil
+}
+
+// warnKept logs the kept tunnels of an earlier migration of the same VM
+// on this host: when the VM moves again they only duplicate broadcasts
+// (or, with the same VNI, block the new tunnel) and should be removed.
+func (b *Backend) warnKept(ctx context.Context, dp dataplane, st state) {
+	if st.Mode == ModeTAP {
+		return
+	}
+	found, err := dp.list(ctx)
+	if err != nil {
+		return
+	}
+	for _, f := range found {
+		if f.Marked && f.Marker.Kept && f.Marker.VMUUID == st.VMUUID && f.Marker.MigrationID != st.MigrationID {
+			b.log.Warn("this vm has a tunnel kept from an earlier migration on this host; remove it when it is no longer needed",
+				"vm_uuid", st.VMUUID, "name", f.Name, "kept_migration_id", f.Marker.MigrationID,
+				"remove_with", "wanmotion-network-l2tunnel remove --mode "+st.Mode+" --migration "+f.Marker.MigrationID)
+		}
+	}
 }
 
 func inTunnels(ts []tunnel, name string) bool {

@@ -147,10 +147,11 @@ func TestKeepAfterMigration(t *testing.T) {
 	// Release): keep is set, yet everything of mig2 goes, nothing of mig1.
 	vifs2 := []contract.VIFInfo{{Device: "7", MAC: "02:00:5e:04:00:07", NetworkUUID: "net-a2", DestNetworkUUID: "net-b2"}}
 	r2.VIFs = vifs2
+	r2.VMUUID = "vm-keep" // the same VM again: Prepare warns about the kept tunnel (log only)
 	d2, err := dst.Prepare(ctx, r2)
 	require.NoError(t, err)
 	sr2 := vmRequest(mig2, contract.RoleSource)
-	sr2.VIFs, sr2.Peer = vifs2, d2.Endpoint
+	sr2.VIFs, sr2.Peer, sr2.VMUUID = vifs2, d2.Endpoint, r2.VMUUID
 	s2, err := src.Prepare(ctx, sr2)
 	require.NoError(t, err)
 	require.Contains(t, vxlans(t, ha), IfName(mig2, contract.RoleSource, "7"))
