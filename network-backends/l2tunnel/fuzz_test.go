@@ -51,3 +51,30 @@ func FuzzParseRegistration(f *testing.F) {
 		}
 	})
 }
+
+// The markers read back from hosts: an interface alias anyone in dom0 can
+// set, and ovs-vsctl's JSON.
+func FuzzParseAlias(f *testing.F) {
+	f.Add(Marker{MigrationID: "wm-0a1b2c3d4e5f", Role: contract.RoleSource, VMUUID: "vm", Kept: true}.Alias())
+	f.Add("wanmotion-l2tunnel active migration=%zz role=")
+	f.Add("uplink")
+	f.Fuzz(func(t *testing.T, a string) {
+		m, ok := ParseAlias(a)
+		if !ok {
+			return
+		}
+		// What the backend writes back for it reads the same.
+		if again, ok := ParseAlias(m.Alias()); ok && len(m.Alias()) < maxAlias-20 && again != m {
+			t.Fatalf("alias %q: %+v, rewritten %q: %+v", a, m, m.Alias(), again)
+		}
+	})
+}
+
+func FuzzParseOVSList(f *testing.F) {
+	f.Add([]byte(`{"data":[["wm1234567dv0",["map",[["wanmotion","l2tunnel"],["wanmotion-state","kept"]]],["map",[["key","42"],["remote_ip","192.0.2.1"]]]]],"headings":["name","external_ids","options"]}`))
+	f.Add([]byte(`{"data":[],"headings":["name","external_ids","options"]}`))
+	f.Add([]byte(`{"data":[[1,2,3]],"headings":["name","external_ids","options"]}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		_, _ = parseOVSList(b)
+	})
+}
