@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -70,7 +71,10 @@ type Overrides struct {
 	MaxRounds            *int               `msgpack:"max_rounds,omitempty"`
 	MinShrink            *float64           `msgpack:"min_shrink,omitempty"`
 	ThrottleMax          *int               `msgpack:"throttle_max,omitempty"`
-	MigrationNetwork     *string            `msgpack:"migration_network,omitempty"`
+	// Sections are the backends' own configuration objects in
+	// wanmotion:config, by backend name (raw JSON, e.g. "l2tunnel": {...}).
+	Sections         map[string][]byte `msgpack:"sections,omitempty"`
+	MigrationNetwork *string           `msgpack:"migration_network,omitempty"`
 }
 
 // Settings are the resolved settings of one migration (stored in its checkpoint).
@@ -87,7 +91,12 @@ type Settings struct {
 	MaxRounds            int               `msgpack:"max_rounds" json:"max_rounds,omitempty"`
 	MinShrink            float64           `msgpack:"min_shrink" json:"min_shrink,omitempty"`
 	ThrottleMax          int               `msgpack:"throttle_max" json:"throttle_max,omitempty"` // largest guest throttle, percent
-	MigrationNetwork     string            `msgpack:"migration_network" json:"migration_network,omitempty"`
+	// SourceConfig and DestConfig are the chosen backends' sections of
+	// each pool's wanmotion:config (raw JSON by backend name): each site's
+	// backends are configured from their own pool.
+	SourceConfig     map[string][]byte `msgpack:"source_config,omitempty" json:"-"`
+	DestConfig       map[string][]byte `msgpack:"dest_config,omitempty" json:"-"`
+	MigrationNetwork string            `msgpack:"migration_network" json:"migration_network,omitempty"`
 }
 
 // configJSON is the schema of pool.other_config["wanmotion:config"].
@@ -112,14 +121,39 @@ func ParseConfigJSON(s string) (Overrides, error) {
 	if strings.TrimSpace(s) == "" {
 		return o, nil
 	}
-	dec := json.NewDecoder(strings.NewReader(s))
+	top := json.NewDecoder(strings.NewReader(s))
+	var raw map[string]json.RawMessage
+	if err := top.Decode(&raw); err != nil {
+		return o, fmt.Errorf("%w: %s: %v", ErrConfig, KeyConfig, err)
+	}
+	if _, err := top.Token(); !errors.Is(err, io.EOF) {
+		return o, fmt.Errorf("%w: %s: trailing data after the JSON object", ErrConfig, KeyConfig)
+	}
+	// An unknown key whose value is an object is a backend's section
+	// (its own keys are the backend's to check); any other unknown key is
+	// an error below.
+	for k, v := range raw {
+		if knownConfigKeys[k] || !isJSONObject(v) {
+			continue
+		}
+		if !validSectionName(k) {
+			return o, fmt.Errorf("%w: %s: section %q: a backend name is lower-case letters, digits and '-'", ErrConfig, KeyConfig, k)
+		}
+		if o.Sections == nil {
+			o.Sections = map[string][]byte{}
+		}
+		o.Sections[k] = append([]byte(nil), v...)
+		delete(raw, k)
+	}
+	known, err := json.Marshal(raw)
+	if err != nil {
+		return o, fmt.Errorf("%w: %s: %v", ErrConfig, KeyConfig, err)
+	}
+	dec := json.NewDecoder(bytes.NewReader(known))
 	dec.DisallowUnknownFields()
 	var c configJSON
 	if err := dec.Decode(&c); err != nil {
 		return o, fmt.Errorf("%w: %s: %v", ErrConfig, KeyConfig, err)
-	}
-	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
-		return o, fmt.Errorf("%w: %s: trailing data after the JSON object", ErrConfig, KeyConfig)
 	}
 	if c.Bandwidth != nil {
 		bw, err := ParseBandwidth(*c.Bandwidth)
@@ -263,6 +297,8 @@ func Resolve(src, dst, flags Overrides, inst Installed) (Settings, error) {
 	s.MaxRounds = first(DefaultMaxRounds, flags.MaxRounds, src.MaxRounds, dst.MaxRounds)
 	s.MinShrink = first(DefaultMinShrink, flags.MinShrink, src.MinShrink, dst.MinShrink)
 	s.ThrottleMax = first(DefaultThrottleMax, flags.ThrottleMax, src.ThrottleMax)
+	s.SourceConfig = backendSections(src.Sections, s.Storage, s.Network)
+	s.DestConfig = backendSections(dst.Sections, s.Storage, s.Network)
 	s.MigrationNetwork = first("", flags.MigrationNetwork, dst.MigrationNetwork)
 	return s, nil
 }
@@ -394,7 +430,23 @@ func FormatConfigJSON(o Overrides) (string, error) {
 	if err := enc.Encode(c); err != nil {
 		return "", err
 	}
-	return strings.TrimSpace(buf.String()), nil
+	out := strings.TrimSpace(buf.String())
+	if len(o.Sections) == 0 {
+		return out, nil
+	}
+	// add the backend sections (sorted by name, as encoding/json does)
+	var all map[string]json.RawMessage
+	if err := json.Unmarshal([]byte(out), &all); err != nil {
+		return "", err
+	}
+	for k, v := range o.Sections {
+		all[k] = json.RawMessage(v)
+	}
+	b, err := json.Marshal(all)
+	if err != nil {
+		return "", err
+	}
+	return string(b), nil
 }
 
 // PoolConfigEntries returns the pool.other_config entries that store o
@@ -421,4 +473,46 @@ func PoolConfigEntries(o Overrides) (map[string]string, error) {
 		return nil, err
 	}
 	return m, nil
+}
+
+// knownConfigKeys are the wanmotion:config fields of configJSON.
+var knownConfigKeys = func() map[string]bool {
+	m := map[string]bool{}
+	t := reflect.TypeOf(configJSON{})
+	for i := 0; i < t.NumField(); i++ {
+		name, _, _ := strings.Cut(t.Field(i).Tag.Get("json"), ",")
+		m[name] = true
+	}
+	return m
+}()
+
+func isJSONObject(v json.RawMessage) bool {
+	b := bytes.TrimSpace(v)
+	return len(b) > 0 && b[0] == '{'
+}
+
+func validSectionName(k string) bool {
+	if k == "" || len(k) > 64 {
+		return false
+	}
+	for _, r := range k {
+		if !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '-' || r == '_') {
+			return false
+		}
+	}
+	return true
+}
+
+// backendSections picks the sections of the chosen backends.
+func backendSections(all map[string][]byte, names ...string) map[string][]byte {
+	var out map[string][]byte
+	for _, n := range names {
+		if v, ok := all[n]; ok && n != "" && n != NetworkNone {
+			if out == nil {
+				out = map[string][]byte{}
+			}
+			out[n] = v
+		}
+	}
+	return out
 }

@@ -324,6 +324,9 @@ type AgentSpec struct {
 	DestHost       string
 	StorageBackend string
 	NetworkBackend string
+	// SourceConfig and DestConfig are each site's backend configurations
+	// (its pool's wanmotion:config sections, raw JSON by backend name).
+	SourceConfig, DestConfig map[string][]byte
 }
 
 // Agents starts and stops the site agents. Start is idempotent and

@@ -92,7 +92,8 @@ func (r *run) findVDI(ctx context.Context, pool any, match map[string]string) (s
 
 func (r *run) agentSpec() AgentSpec {
 	return AgentSpec{MigrationID: r.cp.MigrationID, SourceHost: r.cp.SourceHost, DestHost: r.cp.DestHost,
-		StorageBackend: r.cp.Settings.Storage, NetworkBackend: r.cp.Settings.Network}
+		StorageBackend: r.cp.Settings.Storage, NetworkBackend: r.cp.Settings.Network,
+		SourceConfig: r.cp.Settings.SourceConfig, DestConfig: r.cp.Settings.DestConfig}
 }
 
 func (r *run) key(d *DiskState) DiskKey {

@@ -724,3 +724,39 @@ func TestReportThrottleStillActive(t *testing.T) {
 	cp.Seed.ThrottleRemoved, cp.Phase = false, PhaseDone
 	assert.False(t, BuildReport(cp).GuestThrottleActive, "after the move the throttled domain is gone")
 }
+
+// Backend sections of wanmotion:config: kept raw, per pool, and given to
+// each site's chosen backends only.
+func TestConfigSections(t *testing.T) {
+	o, err := ParseConfigJSON(`{"streams":8,"l2tunnel":{"netns":"a","underlay_address":"10.0.0.1"},"nbd":{"chunk_size":"1MiB"}}`)
+	require.NoError(t, err)
+	assert.Equal(t, 8, *o.Streams)
+	require.Len(t, o.Sections, 2)
+	assert.JSONEq(t, `{"netns":"a","underlay_address":"10.0.0.1"}`, string(o.Sections["l2tunnel"]))
+
+	js, err := FormatConfigJSON(o)
+	require.NoError(t, err)
+	assert.JSONEq(t, `{"streams":8,"l2tunnel":{"netns":"a","underlay_address":"10.0.0.1"},"nbd":{"chunk_size":"1MiB"}}`, js, "sections survive a rewrite")
+
+	for in, want := range map[string]string{
+		`{"colour":"blue"}`:          `unknown field "colour"`,
+		`{"l2tunnel":[1]}`:           `unknown field "l2tunnel"`,
+		`{"L2 Tunnel":{"x":1}}`:      `section "L2 Tunnel"`,
+		`{"streams":{"x":1}}`:        "streams",
+		`{"l2tunnel":{"x":1}} {"a"}`: "trailing",
+	} {
+		_, err := ParseConfigJSON(in)
+		require.ErrorIs(t, err, ErrConfig, in)
+		assert.Contains(t, err.Error(), want, in)
+	}
+
+	src, err := ParseConfigJSON(`{"l2tunnel":{"netns":"a"},"nbd":{"x":1},"other":{"y":2}}`)
+	require.NoError(t, err)
+	dst, err := ParseConfigJSON(`{"l2tunnel":{"netns":"b"}}`)
+	require.NoError(t, err)
+	nw := "l2tunnel"
+	s, err := Resolve(src, dst, Overrides{Network: &nw}, Installed{Storage: []string{"nbd"}, Network: []string{"l2tunnel"}})
+	require.NoError(t, err)
+	assert.Equal(t, map[string][]byte{"l2tunnel": []byte(`{"netns":"a"}`), "nbd": []byte(`{"x":1}`)}, s.SourceConfig, "the chosen backends' sections only")
+	assert.Equal(t, map[string][]byte{"l2tunnel": []byte(`{"netns":"b"}`)}, s.DestConfig, "each site its own pool's")
+}

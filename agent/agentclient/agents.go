@@ -137,14 +137,22 @@ func (c *Client) launchBackends(ctx context.Context, m *migration, role contract
 		return err
 	}
 	if spec.StorageBackend != "" {
+		cfg, err := c.backendConfig(spec, role, spec.StorageBackend, c.cfg.StorageConfig)
+		if err != nil {
+			return err
+		}
 		if _, err := call[agent.LaunchRequest, agent.LaunchResponse](ctx, ac, agent.MethodLaunchStorage,
-			agent.LaunchRequest{Name: spec.StorageBackend, Config: c.cfg.StorageConfig[spec.StorageBackend]}); err != nil {
+			agent.LaunchRequest{Name: spec.StorageBackend, Config: cfg}); err != nil {
 			return fmt.Errorf("launch storage backend %s at the %s: %w", spec.StorageBackend, role, err)
 		}
 	}
 	if spec.NetworkBackend != "" && spec.NetworkBackend != "none" {
+		cfg, err := c.backendConfig(spec, role, spec.NetworkBackend, c.cfg.NetworkConfig)
+		if err != nil {
+			return err
+		}
 		if _, err := call[agent.LaunchRequest, agent.LaunchResponse](ctx, ac, agent.MethodLaunchNetwork,
-			agent.LaunchRequest{Name: spec.NetworkBackend, Config: c.cfg.NetworkConfig[spec.NetworkBackend]}); err != nil {
+			agent.LaunchRequest{Name: spec.NetworkBackend, Config: cfg}); err != nil {
 			return fmt.Errorf("launch network backend %s at the %s: %w", spec.NetworkBackend, role, err)
 		}
 	}
@@ -196,4 +204,23 @@ func (c *Client) Stop(ctx context.Context, migrationID string) error {
 		return fmt.Errorf("agentclient: %w", err)
 	}
 	return nil
+}
+
+// backendConfig is the Configure config of backend at role's site: that
+// site's pool section from the spec (JSON, converted with
+// contract.ConfigFromJSON), else the client's own config for the backend.
+func (c *Client) backendConfig(spec engine.AgentSpec, role contract.Role, backend string, fallback map[string][]byte) ([]byte, error) {
+	sections := spec.SourceConfig
+	if role == contract.RoleDestination {
+		sections = spec.DestConfig
+	}
+	js, ok := sections[backend]
+	if !ok {
+		return fallback[backend], nil
+	}
+	b, err := contract.ConfigFromJSON(js)
+	if err != nil {
+		return nil, fmt.Errorf("the %s pool's %q section of wanmotion:config: %w", role, backend, err)
+	}
+	return b, nil
 }

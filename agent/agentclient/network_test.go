@@ -118,3 +118,27 @@ func TestNetworkBridgesPerSite(t *testing.T) {
 	require.NoError(t, err)
 	assert.Empty(t, out[0].Bridge)
 }
+
+// Each site's backends are configured from their own pool's section; the
+// client's own config is the fallback.
+func TestBackendConfigPerSite(t *testing.T) {
+	c := &Client{cfg: Config{NetworkConfig: map[string][]byte{"l2tunnel": []byte("fallback")}}}
+	spec := engine.AgentSpec{SourceConfig: map[string][]byte{"l2tunnel": []byte(`{"netns":"a"}`)},
+		DestConfig: map[string][]byte{"l2tunnel": []byte(`{"netns":"b"}`), "bad": []byte(`[1]`)}}
+	src, err := c.backendConfig(spec, contract.RoleSource, "l2tunnel", c.cfg.NetworkConfig)
+	require.NoError(t, err)
+	dst, err := c.backendConfig(spec, contract.RoleDestination, "l2tunnel", c.cfg.NetworkConfig)
+	require.NoError(t, err)
+	wantA, err := contract.ConfigFromJSON([]byte(`{"netns":"a"}`))
+	require.NoError(t, err)
+	wantB, err := contract.ConfigFromJSON([]byte(`{"netns":"b"}`))
+	require.NoError(t, err)
+	assert.Equal(t, wantA, src)
+	assert.Equal(t, wantB, dst)
+	fb, err := c.backendConfig(engine.AgentSpec{}, contract.RoleSource, "l2tunnel", c.cfg.NetworkConfig)
+	require.NoError(t, err)
+	assert.Equal(t, []byte("fallback"), fb)
+	_, err = c.backendConfig(spec, contract.RoleDestination, "bad", nil)
+	require.ErrorIs(t, err, contract.ErrInvalidArgument)
+	assert.Contains(t, err.Error(), `the destination pool's "bad" section of wanmotion:config`)
+}

@@ -467,10 +467,17 @@ func (c *Client) watchReceiver(ctx context.Context, m *migration, backend string
 			}
 			ac, err := m.conn(role)
 			var resp agent.LaunchResponse
+			var cfg []byte
+			if err == nil {
+				m.mu.Lock()
+				spec := m.p.Spec
+				m.mu.Unlock()
+				cfg, err = c.backendConfig(spec, role, backend, c.cfg.StorageConfig)
+			}
 			if err == nil {
 				hctx, hcancel := context.WithTimeout(ctx, max(c.cfg.PeerWatch, c.cfg.DialTimeout))
 				resp, err = call[agent.LaunchRequest, agent.LaunchResponse](hctx, ac, agent.MethodLaunchStorage,
-					agent.LaunchRequest{Name: backend, Config: c.cfg.StorageConfig[backend]})
+					agent.LaunchRequest{Name: backend, Config: cfg})
 				hcancel()
 			}
 			switch {
