@@ -38,8 +38,14 @@ func registerCore() {
 			return c.login()
 		}})
 	Register(&Method{Name: "session.slave_local_login_with_password", NoSession: true,
-		Params:  []Param{p("uname", KString), p("pwd", KString)},
-		Handler: func(c *Call) (any, error) { return c.login() }})
+		Params: []Param{p("uname", KString), p("pwd", KString)},
+		Handler: func(c *Call) (any, error) {
+			ref, err := c.login()
+			if err == nil {
+				c.Pool.slaveLocal.Store(ref, c.Host.Ref)
+			}
+			return ref, err
+		}})
 	Register(&Method{Name: "session.logout", Handler: logout})
 	Register(&Method{Name: "session.local_logout", Handler: logout})
 

@@ -3,6 +3,7 @@ package xapisim
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"slices"
 	"sort"
 	"strconv"
@@ -265,6 +266,16 @@ func (s *Sim) dispatch(ctx context.Context, h *Host, req *Request) Response {
 		if !h.pool.validSession(sess) {
 			return Response{Fault: Errorf(ErrSessionInvalid, sess)}
 		}
+		// A pool member serves API calls only to its local socket (xapi
+		// forwards those to the coordinator) and to its own slave-local
+		// sessions; over TCP anything else is HOST_IS_SLAVE (xen-api
+		// api_server.ml, session_check.ml). The simulator's own sim.*
+		// methods are answered anywhere.
+		if !h.master && !isLocalConn(ctx) && !strings.HasPrefix(name, "sim.") {
+			if lh, ok := h.pool.slaveLocal.Load(sess); !ok || lh != h.Ref {
+				return Response{Fault: Errorf(ErrHostIsSlave, h.pool.Coordinator().Address())}
+			}
+		}
 		c.Session = sess
 	}
 	if async && m.NoAsync {
@@ -423,4 +434,19 @@ func (d *db) removeFromMap(o *object, field, key string) {
 		delete(m, key)
 		d.touch(o)
 	}
+}
+
+type localConnKey struct{}
+
+// localConnHandler marks requests that came in on a host's local unix
+// socket (where a member forwards to the coordinator).
+func localConnHandler(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), localConnKey{}, true)))
+	})
+}
+
+func isLocalConn(ctx context.Context) bool {
+	v, _ := ctx.Value(localConnKey{}).(bool)
+	return v
 }

@@ -617,7 +617,7 @@ func startHostLocal(ctx context.Context, s *Sim) (func(), error) {
 					stop()
 					return nil, fmt.Errorf("host %s local socket: %w", h.Name, err)
 				}
-				srv := &http.Server{Handler: s.handler(h), ReadHeaderTimeout: 30 * time.Second}
+				srv := &http.Server{Handler: localConnHandler(s.handler(h)), ReadHeaderTimeout: 30 * time.Second}
 				servers = append(servers, srv)
 				wg.Add(1)
 				go func() {

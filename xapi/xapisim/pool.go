@@ -16,6 +16,10 @@ type Pool struct {
 	vdis  map[string]*vdiState // by VDI uuid
 	hosts []*Host              // coordinator first
 	tasks sync.WaitGroup       // running Async calls
+	// slaveLocal maps sessions made by session.slave_local_login_with_password
+	// to the member host that made them (the only host they are valid on
+	// over TCP; such sessions are not in xapi's database).
+	slaveLocal sync.Map
 	// lastDomid is the largest domid handed out (under mu): like Xen,
 	// a new domain never reuses a recent domid.
 	lastDomid int64

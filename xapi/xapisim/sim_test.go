@@ -15,6 +15,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/wanmotion/wanmotion/xapi"
 )
 
 func TestErrorsOnTheWire(t *testing.T) {
@@ -733,4 +735,44 @@ func TestRawTransferTasks(t *testing.T) {
 		_ = resp.Body.Close()
 	}
 	require.Eventually(t, func() bool { return ok(t, url, "task.get_status", sess, task) == "failure" }, 5*time.Second, 20*time.Millisecond)
+}
+
+// A pool member answers API calls over TCP only for its own slave-local
+// sessions (anything else: HOST_IS_SLAVE with the coordinator's address);
+// on its local socket it serves the pool's sessions (xapi forwards them).
+func TestMemberAnswersHostIsSlave(t *testing.T) {
+	s := startSim(t, "")
+	url, sess := login(t, s, 0)
+	hosts := s.Pools()[0].Hosts()
+	require.GreaterOrEqual(t, len(hosts), 2)
+	member := hosts[1]
+	coord := s.Pools()[0].Coordinator()
+
+	_, f := call(t, member.URL(), "VM.get_all", sess)
+	require.NotNil(t, f, "a member refuses the pool's session over TCP")
+	assert.Equal(t, ErrHostIsSlave, f.Code)
+	assert.Equal(t, []string{coord.Address()}, f.Params)
+	_, f = call(t, member.URL(), "session.login_with_password", "root", s.Info().Pools[0].Password)
+	require.NotNil(t, f)
+	assert.Equal(t, ErrHostIsSlave, f.Code)
+	ok(t, url, "VM.get_all", sess)
+
+	ls := ok(t, member.URL(), "session.slave_local_login_with_password", "root", s.Info().Pools[0].Password).(string)
+	ok(t, member.URL(), "VM.get_all", ls)
+	if len(hosts) > 2 {
+		_, f = call(t, hosts[2].URL(), "VM.get_all", ls)
+		require.NotNil(t, f, "a slave-local session is valid on its own member only")
+	}
+
+	sock := s.XapiSocketPath(member)
+	if len(sock) > 107 {
+		t.Skip("state dir too long for a unix socket")
+	}
+	c, err := xapi.NewLocal(sock, xapi.Config{})
+	require.NoError(t, err)
+	c.UseSession(xapi.SessionRef(sess))
+	_, err = c.VMGetAll(context.Background())
+	require.NoError(t, err, "the member's local socket serves the pool's session")
+	c.Forget()
+	_ = c.Close(context.Background())
 }
