@@ -553,7 +553,7 @@ func (r *run) onStepError(ctx context.Context, from Phase, err error) Phase {
 			r.cp.Error = r.cause.Error()
 			r.plog.Error("handoff failed; vm still runs at the source, replica kept for a retry", "error", err)
 			// the guest keeps running here: give it its CPU back now (a
-			// resumed handoff runs VM.migrate_send unthrottled)
+			// resumed handoff throttles it again before VM.migrate_send)
 			if rerr := r.releaseThrottle(ctx); rerr != nil {
 				r.plog.Warn("could not remove the guest throttle after the failed handoff; resume or abort removes it", "error", rerr)
 			}

@@ -315,6 +315,19 @@ func TestThrottleKeptThroughHandoffReleasedOnFailure(t *testing.T) {
 	assert.Equal(t, 1, w.released, "the failed handoff gave the guest its CPU back")
 	assert.Zero(t, w.throttle)
 	assert.Equal(t, 20, rep.GuestThrottlePercent, "round 1 throttled; round 2 reached the cap of 2")
+
+	// the retry throttles the guest again for its VM.migrate_send, and the
+	// cleanup after the move finds nothing to release at the source
+	throttledAtSend = -1
+	w.MigrateSendF = func(MigrateArgs) []string {
+		throttledAtSend = w.throttle
+		return nil
+	}
+	rep, err = e.Resume(context.Background(), rep.MigrationID)
+	require.NoError(t, err)
+	assert.Equal(t, ResultSuccess, rep.Result)
+	assert.Equal(t, 20, throttledAtSend, "throttled again for the retried send")
+	assert.Equal(t, []int{20, 20}, w.throttleSeen)
 }
 
 func TestAbortAfterFailedHandoff(t *testing.T) {

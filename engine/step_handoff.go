@@ -82,6 +82,7 @@ func (r *run) stepHandoff(ctx context.Context) (Phase, error) {
 		}
 	}
 	if !h.Done && h.Task == "" {
+		r.rethrottle(ctx)
 		dest, err := r.d.Dest.MigrateReceive(ctx, cp.DestHost, cp.DestNetwork, map[string]string{})
 		if err != nil {
 			return PhaseHandoff, fmt.Errorf("host.migrate_receive: %w", err)
@@ -172,3 +173,38 @@ func (r *run) stepHandoff(ctx context.Context) (Phase, error) {
 // handoffPollAttempts is how many polls of the VM.migrate_send task in a row
 // may fail before Handoff stops (resumable) with the VM's location unknown.
 const handoffPollAttempts = 5
+
+// rethrottle puts the guest throttle back before a retried VM.migrate_send
+// (a failed handoff gave the guest its CPU back). Best effort: a failure
+// only means the retry runs with the guest at full speed.
+func (r *run) rethrottle(ctx context.Context) {
+	cp := r.cp
+	t := cp.Seed.Throttle
+	if r.d.Throttle == nil || t == nil || t.Percent <= 0 || !cp.Seed.ThrottleRemoved || cp.Seed.ThrottleConflict {
+		return
+	}
+	prev := t
+	if rd, ok := r.d.Throttle.(ThrottleReader); ok {
+		now, err := rd.ReadThrottle(ctx, cp.Request.VMUUID)
+		if err != nil {
+			r.plog.Warn("could not read the guest's cap; the retried handoff runs unthrottled", "error", err)
+			return
+		}
+		prev = &now
+		cp.Seed.Throttle, cp.Seed.ThrottleRemoved = &now, false
+		if err := r.save(ctx); err != nil {
+			r.plog.Warn("could not save the checkpoint; the retried handoff runs unthrottled", "error", err)
+			return
+		}
+	}
+	st, err := r.d.Throttle.ThrottleGuest(ctx, cp.Request.VMUUID, t.Percent, prev)
+	if err != nil {
+		r.plog.Warn("could not throttle the guest again; the retried handoff runs unthrottled", "error", err)
+		return
+	}
+	cp.Seed.Throttle, cp.Seed.ThrottleRemoved = &st, false
+	r.plog.Info("guest throttled again for the retried handoff", "percent", st.Percent, "cap", st.Cap)
+	if err := r.save(ctx); err != nil {
+		r.plog.Warn("could not save the checkpoint", "error", err)
+	}
+}
