@@ -347,6 +347,13 @@ type Catalog interface {
 	Installed(ctx context.Context) (Installed, error)
 }
 
+// HostCatalog is implemented by a Catalog whose backends run on the pools'
+// hosts: it reports what is installed on both hosts a migration uses (the
+// VM's host in the source pool, the destination host).
+type HostCatalog interface {
+	InstalledOn(ctx context.Context, sourceHost, destHost string) (Installed, error)
+}
+
 // ThrottleState is what undoing a guest throttle needs; the engine keeps
 // it in the checkpoint so a resumed or cancelled migration can release the
 // throttle after a controller crash.

@@ -149,7 +149,12 @@ func (e *Engine) resolve(ctx context.Context, rq RequestState, log interface {
 	if err != nil {
 		return p, fmt.Errorf("destination pool: %w", err)
 	}
-	inst, err := d.Catalog.Installed(ctx)
+	var inst Installed
+	if hc, ok := d.Catalog.(HostCatalog); ok {
+		inst, err = hc.InstalledOn(ctx, vm.ResidentOn, p.DestHost)
+	} else {
+		inst, err = d.Catalog.Installed(ctx)
+	}
 	if err != nil {
 		return p, fmt.Errorf("installed backends: %w", err)
 	}

@@ -34,23 +34,31 @@ type pluginCatalog struct {
 	dirs []string
 }
 
-// hostsCatalog lists the backends installed on both pools' coordinators,
-// as their wanmotion host plugin reports them (version): the backends
-// agents started on the pools' hosts can run.
+// hostsCatalog lists the backends installed on the hosts the agents run on
+// (the VM's host, the destination host; the coordinators when unknown), as
+// their wanmotion host plugin reports them (version).
 type hostsCatalog struct{ src, dst *xapi.Client }
 
 func (c hostsCatalog) Installed(ctx context.Context) (engine.Installed, error) {
+	return c.InstalledOn(ctx, "", "")
+}
+
+// InstalledOn implements engine.HostCatalog: the backends installed on
+// both hosts the agents run on ("" host: that pool's coordinator).
+func (c hostsCatalog) InstalledOn(ctx context.Context, sourceHost, destHost string) (engine.Installed, error) {
 	var lists []engine.Installed
-	for _, cl := range []*xapi.Client{c.src, c.dst} {
-		pool, err := cl.ThePool(ctx)
-		if err != nil {
-			return engine.Installed{}, fmt.Errorf("list the hosts' backends: %w", err)
+	for i, cl := range []*xapi.Client{c.src, c.dst} {
+		host := xapi.HostRef([]string{sourceHost, destHost}[i])
+		if host == "" {
+			pool, err := cl.ThePool(ctx)
+			if err != nil {
+				return engine.Installed{}, fmt.Errorf("list the hosts' backends: %w", err)
+			}
+			if host, err = cl.PoolGetMaster(ctx, pool); err != nil {
+				return engine.Installed{}, fmt.Errorf("list the hosts' backends: %w", err)
+			}
 		}
-		coord, err := cl.PoolGetMaster(ctx, pool)
-		if err != nil {
-			return engine.Installed{}, fmt.Errorf("list the hosts' backends: %w", err)
-		}
-		out, err := cl.HostCallPlugin(ctx, coord, hostplugin.PluginName, fnVersion, map[string]string{})
+		out, err := cl.HostCallPlugin(ctx, host, hostplugin.PluginName, fnVersion, map[string]string{})
 		if err != nil {
 			return engine.Installed{}, fmt.Errorf("--agents hosts needs the wanmotion host plugin on both pools' hosts (packaging/install.sh): %w", err)
 		}
