@@ -70,6 +70,7 @@ func TestGoldenVMRecord(t *testing.T) {
 		VBDs:              []VBDRef{"OpaqueRef:vbd-1", "OpaqueRef:vbd-2"},
 		VIFs:              []VIFRef{"OpaqueRef:vif-1"},
 		GuestMetrics:      "OpaqueRef:vgm-1",
+		Metrics:           "OpaqueRef:vmm-1",
 		OtherConfig:       map[string]string{"base_template_name": "Debian Bookworm 12", "mac_seed": "a1b2", "empty": ""},
 		Platform:          map[string]string{"viridian": "true", "acpi": "1"},
 		BlockedOperations: map[string]string{"destroy": "protected"},

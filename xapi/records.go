@@ -70,6 +70,7 @@ type VMRecord struct {
 	VBDs              []VBDRef          `xapi:"VBDs"`
 	VIFs              []VIFRef          `xapi:"VIFs"`
 	GuestMetrics      VMGuestMetricsRef `xapi:"guest_metrics"` // null without a guest agent
+	Metrics           VMMetricsRef      `xapi:"metrics"`       // the domain's live figures (VM_metrics)
 	OtherConfig       map[string]string `xapi:"other_config"`
 	Platform          map[string]string `xapi:"platform"`
 	BlockedOperations map[string]string `xapi:"blocked_operations"`

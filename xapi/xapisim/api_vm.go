@@ -79,6 +79,7 @@ func registerVM() {
 			c.db().destroy(vif)
 		}
 		c.db().destroyGuestMetrics(o)
+		c.db().destroyVMMetrics(o)
 		c.db().destroy(o)
 		return "", nil
 	}})
@@ -192,6 +193,7 @@ func (p *Pool) setPowerState(o *object, state, host string) {
 		if from == Halted || from == Suspended {
 			p.setDomain(o, host, p.nextDomid())
 			o.Fields["start_time"] = time.Now().UTC().Truncate(time.Second)
+			p.db.domainBuilt(o)
 		}
 	}
 	if !o.bool("is_control_domain") {
@@ -413,6 +415,7 @@ func vmSnapshot(c *Call) (any, error) {
 	fields["allowed_operations"] = []string{}
 	// xapi's clone copies the guest metrics into a new object.
 	fields["guest_metrics"] = p.db.copyGuestMetrics(vm.str("guest_metrics"))
+	fields["metrics"] = p.db.copyVMMetrics(vm.str("metrics"))
 	snap := p.db.create("VM", fields)
 	for _, vbd := range p.db.find("VBD", "VM", vm.Ref) {
 		vdi := vbd.str("VDI")

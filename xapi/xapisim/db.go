@@ -98,6 +98,9 @@ func (d *db) create(class string, fields map[string]any) *object {
 	if o.Fields["uuid"] == "" {
 		o.Fields["uuid"] = NewUUID()
 	}
+	if class == "VM" {
+		d.ensureVMMetrics(o) // xapi creates every VM with its VM_metrics
+	}
 	g := d.bump()
 	o.Created, o.Modified = g, g
 	d.objs[o.Ref] = o

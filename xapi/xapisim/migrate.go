@@ -524,7 +524,8 @@ func (s *Sim) planMigration(c *Call) (*migPlan, error) {
 		Memory: vm.int("memory_static_max"), MemoryMin: vm.int("memory_static_min"), MemoryDyn: vm.int("memory_dynamic_max"),
 		MemoryDMin: vm.int("memory_dynamic_min"), VCPUsMax: vm.int("VCPUs_max"), VCPUsStart: vm.int("VCPUs_at_startup"),
 		HVMBoot: vm.str("HVM_boot_policy"), Domarch: vm.str("domarch"), Platform: maps2(vm.strMap("platform")),
-		OtherConfig: oc, Host: pl.destHost, VIFs: pl.vifs, GuestMetrics: p.db.exportGuestMetrics(vm)}
+		OtherConfig: oc, Host: pl.destHost, VIFs: pl.vifs, GuestMetrics: p.db.exportGuestMetrics(vm),
+		Metrics: p.db.exportVMMetrics(vm)}
 	if pl.copy {
 		pl.meta.UUID = ""
 	}

@@ -66,7 +66,9 @@ func TestMigrateWithGoClient(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, xapi.VMPowerState(Running), ps)
 
-	// Then for real.
+	// Then for real, with a live vCPU count that differs from
+	// VCPUs_at_startup (it must travel in the metadata).
+	require.NoError(t, s.Pools()[0].SetLiveVCPUs(rec.UUID, 1))
 	require.NoError(t, src.VMAssertCanMigrate(ctx, vm, dest, true, vdiMap, vifMap, nil))
 	task, err = src.AsyncVMMigrateSend(ctx, vm, dest, true, vdiMap, vifMap, nil)
 	require.NoError(t, err)
@@ -88,6 +90,15 @@ func TestMigrateWithGoClient(t *testing.T) {
 	assert.Equal(t, map[string]string{"0/ip": DefaultDemoIPv4, "0/ipv4/0": DefaultDemoIPv4, "0/ipv6/0": DefaultDemoIPv6}, dnets)
 	_, err = src.VMGuestMetricsGetNetworks(ctx, rec.GuestMetrics)
 	require.Error(t, err, "the source's guest metrics went with the source VM")
+	// So do the VM metrics, with the domain's vCPU count.
+	require.False(t, drec.Metrics.IsNull())
+	assert.NotEqual(t, rec.Metrics, drec.Metrics)
+	dvcpus, err := dst.VMMetricsGetVCPUsNumber(ctx, drec.Metrics)
+	require.NoError(t, err)
+	assert.Equal(t, int64(1), dvcpus)
+	assert.Equal(t, int64(2), drec.VCPUsAtStartup)
+	_, err = src.VMMetricsGetRecord(ctx, rec.Metrics)
+	require.Error(t, err, "the source's metrics went with the source VM")
 	_, err = src.VMGetRecord(ctx, vm)
 	var apiErr *xapi.APIError
 	require.True(t, errors.As(err, &apiErr), "%v", err)

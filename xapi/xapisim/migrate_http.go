@@ -273,6 +273,8 @@ type importReq struct {
 	VIFs        []importVIF       `json:"vifs"`
 	// GuestMetrics is absent for a VM without guest metrics.
 	GuestMetrics *guestMetricsImport `json:"guest_metrics,omitempty"`
+	// Metrics is absent from older simulators' requests.
+	Metrics *vmMetricsImport `json:"metrics,omitempty"`
 }
 
 type importVBD struct {
@@ -515,6 +517,7 @@ func (p *Pool) importVM(req importReq) (string, error) {
 		"domarch": req.Domarch, "platform": req.Platform, "other_config": oc,
 		"allowed_operations": allowedVMOps(Halted),
 		"guest_metrics":      p.db.importGuestMetrics(req.GuestMetrics),
+		"metrics":            p.db.importVMMetrics(req.Metrics),
 	})
 	for _, b := range req.VBDs {
 		p.db.create("VBD", map[string]any{"VM": vm.Ref, "VDI": b.VDI, "userdevice": b.Userdevice,
@@ -543,7 +546,13 @@ func (p *Pool) finishVM(vmRef, state, host string, move bool) (uuid string, domi
 		p.setDomain(o, host, p.nextDomid())
 		p.db.touch(o)
 	} else if state != Halted {
+		// The domain arrives with the vCPU count it had at the source
+		// (xenopsd migrates its own VM config), not VCPUs_at_startup.
+		live := p.db.liveVCPUs(o)
 		p.setPowerState(o, state, host)
+		if live >= 1 && (state == Running || state == Paused) {
+			p.db.setLiveVCPUs(o, live)
+		}
 	}
 	return o.str("uuid"), o.int("domid"), nil
 }
@@ -558,5 +567,6 @@ func (p *Pool) destroyVMRecord(o *object) {
 		p.db.destroy(vif)
 	}
 	p.db.destroyGuestMetrics(o)
+	p.db.destroyVMMetrics(o)
 	p.db.destroy(o)
 }

@@ -155,6 +155,11 @@ func (s *Sim) load() (bool, error) {
 			p.db.objs[o.Ref] = o
 			p.db.uuids[o.str("uuid")] = o
 		}
+		// State saved before VM_metrics existed: give every VM one, as
+		// xapi's dbsync_master does for a VM without metrics.
+		for _, vm := range p.db.all("VM") {
+			p.db.ensureVMMetrics(vm)
+		}
 		for k, v := range ps.VDIs {
 			p.vdis[k] = v
 		}

@@ -180,7 +180,16 @@ func initSchema() {
 		"other_config m rw", "xenstore_data m rw", "is_a_snapshot b", "snapshot_of r:VM",
 		"snapshots R:VM.snapshot_of", "snapshot_time d", "tags S rw", "blocked_operations m rw",
 		"start_time d", "last_boot_CPU_flags m", "ha_restart_priority s rw",
-		"guest_metrics r:VM_guest_metrics"))
+		"guest_metrics r:VM_guest_metrics", "metrics r:VM_metrics"))
+	// VM_metrics has no constructor on the wire: xapi creates one with
+	// every VM (and dbsync_master for a VM that lacks one). Served subset
+	// of the datamodel's fields; VCPUs_utilisation ("Removed") and
+	// VCPUs_flags (int -> string set) are left out.
+	register(def("VM_metrics",
+		"memory_actual i", "VCPUs_number i", "VCPUs_CPU m", "VCPUs_params m", "state S",
+		"start_time d", "install_time d", "last_updated d", "other_config m rw", "hvm b",
+		"nested_virt b", "nomigrate b", "current_domain_type e =unspecified",
+		"numa_optimised b", "numa_nodes i", "numa_node_memory m"))
 	// VM_guest_metrics has no constructor on the wire (xapi creates it when
 	// the guest agent first reports). memory and disks are "Removed" in
 	// the datamodel but still in every record, always {}.

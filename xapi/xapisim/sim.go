@@ -33,6 +33,7 @@
 //	guest.go     guest workload (StartGuest, VerifyGuest, shadow files), sim.guest_* methods live in migrate.go
 //	guest_mem.go synthetic guest memory (pages, versions, dirty set), per-Sim extension state (simExt)
 //	guest_metrics.go VM_guest_metrics (the guest agent's report: addresses per VIF), SetGuestNetworks
+//	vm_metrics.go VM_metrics (every VM has one; VCPUs_number), VM.set_VCPUs_number_live, SetLiveVCPUs
 //	guest_power.go VM.pool_migrate, VM.suspend/resume with a real memory image
 //	migrate.go   host.migrate_receive, VM.assert_can_migrate/migrate_send (source side), sim.* methods, MigrationRecord
 //	migrate_http.go /services/SM and /services/xenops (destination side of a migration)

@@ -244,8 +244,8 @@ func xlWriteFile(path string, data []byte, perm os.FileMode) error {
 
 // vmDomainSched returns the sched file of the domain the VM with this uuid
 // runs in (Running or Paused, with a domid, on a host with the per-host
-// layout; "" otherwise) and its vCPU count (VCPUs_at_startup, else
-// VCPUs_max, at least 1).
+// layout; "" otherwise) and its vCPU count (VM_metrics.VCPUs_number, else
+// VCPUs_at_startup, else VCPUs_max, at least 1).
 func (s *Sim) vmDomainSched(uuid string) (path string, vcpus int64) {
 	vcpus = 1
 	for _, p := range s.pools {
@@ -256,7 +256,10 @@ func (s *Sim) vmDomainSched(uuid string) (path string, vcpus int64) {
 			continue
 		}
 		ps, host, domid := o.str("power_state"), o.str("resident_on"), o.int("domid")
-		n := o.int("VCPUs_at_startup")
+		n := p.db.liveVCPUs(o)
+		if n <= 0 {
+			n = o.int("VCPUs_at_startup")
+		}
 		if n <= 0 {
 			n = o.int("VCPUs_max")
 		}
