@@ -65,12 +65,9 @@ func (t *Throttle) domain(ctx context.Context, vmUUID string) (guestDomain, erro
 	if err != nil {
 		return guestDomain{}, fmt.Errorf("VM.get_record %s: %w", vmUUID, mapErr(err))
 	}
-	d := guestDomain{host: rec.ResidentOn, domid: rec.Domid, vcpus: rec.VCPUsAtStartup}
-	if d.vcpus < 1 {
-		d.vcpus = rec.VCPUsMax
-	}
-	d.vcpus = max(d.vcpus, 1)
+	d := guestDomain{host: rec.ResidentOn, domid: rec.Domid}
 	hasDomain := !xapi.IsNullRef(string(rec.ResidentOn)) && rec.Domid > 0
+	d.vcpus = t.vcpus(ctx, vmUUID, rec, hasDomain)
 	switch {
 	case rec.PowerState == xapi.VMPowerStatePaused && hasDomain:
 		d.paused = true
@@ -81,6 +78,29 @@ func (t *Throttle) domain(ctx context.Context, vmUUID string) (guestDomain, erro
 		return d, fmt.Errorf("vm %s: Running but resident_on %q, domid %d: %w", vmUUID, rec.ResidentOn, rec.Domid, ErrVMNotRunning)
 	}
 	return d, nil
+}
+
+// vcpus is how many vCPUs the VM's domain has now: VM_metrics.VCPUs_number
+// (the live count, which VM.set_VCPUs_number_live changes and which
+// VM.VCPUs_at_startup, the count for the next boot, need not match while
+// the VM runs) when the VM has a domain and metrics that say at least 1;
+// otherwise VCPUs_at_startup, else VCPUs_max, at least 1. Missing or
+// unreadable metrics only make it fall back.
+func (t *Throttle) vcpus(ctx context.Context, vmUUID string, rec xapi.VMRecord, hasDomain bool) int64 {
+	if hasDomain && !rec.Metrics.IsNull() {
+		n, err := t.c.VMMetricsGetVCPUsNumber(ctx, rec.Metrics)
+		switch {
+		case err == nil && n >= 1:
+			return n
+		case err != nil:
+			t.log.Debug("vm metrics unreadable; vcpu count from the vm record", "vm_uuid", vmUUID, "error", err.Error())
+		}
+	}
+	n := rec.VCPUsAtStartup
+	if n < 1 {
+		n = rec.VCPUsMax
+	}
+	return max(n, 1)
 }
 
 // ThrottleCap is the cap that takes percent of the CPU time of vcpus

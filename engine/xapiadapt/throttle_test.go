@@ -290,3 +290,65 @@ func TestThrottlePluginAnswers(t *testing.T) {
 	assert.Contains(t, err.Error(), "although xapi says the vm runs as it")
 	assert.Contains(t, err.Error(), "xl sched-credit -d 1 -c 0")
 }
+
+// The cap follows the domain's live vCPU count (VM_metrics.VCPUs_number),
+// not VCPUs_at_startup, which may already hold the count for the next boot.
+func TestThrottleLiveVCPUs(t *testing.T) {
+	ctx := context.Background()
+	e := newThrottleEnv(t)
+	require.NoError(t, e.sim.InstallPlugin(hostplugin.PluginName, buildPlugin(t)))
+	th := NewThrottle(e.src, testutil.Logger(t))
+	vm := e.demoVM(t)
+	ref := xapi.VMRef(vm.Ref)
+
+	// A 4-vCPU VM: halt, resize, start.
+	for _, c := range [][]any{{"VM.hard_shutdown", ref}, {"VM.set_VCPUs_max", ref, int64(4)},
+		{"VM.set_VCPUs_at_startup", ref, int64(4)}, {"VM.start", ref, false, false}} {
+		_, err := e.src.Call(ctx, c[0].(string), c[1:]...)
+		require.NoError(t, err, "%v", c[0])
+	}
+	rec, err := e.src.VMGetRecord(ctx, ref)
+	require.NoError(t, err)
+	live, err := e.src.VMMetricsGetVCPUsNumber(ctx, rec.Metrics)
+	require.NoError(t, err)
+	require.Equal(t, int64(4), live)
+	host := string(rec.ResidentOn)
+	st, err := th.ThrottleGuest(ctx, vm.UUID, 50, nil)
+	require.NoError(t, err)
+	assert.Equal(t, int64(200), st.Cap, "4 vCPUs throttled by 50%")
+	require.NoError(t, th.ReleaseThrottle(ctx, vm.UUID, st))
+
+	// Hot-unplug to 2, then set 4 again for the next boot only.
+	require.NoError(t, e.src.VMSetVCPUsNumberLive(ctx, ref, 2))
+	_, err = e.src.Call(ctx, "VM.set_VCPUs_at_startup", ref, int64(4))
+	require.NoError(t, err)
+	rec, err = e.src.VMGetRecord(ctx, ref)
+	require.NoError(t, err)
+	require.Equal(t, int64(4), rec.VCPUsAtStartup)
+
+	st, err = th.ThrottleGuest(ctx, vm.UUID, 50, nil)
+	require.NoError(t, err)
+	assert.Equal(t, engine.ThrottleState{Host: host, Domid: rec.Domid, VCPUs: 2, Scheduler: "credit", PrevCap: 0, Percent: 50, Cap: 100}, st,
+		"2 live vCPUs throttled by 50%: cap 100, not 200")
+	assert.Equal(t, int64(100), simCap(t, e.sim, host, rec.Domid))
+	rd, err := th.ReadThrottle(ctx, vm.UUID)
+	require.NoError(t, err)
+	assert.Equal(t, int64(2), rd.VCPUs)
+	require.NoError(t, th.ReleaseThrottle(ctx, vm.UUID, st))
+	assert.Equal(t, int64(0), simCap(t, e.sim, host, rec.Domid))
+
+	// Metrics that cannot be read (dangling, then null): VCPUs_at_startup.
+	p := e.sim.Pools()[0]
+	for _, null := range []bool{false, true} {
+		require.NoError(t, p.DropVMMetrics(vm.UUID, null))
+		rec, err = e.src.VMGetRecord(ctx, ref)
+		require.NoError(t, err)
+		require.Equal(t, null, rec.Metrics.IsNull())
+		st, err = th.ThrottleGuest(ctx, vm.UUID, 50, nil)
+		require.NoError(t, err, "null metrics: %v", null)
+		assert.Equal(t, int64(4), st.VCPUs, "null metrics: %v", null)
+		assert.Equal(t, int64(200), st.Cap, "null metrics: %v", null)
+		require.NoError(t, th.CheckThrottle(ctx, vm.UUID))
+		require.NoError(t, th.ReleaseThrottle(ctx, vm.UUID, st))
+	}
+}

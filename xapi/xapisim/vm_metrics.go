@@ -178,3 +178,21 @@ func (p *Pool) SetLiveVCPUs(vmUUID string, n int64) error {
 	p.db.setLiveVCPUs(vm, n)
 	return nil
 }
+
+// DropVMMetrics destroys the VM_metrics object of the VM with uuid,
+// leaving VM.metrics dangling, or null when null is set (tests: clients
+// must cope with metrics they cannot read; xapi itself recreates them at
+// its next start, as this simulator does when it loads its state).
+func (p *Pool) DropVMMetrics(vmUUID string, null bool) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	vm, err := p.db.byUUID("VM", vmUUID)
+	if err != nil {
+		return fmt.Errorf("drop vm metrics: %w", err)
+	}
+	p.db.destroyVMMetrics(vm)
+	if null {
+		p.db.set(vm, "metrics", NullRef)
+	}
+	return nil
+}
