@@ -45,6 +45,9 @@ out["guest_networks"] = s.xenapi.VM_guest_metrics.get_networks(gm)
 out["guest_record_networks"] = s.xenapi.VM_guest_metrics.get_record(gm)["networks"]
 dom0 = [r for r in recs.values() if r["is_control_domain"]][0]
 out["dom0_guest_metrics"] = dom0["guest_metrics"]
+s.xenapi.VM.set_VCPUs_number_live(vm, "1")
+out["vcpus_number"] = s.xenapi.VM_metrics.get_VCPUs_number(rec["metrics"])
+out["metrics_record_vcpus"] = s.xenapi.VM_metrics.get_record(rec["metrics"])["VCPUs_number"]
 
 # XenAPI.py turns SESSION_INVALID into a re-login; read the raw reply through
 # the same ServerProxy transport, then check XenAPI's parser recognises it.
@@ -127,6 +130,8 @@ func TestInteropPythonXenAPI(t *testing.T) {
 		GuestNetworks   map[string]string `json:"guest_networks"`
 		GuestRecordNets map[string]string `json:"guest_record_networks"`
 		Dom0GM          string            `json:"dom0_guest_metrics"`
+		VCPUsNumber     string            `json:"vcpus_number"`
+		MetricsVCPUs    string            `json:"metrics_record_vcpus"`
 		BadSession      []string          `json:"bad_session"`
 		BadRelogin      bool              `json:"bad_session_relogin"`
 		RedirectLogin   bool              `json:"redirect_login"`
@@ -154,6 +159,8 @@ func TestInteropPythonXenAPI(t *testing.T) {
 	assert.Equal(t, wantNets, out.GuestNetworks)
 	assert.Equal(t, wantNets, out.GuestRecordNets)
 	assert.Equal(t, NullRef, out.Dom0GM)
+	assert.Equal(t, "1", out.VCPUsNumber, "set_VCPUs_number_live then VM_metrics.get_VCPUs_number")
+	assert.Equal(t, "1", out.MetricsVCPUs)
 	assert.Equal(t, []string{ErrSessionInvalid, "OpaqueRef:not-a-session"}, out.BadSession)
 	assert.True(t, out.BadRelogin, "XenAPI.py recognises SESSION_INVALID")
 	assert.Equal(t, 3, out.ReloginVMs)
