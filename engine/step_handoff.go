@@ -183,26 +183,11 @@ func (r *run) rethrottle(ctx context.Context) {
 	if r.d.Throttle == nil || t == nil || t.Percent <= 0 || !cp.Seed.ThrottleRemoved || cp.Seed.ThrottleConflict {
 		return
 	}
-	prev := t
-	if rd, ok := r.d.Throttle.(ThrottleReader); ok {
-		now, err := rd.ReadThrottle(ctx, cp.Request.VMUUID)
-		if err != nil {
-			r.plog.Warn("could not read the guest's cap; the retried handoff runs unthrottled", "error", err)
-			return
-		}
-		prev = &now
-		cp.Seed.Throttle, cp.Seed.ThrottleRemoved = &now, false
-		if err := r.save(ctx); err != nil {
-			r.plog.Warn("could not save the checkpoint; the retried handoff runs unthrottled", "error", err)
-			return
-		}
-	}
-	st, err := r.d.Throttle.ThrottleGuest(ctx, cp.Request.VMUUID, t.Percent, prev)
-	if err != nil {
+	if err := r.applyThrottle(ctx, t.Percent); err != nil {
 		r.plog.Warn("could not throttle the guest again; the retried handoff runs unthrottled", "error", err)
 		return
 	}
-	cp.Seed.Throttle, cp.Seed.ThrottleRemoved = &st, false
+	st := cp.Seed.Throttle
 	r.plog.Info("guest throttled again for the retried handoff", "percent", st.Percent, "cap", st.Cap)
 	if err := r.save(ctx); err != nil {
 		r.plog.Warn("could not save the checkpoint", "error", err)

@@ -56,20 +56,7 @@ func (r *run) stepSeed(ctx context.Context) (Phase, error) {
 			if r.d.Throttle == nil {
 				return PhaseSeed, fmt.Errorf("%w: %s, but no guest throttle is available in this installation; %s", ErrNotConverging, dec.Reason, dec.Advice)
 			}
-			if cp.Seed.Throttle == nil || cp.Seed.ThrottleRemoved {
-				// record the cap to put back before changing it
-				if rd, ok := r.d.Throttle.(ThrottleReader); ok {
-					now, err := rd.ReadThrottle(ctx, cp.Request.VMUUID)
-					if err != nil {
-						return PhaseSeed, fmt.Errorf("throttle guest: %w", err)
-					}
-					cp.Seed.Throttle, cp.Seed.Throttled, cp.Seed.ThrottleRemoved = &now, true, false
-					if err := r.save(ctx); err != nil {
-						return PhaseSeed, err
-					}
-				}
-			}
-			st, err := r.d.Throttle.ThrottleGuest(ctx, cp.Request.VMUUID, dec.ThrottlePercent, cp.Seed.Throttle)
+			err := r.applyThrottle(ctx, dec.ThrottlePercent)
 			if errors.Is(err, ErrThrottleConflict) {
 				// not ours any more: leave the cap alone, go on as keep-going
 				r.plog.Warn("the guest's CPU cap was changed by someone else; wanmotion leaves it and throttles no more", "error", err)
@@ -84,7 +71,7 @@ func (r *run) stepSeed(ctx context.Context) (Phase, error) {
 			if err != nil {
 				return PhaseSeed, fmt.Errorf("throttle guest to %d%%: %w", dec.ThrottlePercent, err)
 			}
-			cp.Seed.Throttle, cp.Seed.Throttled, cp.Seed.ThrottleRemoved = &st, true, false
+			st := cp.Seed.Throttle
 			r.plog.Info("guest throttled", "percent", st.Percent, "cap", st.Cap, "prev_cap", st.PrevCap, "domid", st.Domid)
 			fallthrough
 		case ActionContinue:
@@ -357,4 +344,29 @@ func throttlePercent(s SeedState) int {
 		return 0
 	}
 	return s.Throttle.Percent
+}
+
+// applyThrottle slows the guest to percent. When no throttle is in force,
+// the domain's cap is read and checkpointed first, so that it can always be
+// put back (even after a crash between setting the cap and saving).
+func (r *run) applyThrottle(ctx context.Context, percent int) error {
+	cp := r.cp
+	if cp.Seed.Throttle == nil || cp.Seed.ThrottleRemoved {
+		if rd, ok := r.d.Throttle.(ThrottleReader); ok {
+			now, err := rd.ReadThrottle(ctx, cp.Request.VMUUID)
+			if err != nil {
+				return err
+			}
+			cp.Seed.Throttle, cp.Seed.Throttled, cp.Seed.ThrottleRemoved = &now, true, false
+			if err := r.save(ctx); err != nil {
+				return err
+			}
+		}
+	}
+	st, err := r.d.Throttle.ThrottleGuest(ctx, cp.Request.VMUUID, percent, cp.Seed.Throttle)
+	if err != nil {
+		return err
+	}
+	cp.Seed.Throttle, cp.Seed.Throttled, cp.Seed.ThrottleRemoved = &st, true, false
+	return nil
 }
