@@ -15,7 +15,6 @@ import (
 
 	"github.com/wanmotion/wanmotion/engine"
 	"github.com/wanmotion/wanmotion/engine/xapiadapt"
-	"github.com/wanmotion/wanmotion/hostplugin"
 	"github.com/wanmotion/wanmotion/plugins/host"
 	"github.com/wanmotion/wanmotion/xapi"
 )
@@ -430,22 +429,17 @@ func backendsOnHosts(ctx context.Context, c *xapi.Client, setStorage bool, stora
 	var warnings []string
 	for _, r := range refs {
 		name := recs[r].NameLabel
-		out, err := c.HostCallPlugin(ctx, r, hostplugin.PluginName, fnVersion, map[string]string{})
-		if err != nil {
-			if xapi.IsCode(err, xapi.CodeXenAPIMissingPlugin) {
-				noPlugin = append(noPlugin, name)
-			} else {
-				warnings = append(warnings, fmt.Sprintf("host %s: cannot ask its wanmotion host plugin for its backends: %v", name, err))
-			}
+		inst, err := hostBackends(ctx, c, r)
+		switch {
+		case xapi.IsCode(err, xapi.CodeXenAPIMissingPlugin):
+			noPlugin = append(noPlugin, name)
 			continue
-		}
-		var v pluginVersion
-		if err := json.Unmarshal([]byte(out), &v); err != nil || v.Backends == nil {
-			warnings = append(warnings, fmt.Sprintf("host %s: its wanmotion host plugin does not list its backends (an older version?)", name))
+		case err != nil:
+			warnings = append(warnings, fmt.Sprintf("host %s: cannot ask its wanmotion host plugin for its backends: %v", name, err))
 			continue
 		}
 		asked++
-		if err := checkBackendNames(*v.Backends, setStorage, storage, setNetwork, network); err != nil {
+		if err := checkBackendNames(inst, setStorage, storage, setNetwork, network); err != nil {
 			lacking = append(lacking, fmt.Sprintf("%s (%v)", name, err))
 			continue
 		}

@@ -58,18 +58,14 @@ func (c hostsCatalog) InstalledOn(ctx context.Context, sourceHost, destHost stri
 				return engine.Installed{}, fmt.Errorf("list the hosts' backends: %w", err)
 			}
 		}
-		out, err := cl.HostCallPlugin(ctx, host, hostplugin.PluginName, fnVersion, map[string]string{})
+		inst, err := hostBackends(ctx, cl, host)
+		if xapi.IsCode(err, xapi.CodeXenAPIMissingPlugin) {
+			return engine.Installed{}, fmt.Errorf("--agents hosts needs the wanmotion host plugin on the VM's host and the destination host (packaging/install.sh): %w", err)
+		}
 		if err != nil {
-			return engine.Installed{}, fmt.Errorf("--agents hosts needs the wanmotion host plugin on both pools' hosts (packaging/install.sh): %w", err)
+			return engine.Installed{}, err
 		}
-		var v pluginVersion
-		if err := json.Unmarshal([]byte(out), &v); err != nil {
-			return engine.Installed{}, fmt.Errorf("the wanmotion host plugin on %s answered version with %q: %w", cl.URL(), out, err)
-		}
-		if v.Backends == nil {
-			return engine.Installed{}, fmt.Errorf("the wanmotion host plugin on %s does not list its backends (%s): upgrade it", cl.URL(), v.BackendsError)
-		}
-		lists = append(lists, *v.Backends)
+		lists = append(lists, inst)
 	}
 	both := func(a, b []string) []string {
 		var out []string
@@ -81,6 +77,23 @@ func (c hostsCatalog) InstalledOn(ctx context.Context, sourceHost, destHost stri
 		return out
 	}
 	return engine.Installed{Storage: both(lists[0].Storage, lists[1].Storage), Network: both(lists[0].Network, lists[1].Network)}, nil
+}
+
+// hostBackends asks the wanmotion host plugin of host (its version
+// function) which backends are installed there.
+func hostBackends(ctx context.Context, c *xapi.Client, host xapi.HostRef) (engine.Installed, error) {
+	out, err := c.HostCallPlugin(ctx, host, hostplugin.PluginName, fnVersion, map[string]string{})
+	if err != nil {
+		return engine.Installed{}, err
+	}
+	var v pluginVersion
+	if err := json.Unmarshal([]byte(out), &v); err != nil {
+		return engine.Installed{}, fmt.Errorf("the wanmotion host plugin answered version with %q: %w", out, err)
+	}
+	if v.Backends == nil {
+		return engine.Installed{}, fmt.Errorf("the wanmotion host plugin does not list its backends (an older version? %s): upgrade it", v.BackendsError)
+	}
+	return *v.Backends, nil
 }
 
 func (c pluginCatalog) Installed(context.Context) (engine.Installed, error) {
